@@ -1,0 +1,57 @@
+"""The one seam every linear layer of every model goes through.
+
+A model holds, for each projection, an object with ``shape == (N, K)`` that is called as
+``layer(x)`` with ``x`` of shape ``[T, K]`` (float32, C-contiguous) and returns ``y = x @ W.T`` of
+shape ``[T, N]`` (float32). Bias is *not* part of the seam: models add it themselves, so that sparse
+kernels only ever see the weight matrix. Swapping dense for a packed sparse format (see
+``npsparse.kernels``) therefore never touches model code.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Linear(Protocol):
+    """What a model needs from a linear layer: a shape, a product, and the dense weight back."""
+
+    shape: tuple[int, int]  # (N, K): N outputs, K inputs
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # x [T, K] float32 -> [T, N] float32
+        ...
+
+    def to_dense(self) -> np.ndarray:  # -> W [N, K] float32
+        ...
+
+
+class DenseLinear:
+    """A dense float32 weight ``W [N, K]``; the product is one BLAS call.
+
+    Parameters
+    ----------
+    weight : np.ndarray
+        ``[N, K]`` float32. May be read-only (memory-mapped); it is not copied if already float32
+        and C-contiguous.
+    """
+
+    def __init__(self, weight: np.ndarray):
+        if weight.ndim != 2:
+            raise ValueError(f"DenseLinear needs a 2-D weight, got shape {weight.shape}")
+        self.weight = np.ascontiguousarray(weight, dtype=np.float32)  # [N, K]
+        self.shape = self.weight.shape
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight.T  # [T, K] @ [K, N] -> [T, N]
+
+    def to_dense(self) -> np.ndarray:
+        return self.weight
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight data read per product."""
+        return self.weight.nbytes
+
+    def __repr__(self) -> str:
+        return f"DenseLinear(shape={self.shape}, dtype=float32)"
