@@ -1,0 +1,202 @@
+"""Read and write Hugging Face model directories: ``config.json``, safetensors, ``tokenizer.json``.
+
+Reading memory-maps each safetensors file and views every tensor in place. The ``safetensors``
+package's NumPy API cannot return bfloat16 (NumPy has no such dtype), and bf16 is what most
+checkpoints ship, so the reader parses the documented header itself (8-byte little-endian length,
+JSON table of dtype/shape/offsets) and widens bf16 to float32 per tensor. Writing uses
+``safetensors.numpy.save_file``, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import NpsparseError
+from .weights import Weights
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 stored as ``uint16`` to float32 (exact: bf16 is float32's top half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class SafetensorsFile:
+    """One memory-mapped ``.safetensors`` file: header parsed, tensors viewed on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                raw = handle.read(8)
+                if len(raw) < 8:
+                    raise NpsparseError(f"{path}: file is too short to be safetensors")
+                (header_len,) = struct.unpack("<Q", raw)
+                if header_len > min(size - 8, 100_000_000):
+                    raise NpsparseError(f"{path}: corrupt safetensors header length {header_len}")
+                header = json.loads(handle.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise NpsparseError(f"{path}: unreadable safetensors file ({err})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.data_start = 8 + header_len
+        self.entries = header
+        data_len = size - self.data_start
+        for name, entry in header.items():
+            dtype = entry.get("dtype")
+            if dtype not in _DTYPES:
+                raise NpsparseError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            begin, end = entry["data_offsets"]
+            expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+            if end - begin != expected:
+                raise NpsparseError(f"{path}: tensor {name} has {end - begin} bytes, expected {expected}")
+            if end > data_len:
+                raise NpsparseError(f"{path}: file is truncated (tensor {name} ends past the end)")
+        self._map = np.memmap(path, dtype=np.uint8, mode="r") if header else None
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.entries[name]["shape"])
+
+    def load(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as float32: a read-only view for F32, a widened copy otherwise."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        raw = self._map[self.data_start + begin:self.data_start + end]
+        array = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        if entry["dtype"] == "BF16":
+            return bf16_to_f32(array)
+        return array if array.dtype == np.float32 else array.astype(np.float32)
+
+
+class HFCheckpoint:
+    """A Hugging Face model directory opened for reading.
+
+    Parameters
+    ----------
+    path : str or Path
+        Folder with ``config.json`` and ``model.safetensors`` or sharded
+        ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise NpsparseError(f"{self.path}: not a model directory (no config.json)")
+        try:
+            self.hf_config = json.loads(config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise NpsparseError(f"{config_path}: invalid JSON ({err})") from None
+        self.config = ModelConfig.from_hf(self.hf_config, source=str(config_path))
+        self.files = {}
+        owner = {}
+        for file_path in self._safetensors_files():
+            handle = SafetensorsFile(file_path)
+            self.files[file_path.name] = handle
+            for name in handle.entries:
+                owner[name] = handle
+        self._owner = owner
+        self.weights = Weights(
+            names=list(owner),
+            loader=lambda name: owner[name].load(name),
+            shapes={name: handle.shape(name) for name, handle in owner.items()},
+            source=self.path,
+        )
+
+    def _safetensors_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise NpsparseError(f"{index}: invalid index ({err})") from None
+            files = sorted({self.path / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise NpsparseError(f"{index}: shard {missing[0]} is missing")
+            return files
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        if (self.path / "pytorch_model.bin").is_file():
+            raise NpsparseError(
+                f"{self.path}: only pytorch_model.bin found; npsparse reads safetensors only"
+            )
+        raise NpsparseError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        path = self.path / "tokenizer.json"
+        return path if path.is_file() else None
+
+    @property
+    def chat_template(self) -> str | None:
+        config = self.path / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                return json.loads(config.read_text()).get("chat_template")
+            except ValueError:
+                return None
+        return None
+
+
+def write_hf_dir(out: str | Path, config: ModelConfig, tensors: dict, *, tokenizer_json: str | None,
+                 extra_files: dict | None = None, chat_template: str | None = None) -> Path:
+    """Write a Hugging Face model directory atomically.
+
+    Everything is written into a temporary sibling folder that is renamed to ``out`` only when
+    complete, so an interrupted run leaves no half-written ``out`` behind. An existing ``out`` is
+    replaced.
+
+    Parameters
+    ----------
+    out : str or Path
+        Destination folder.
+    config : ModelConfig
+        Written as ``config.json``.
+    tensors : dict of str -> np.ndarray
+        Hugging Face names to arrays (float32 is written as F32).
+    tokenizer_json : str or None
+        Serialized ``tokenizers`` tokenizer, written as ``tokenizer.json``.
+    extra_files : dict of str -> str, optional
+        Further text files (e.g. ``pruning.json``).
+    chat_template : str, optional
+        Stored in ``tokenizer_config.json``.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        save_file(arrays, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(config.to_json() + "\n")
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json)
+        tok_config = {"clean_up_tokenization_spaces": False}
+        if chat_template:
+            tok_config["chat_template"] = chat_template
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

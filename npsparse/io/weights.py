@@ -1,0 +1,78 @@
+"""A flat, lazily loaded mapping of Hugging Face tensor names to float32 arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NpsparseError
+
+
+class Weights(Mapping):
+    """Read-only ``name -> float32 array`` mapping; each tensor is read when first asked for.
+
+    Nothing is cached here: a model keeps the arrays it builds, and a pruning driver can stream
+    one block at a time from a memory-mapped checkpoint without holding the rest.
+
+    Parameters
+    ----------
+    names : list of str
+        Tensor names (Hugging Face convention).
+    loader : callable
+        ``loader(name) -> np.ndarray`` float32, possibly a read-only memory-mapped view.
+    shapes : dict
+        Shape of every tensor, known without reading it.
+    source : Path
+        The file or folder, named in error messages.
+    """
+
+    def __init__(self, names: list[str], loader: Callable[[str], np.ndarray], shapes: dict,
+                 source: Path):
+        self._names = list(names)
+        self._set = set(self._names)
+        self._loader = loader
+        self.shapes = dict(shapes)
+        self.source = Path(source)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._set:
+            raise NpsparseError(f"{self.source}: tensor {name} is missing")
+        return self._loader(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._set
+
+    def get_checked(self, name: str, shape: tuple) -> np.ndarray:
+        """The tensor ``name``, after checking it exists and has ``shape``."""
+        if name not in self._set:
+            raise NpsparseError(f"{self.source}: tensor {name} is missing")
+        have = tuple(self.shapes[name])
+        if have != tuple(shape):
+            raise NpsparseError(
+                f"{self.source}: tensor {name} has shape {list(have)}, expected {list(shape)}"
+            )
+        array = self._loader(name)
+        if not np.all(np.isfinite(array)):
+            raise NpsparseError(f"{self.source}: tensor {name} contains NaN or infinite values")
+        return array
+
+
+class DictWeights(Weights):
+    """A :class:`Weights` over arrays already in memory (tests, pruned models)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str | Path = "<memory>"):
+        arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+        super().__init__(
+            names=list(arrays),
+            loader=arrays.__getitem__,
+            shapes={k: v.shape for k, v in arrays.items()},
+            source=Path(source),
+        )

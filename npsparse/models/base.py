@@ -1,0 +1,133 @@
+"""What every architecture shares: the KV cache, the forward loop, and access to linear layers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import NpsparseError
+from ..linear import DenseLinear, Linear
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated for ``capacity`` positions.
+
+    ``k[i]`` and ``v[i]`` are layer ``i``'s ``[KV, capacity, hd]`` float32 buffers;
+    ``length`` positions are filled.
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int):
+        shape = (config.n_kv_heads, capacity, config.head_dim)
+        self.k = [np.zeros(shape, dtype=np.float32) for _ in range(config.n_layers)]
+        self.v = [np.zeros(shape, dtype=np.float32) for _ in range(config.n_layers)]
+        self.capacity = capacity
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
+class CausalLM:
+    """A decoder-only language model: ``embed -> blocks -> final norm -> head``.
+
+    Subclasses set ``config``, ``blocks`` (each with a ``linears`` dict of the seam objects and a
+    ``__call__(x, start, cache_k, cache_v)``) and implement ``embed``, ``final`` and
+    ``state_dict``. Every matrix product of the blocks and the head goes through a
+    :class:`~npsparse.linear.Linear`, so sparse kernels can be swapped in with
+    :meth:`set_linear`.
+    """
+
+    config: ModelConfig
+    blocks: list
+    head: Linear
+
+    def embed(self, ids: np.ndarray, start: int) -> np.ndarray:  # ids [T] -> x [T, D]
+        raise NotImplementedError
+
+    def final(self, x: np.ndarray) -> np.ndarray:  # x [T, D] -> logits [T, V]
+        raise NotImplementedError
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for up to ``capacity`` positions (default: the model's maximum)."""
+        return KVCache(self.config, capacity or self.config.max_position)
+
+    def forward(self, ids: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
+        """Logits for every position of ``ids``.
+
+        Parameters
+        ----------
+        ids : np.ndarray
+            ``[T]`` integer token ids.
+        cache : KVCache, optional
+            Positions already processed. The new tokens continue from ``cache.length``; their keys
+            and values are appended. Without a cache the ids are a fresh sequence.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, V]`` float32 logits.
+        """
+        ids = self._check_ids(ids)
+        start = cache.length if cache is not None else 0
+        end = start + len(ids)
+        if end > self.config.max_position and self.config.family != "llama":
+            raise NpsparseError(
+                f"sequence of {end} positions exceeds the model's {self.config.max_position}"
+            )
+        if cache is not None and end > cache.capacity:
+            raise NpsparseError(f"sequence of {end} positions exceeds the cache's {cache.capacity}")
+        x = self.embed(ids, start)  # [T, D]
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x = block(x, start, None, None)
+            else:
+                x = block(x, start, cache.k[i], cache.v[i])
+        if cache is not None:
+            cache.length = end
+        return self.final(x)  # [T, V]
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise NpsparseError(f"token ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise NpsparseError(
+                f"token id {int(ids.max()) if ids.max() >= 0 else int(ids.min())} is outside the "
+                f"vocabulary of {self.config.vocab_size}"
+            )
+        return ids.astype(np.int64)
+
+    # -- the linear-layer seam ---------------------------------------------------------------
+
+    def linears(self) -> dict[str, Linear]:
+        """Every prunable linear layer of the blocks, by Hugging Face module name."""
+        out = {}
+        for i, block in enumerate(self.blocks):
+            for name, layer in block.linears.items():
+                out[f"{self.block_prefix(i)}.{name}"] = layer
+        return out
+
+    def block_prefix(self, i: int) -> str:
+        raise NotImplementedError
+
+    def set_linear(self, name: str, layer: Linear) -> None:
+        """Replace the linear layer ``name`` (a key of :meth:`linears`) by ``layer``."""
+        for i, block in enumerate(self.blocks):
+            prefix = self.block_prefix(i) + "."
+            if name.startswith(prefix) and name[len(prefix):] in block.linears:
+                old = block.linears[name[len(prefix):]]
+                if tuple(layer.shape) != tuple(old.shape):
+                    raise NpsparseError(f"{name}: new layer has shape {layer.shape}, not {old.shape}")
+                block.linears[name[len(prefix):]] = layer
+                return
+        raise NpsparseError(f"no linear layer named {name}")
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights read to decode one token (all block linears, head, one embedding row)."""
+        total = sum(layer.nbytes for layer in self.linears().values()) + self.head.nbytes
+        return int(total + self.config.dim * 4)
+
+
+def dense(weight: np.ndarray) -> DenseLinear:
+    return DenseLinear(weight)

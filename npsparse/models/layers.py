@@ -1,0 +1,138 @@
+"""Leaf functions of a transformer, float32 throughout. Shapes: T tokens, D model dim, H heads,
+KV key/value heads, hd head dim, S keys attended to (cached + new)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import expit
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight``. x [T, D]."""
+    variance = np.mean(x * x, axis=-1, keepdims=True)  # [T, 1]
+    return (x / np.sqrt(variance + np.float32(eps))) * weight  # [T, D]
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis (biased variance, as PyTorch). x [T, D]."""
+    mean = np.mean(x, axis=-1, keepdims=True)  # [T, 1]
+    centered = x - mean  # [T, D]
+    variance = np.mean(centered * centered, axis=-1, keepdims=True)  # [T, 1]
+    return centered / np.sqrt(variance + np.float32(eps)) * weight + bias  # [T, D]
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x * sigmoid(x)``; ``expit`` does not overflow for large negative x."""
+    return x * expit(x)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU with the tanh approximation (GPT-2's ``gelu_new``)."""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    return np.float32(0.5) * x * (1.0 + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """Exact GELU, ``x * Phi(x)``."""
+    from scipy.special import erf
+
+    return (np.float32(0.5) * x * (1.0 + erf(x / np.float32(math.sqrt(2.0))))).astype(np.float32)
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0.0))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_new": gelu_tanh, "gelu": gelu_erf, "relu": relu}
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndarray:
+    """RoPE inverse frequencies [hd/2], float32, with optional Llama-3 frequency scaling.
+
+    Follows Hugging Face's ``_compute_default_rope_parameters`` (float32 arithmetic) and
+    ``_compute_llama3_parameters``: long wavelengths are divided by ``factor``, short ones kept,
+    and the band between is interpolated smoothly.
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)  # [hd/2]
+    if scaling is None:
+        return inv_freq
+    params = dict(scaling)
+    kind = params.get("rope_type", params.get("type"))
+    if kind == "linear":
+        return (inv_freq / np.float32(params["factor"])).astype(np.float32)
+    # llama3
+    factor = params["factor"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [T, hd] for the given positions, in the rotate-half layout."""
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
+    angles = np.concatenate([angles, angles], axis=-1)  # [T, hd]
+    return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate pairs (i, i + hd/2) of every head. x [heads, T, hd], cos/sin [T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # [heads, T, hd]
+    return x * cos + rotated * sin
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = x - np.max(x, axis=axis, keepdims=True)
+    np.exp(x, out=x)
+    x /= np.sum(x, axis=axis, keepdims=True)
+    return x
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64 for an exact sum of many NLL terms."""
+    x = x.astype(np.float64)
+    x -= np.max(x, axis=-1, keepdims=True)
+    return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+    """Scaled dot-product attention with a causal mask and grouped key/value heads.
+
+    Parameters
+    ----------
+    q : [H, T, hd] float32
+        Queries for positions ``start .. start+T-1``.
+    k, v : [KV, S, hd] float32
+        Keys/values for positions ``0 .. S-1`` (``S = start + T``); query head ``h`` reads kv head
+        ``h // (H // KV)``.
+    start : int
+        Position of the first query.
+
+    Returns
+    -------
+    np.ndarray
+        [T, H*hd] float32, heads concatenated.
+    """
+    n_heads, n_tok, head_dim = q.shape
+    n_kv, n_keys, _ = k.shape
+    group = n_heads // n_kv
+    qg = q.reshape(n_kv, group * n_tok, head_dim)  # [KV, g*T, hd]
+    scores = qg @ k.transpose(0, 2, 1)  # [KV, g*T, S]
+    scores *= np.float32(1.0 / math.sqrt(head_dim))
+    scores = scores.reshape(n_kv, group, n_tok, n_keys)  # [KV, g, T, S]
+    if n_tok > 1 or n_keys > start + 1:
+        query_pos = start + np.arange(n_tok)[:, None]  # [T, 1]
+        future = np.arange(n_keys)[None, :] > query_pos  # [T, S]
+        scores[:, :, future] = -np.inf
+    probs = softmax(scores).reshape(n_kv, group * n_tok, n_keys)  # [KV, g*T, S]
+    out = probs @ v  # [KV, g*T, hd]
+    out = out.reshape(n_heads, n_tok, head_dim)  # [H, T, hd]
+    return out.transpose(1, 0, 2).reshape(n_tok, n_heads * head_dim)  # [T, H*hd]

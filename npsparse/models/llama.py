@@ -1,0 +1,145 @@
+"""The LLaMA-family forward pass (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, GQA, SwiGLU.
+
+Read top to bottom: one decoder block, then the model. Shapes: T tokens, D model dim, H query heads,
+KV key/value heads, hd head dim, F FFN dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..linear import DenseLinear
+from .base import CausalLM
+from .layers import apply_rope, causal_attention, rms_norm, rope_inv_freq, rope_tables, silu
+
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Every tensor a LLaMA-family checkpoint must have, with its shape."""
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
+    q_rows, kv_rows = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q_rows, d),
+            p + "self_attn.k_proj.weight": (kv_rows, d),
+            p + "self_attn.v_proj.weight": (kv_rows, d),
+            p + "self_attn.o_proj.weight": (d, q_rows),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+        })
+        if cfg.qkv_bias:
+            shapes.update({
+                p + "self_attn.q_proj.bias": (q_rows,),
+                p + "self_attn.k_proj.bias": (kv_rows,),
+                p + "self_attn.v_proj.bias": (kv_rows,),
+            })
+    return shapes
+
+
+class LlamaBlock:
+    """One decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, inv_freq: np.ndarray):
+        self.cfg = cfg
+        self.inv_freq = inv_freq  # [hd/2]
+        self.attn_norm = tensors["input_layernorm.weight"]  # [D]
+        self.mlp_norm = tensors["post_attention_layernorm.weight"]  # [D]
+        self.linears = {name: DenseLinear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
+        self.bias = {name: tensors.get(f"self_attn.{name}_proj.bias") for name in "qkv"}
+
+    def attention(self, h: np.ndarray, start: int, cache_k, cache_v) -> np.ndarray:
+        cfg, lin = self.cfg, self.linears
+        n_tok = h.shape[0]
+        q = lin["self_attn.q_proj"](h)  # [T, H*hd]
+        k = lin["self_attn.k_proj"](h)  # [T, KV*hd]
+        v = lin["self_attn.v_proj"](h)  # [T, KV*hd]
+        if cfg.qkv_bias:
+            q, k, v = q + self.bias["q"], k + self.bias["k"], v + self.bias["v"]
+        q = q.reshape(n_tok, cfg.n_heads, cfg.head_dim).transpose(1, 0, 2)  # [H, T, hd]
+        k = k.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
+        v = v.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
+        cos, sin = rope_tables(np.arange(start, start + n_tok), self.inv_freq)  # [T, hd]
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if cache_k is not None:
+            cache_k[:, start:start + n_tok] = k
+            cache_v[:, start:start + n_tok] = v
+            k = cache_k[:, :start + n_tok]  # [KV, S, hd]
+            v = cache_v[:, :start + n_tok]
+        out = causal_attention(q, k, v, start)  # [T, H*hd]
+        return lin["self_attn.o_proj"](out)  # [T, D]
+
+    def mlp(self, h: np.ndarray) -> np.ndarray:
+        lin = self.linears
+        gate = silu(lin["mlp.gate_proj"](h))  # [T, F]
+        return lin["mlp.down_proj"](gate * lin["mlp.up_proj"](h))  # [T, D]
+
+    def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
+        eps = self.cfg.norm_eps
+        x = x + self.attention(rms_norm(x, self.attn_norm, eps), start, cache_k, cache_v)
+        return x + self.mlp(rms_norm(x, self.mlp_norm, eps))  # [T, D]
+
+    def state(self) -> dict:
+        out = {"input_layernorm.weight": self.attn_norm,
+               "post_attention_layernorm.weight": self.mlp_norm}
+        out.update({name + ".weight": layer.to_dense() for name, layer in self.linears.items()})
+        out.update({f"self_attn.{k}_proj.bias": b for k, b in self.bias.items() if b is not None})
+        return out
+
+
+class LlamaModel(CausalLM):
+    """A LLaMA-family causal language model over a flat mapping of float32 weights.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    weights : Mapping of str -> np.ndarray
+        Hugging Face names (``model.layers.{i}.self_attn.q_proj.weight`` ...), checked against
+        :func:`expected_shapes`. A :class:`~npsparse.io.Weights` is read tensor by tensor.
+    """
+
+    def __init__(self, config: ModelConfig, weights):
+        self.config = config
+        shapes = expected_shapes(config)
+        get = weights.get_checked if hasattr(weights, "get_checked") else weights.__getitem__
+        self.embed_tokens = get("model.embed_tokens.weight", shapes["model.embed_tokens.weight"])
+        self.norm = get("model.norm.weight", (config.dim,))
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.blocks = []
+        for i in range(config.n_layers):
+            prefix = self.block_prefix(i) + "."
+            tensors = {name[len(prefix):]: get(name, shape)
+                       for name, shape in shapes.items() if name.startswith(prefix)}
+            self.blocks.append(LlamaBlock(config, tensors, inv_freq))
+        if config.tie_embeddings:  # the head reuses the embedding matrix [V, D]
+            self.head = DenseLinear(self.embed_tokens)
+        else:
+            self.head = DenseLinear(get("lm_head.weight", shapes["lm_head.weight"]))
+
+    def block_prefix(self, i: int) -> str:
+        return f"model.layers.{i}"
+
+    def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        return np.array(self.embed_tokens[ids], dtype=np.float32)  # [T, D]
+
+    def final(self, x: np.ndarray) -> np.ndarray:
+        return self.head(rms_norm(x, self.norm, self.config.norm_eps))  # [T, V]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """All weights under Hugging Face names (dense float32), as a checkpoint stores them."""
+        out = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
+        if not self.config.tie_embeddings:
+            out["lm_head.weight"] = self.head.to_dense()
+        for i, block in enumerate(self.blocks):
+            out.update({f"{self.block_prefix(i)}.{k}": v for k, v in block.state().items()})
+        return out
