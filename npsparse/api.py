@@ -1,0 +1,144 @@
+"""The Python API: load a model, tokenize, get logits, measure perplexity, generate.
+
+>>> import npsparse
+>>> llm = npsparse.load("smollm2")                # or a .gguf file, or a Hugging Face folder
+>>> llm.perplexity(windows=4).ppl                 # first 4 windows of 512 tokens of the eval text
+>>> llm.generate("The capital of France is", max_new_tokens=8).text
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .data import read_text, windows as make_windows
+from .errors import NpsparseError
+from .evaluate import PerplexityResult, perplexity
+from .generate import GenerationResult, generate
+from .io import open_checkpoint
+from .models import CausalLM, build_model
+from .tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_EVAL_WINDOWS = 40
+
+
+class LLM:
+    """A loaded model with its tokenizer.
+
+    Parameters
+    ----------
+    model : CausalLM
+        The forward pass (``model.forward(ids, cache) -> logits``).
+    tokenizer : Tokenizer
+    path : Path
+        Where it was loaded from.
+    """
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: Path, checkpoint=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = Path(path)
+        self.checkpoint = checkpoint
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"LLM({self.path.name}: {cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, "
+                f"vocab {cfg.vocab_size})")
+
+    def encode(self, text: str, *, special: bool = False) -> np.ndarray:
+        """Token ids ``[T]`` int64 of ``text`` (no BOS). See :meth:`Tokenizer.encode`."""
+        return self.tokenizer.encode(text, special=special)
+
+    def decode(self, ids) -> str:
+        """Text of token ids."""
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits ``[T, V]`` float32 of a fresh sequence of token ids ``[T]``."""
+        return self.model.forward(np.asarray(ids))
+
+    def eval_windows(self, data: str | Path = "pydoc", seqlen: int = 512,
+                     windows: int | None = None) -> np.ndarray:
+        """The token windows :meth:`perplexity` evaluates: ``[W, seqlen]`` int64.
+
+        ``data="pydoc"`` is the eval part of the default text (see :mod:`npsparse.data`); a path is a
+        UTF-8 text file, tokenized whole. ``windows=None`` means the first 40 for pydoc and every
+        whole window of a file.
+        """
+        ids = self.encode(read_text(data, part="eval"))
+        if windows is None and str(data) == "pydoc":
+            windows = DEFAULT_EVAL_WINDOWS
+        return make_windows(ids, seqlen, windows)
+
+    def perplexity(self, data: str | Path = "pydoc", seqlen: int = 512,
+                   windows: int | None = None, *, progress: bool = False) -> PerplexityResult:
+        """Perplexity on the first ``windows`` non-overlapping ``seqlen``-token windows of ``data``.
+
+        See :meth:`eval_windows` for the windows and :func:`npsparse.evaluate.perplexity` for the
+        formula.
+        """
+        return perplexity(self.model, self.eval_windows(data, seqlen, windows), progress=progress)
+
+    def chat_prompt(self, prompt: str) -> str:
+        """``prompt`` wrapped as one user turn in the model's chat template."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
+                 on_text=None) -> GenerationResult:
+        """Continue ``prompt``; greedy unless ``temperature > 0``.
+
+        Parameters
+        ----------
+        prompt : str
+        max_new_tokens : int
+        temperature, top_k, top_p, seed
+            Sampling settings (see :func:`npsparse.generate.sample_token`).
+        chat : bool
+            Wrap the prompt in the model's chat template and stop at end-of-turn.
+        on_text : callable, optional
+            Called with each new piece of text as it is generated (streaming).
+
+        Returns
+        -------
+        GenerationResult
+            With ``text`` filled in.
+        """
+        text = self.chat_prompt(prompt) if chat else prompt
+        ids = self.encode(text, special=chat)
+        if len(ids) == 0:
+            raise NpsparseError("the prompt is empty: generation needs at least one token")
+        stop = self._end_of_turn_id() if chat else self.tokenizer.eos_token_id
+        step = self.tokenizer.stream_decoder() if on_text else None
+        callback = (lambda token: on_text(step(token))) if on_text else None
+        result = generate(self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, eos_token_id=stop, on_token=callback)
+        result.text = self.decode(result.ids)
+        return result
+
+    def _end_of_turn_id(self):
+        eot = self.tokenizer.backend.token_to_id("<|im_end|>")
+        return eot if eot is not None else self.tokenizer.eos_token_id
+
+
+def load(model: str | Path = "smollm2") -> LLM:
+    """Load a model and its tokenizer.
+
+    Parameters
+    ----------
+    model : str or Path
+        ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), a GGUF file, or a Hugging Face
+        directory (``config.json``, safetensors, ``tokenizer.json``).
+
+    Returns
+    -------
+    LLM
+    """
+    checkpoint = open_checkpoint(model)
+    network = build_model(checkpoint.config, checkpoint.weights)
+    return LLM(network, load_tokenizer(checkpoint), checkpoint.path, checkpoint)

@@ -1,0 +1,115 @@
+"""The ``npsparse`` command line: one thin function per subcommand (parse, call the library, print).
+
+User errors print one line ``npsparse: error: ...`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import NpsparseError
+
+
+def _add_model(parser):
+    parser.add_argument("model", metavar="MODEL",
+                        help="'smollm2' (the embedded default), a .gguf file or a Hugging Face folder")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _print_json(payload: dict) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def cmd_eval(args) -> None:
+    from .api import load
+
+    llm = load(args.model)
+    result = llm.perplexity(args.data, args.seqlen, args.windows, progress=not args.json)
+    if args.json:
+        _print_json({"model": str(llm.path), "data": str(args.data), **result.to_dict()})
+    else:
+        print(f"{llm.path.name}: {result}")
+
+
+def cmd_generate(args) -> None:
+    from .api import load
+
+    llm = load(args.model)
+    if args.format != "dense":
+        from .sparse import apply_format
+
+        apply_format(llm.model, args.format, threads=args.threads)
+    stream = None if args.json else (lambda text: print(text, end="", flush=True))
+    if stream and not args.chat:
+        print(args.prompt, end="", flush=True)
+    result = llm.generate(args.prompt, args.n, temperature=args.temp, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, chat=args.chat, on_text=stream)
+    if args.json:
+        _print_json({"model": str(llm.path), "prompt": args.prompt, "format": args.format,
+                     **result.to_dict()})
+        return
+    print()
+    print(f"[{len(result.ids)} tokens; prefill {result.prompt_tokens} tokens at "
+          f"{result.prefill_tok_s:.1f} tok/s; decode {result.decode_tok_s:.1f} tok/s; "
+          f"format {args.format}]", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="npsparse", description="Sparse LLMs in NumPy and Numba: evaluate, prune, generate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ev = sub.add_parser("eval", help="perplexity on non-overlapping token windows")
+    _add_model(ev)
+    ev.add_argument("--data", default="pydoc",
+                    help="'pydoc' (eval part of the default text) or a UTF-8 text file")
+    ev.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens")
+    ev.add_argument("--windows", type=_positive, default=None,
+                    help="evaluate the first N windows (default: 40 for pydoc, all for a file)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model(gen)
+    gen.add_argument("-p", "--prompt", required=True)
+    gen.add_argument("-n", type=_positive, default=64, help="new tokens (default 64)")
+    gen.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--format", default="dense",
+                     help="weight format of the linear layers (dense = float32 BLAS)")
+    gen.add_argument("--threads", type=_positive, default=None, help="kernel threads")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except NpsparseError as err:
+        print(f"npsparse: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("npsparse: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("npsparse: error: out of memory", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
