@@ -35,4 +35,12 @@ def build_model(config: ModelConfig, weights: Mapping) -> CausalLM:
     return OPTModel(config, weights)
 
 
-__all__ = ["CausalLM", "KVCache", "LlamaModel", "build_model"]
+def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """Every tensor a checkpoint of ``config.arch`` must hold, by Hugging Face name, with shape."""
+    from . import gpt2, llama, opt
+
+    module = {"llama": llama, "gpt2": gpt2, "opt": opt}[config.family]
+    return module.expected_shapes(config)
+
+
+__all__ = ["CausalLM", "KVCache", "LlamaModel", "build_model", "expected_shapes"]

@@ -136,3 +136,41 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) ->
     out = probs @ v  # [KV, g*T, hd]
     out = out.reshape(n_heads, n_tok, head_dim)  # [H, T, hd]
     return out.transpose(1, 0, 2).reshape(n_tok, n_heads * head_dim)  # [T, H*hd]
+
+
+def multi_head_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int, n_kv: int,
+                         start: int, cache_k=None, cache_v=None, rope=None) -> np.ndarray:
+    """Split projections into heads, rotate (optional), append to the cache, attend.
+
+    Parameters
+    ----------
+    q : [T, H*hd]; k, v : [T, KV*hd] float32
+        Projected queries, keys, values (biases already added).
+    n_heads, n_kv : int
+        H and KV.
+    start : int
+        Position of the first token.
+    cache_k, cache_v : [KV, capacity, hd] float32, optional
+        This layer's KV cache; positions ``start .. start+T-1`` are written.
+    rope : (cos, sin) of [T, hd], optional
+        Rotary embedding to apply to q and k.
+
+    Returns
+    -------
+    np.ndarray
+        [T, H*hd] float32.
+    """
+    n_tok = q.shape[0]
+    head_dim = q.shape[1] // n_heads
+    q = q.reshape(n_tok, n_heads, head_dim).transpose(1, 0, 2)  # [H, T, hd]
+    k = k.reshape(n_tok, n_kv, head_dim).transpose(1, 0, 2)  # [KV, T, hd]
+    v = v.reshape(n_tok, n_kv, head_dim).transpose(1, 0, 2)  # [KV, T, hd]
+    if rope is not None:
+        q = apply_rope(q, *rope)
+        k = apply_rope(k, *rope)
+    if cache_k is not None:
+        cache_k[:, start:start + n_tok] = k
+        cache_v[:, start:start + n_tok] = v
+        k = cache_k[:, :start + n_tok]  # [KV, S, hd]
+        v = cache_v[:, :start + n_tok]
+    return causal_attention(q, k, v, start)  # [T, H*hd]

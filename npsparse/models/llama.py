@@ -11,7 +11,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..linear import DenseLinear
 from .base import CausalLM
-from .layers import apply_rope, causal_attention, rms_norm, rope_inv_freq, rope_tables, silu
+from .layers import multi_head_attention, rms_norm, rope_inv_freq, rope_tables, silu
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -59,24 +59,14 @@ class LlamaBlock:
 
     def attention(self, h: np.ndarray, start: int, cache_k, cache_v) -> np.ndarray:
         cfg, lin = self.cfg, self.linears
-        n_tok = h.shape[0]
         q = lin["self_attn.q_proj"](h)  # [T, H*hd]
         k = lin["self_attn.k_proj"](h)  # [T, KV*hd]
         v = lin["self_attn.v_proj"](h)  # [T, KV*hd]
         if cfg.qkv_bias:
             q, k, v = q + self.bias["q"], k + self.bias["k"], v + self.bias["v"]
-        q = q.reshape(n_tok, cfg.n_heads, cfg.head_dim).transpose(1, 0, 2)  # [H, T, hd]
-        k = k.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
-        v = v.reshape(n_tok, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)  # [KV, T, hd]
-        cos, sin = rope_tables(np.arange(start, start + n_tok), self.inv_freq)  # [T, hd]
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        if cache_k is not None:
-            cache_k[:, start:start + n_tok] = k
-            cache_v[:, start:start + n_tok] = v
-            k = cache_k[:, :start + n_tok]  # [KV, S, hd]
-            v = cache_v[:, :start + n_tok]
-        out = causal_attention(q, k, v, start)  # [T, H*hd]
+        rope = rope_tables(np.arange(start, start + h.shape[0]), self.inv_freq)  # cos, sin [T, hd]
+        out = multi_head_attention(q, k, v, cfg.n_heads, cfg.n_kv_heads, start, cache_k, cache_v,
+                                   rope)  # [T, H*hd]
         return lin["self_attn.o_proj"](out)  # [T, D]
 
     def mlp(self, h: np.ndarray) -> np.ndarray:

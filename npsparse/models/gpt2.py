@@ -1,0 +1,118 @@
+"""GPT-2: LayerNorm, learned positions, fused q/k/v projection, GELU MLP, tied output head.
+
+Shapes: T tokens, D model dim, H heads, F FFN dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..linear import DenseLinear
+from .base import CausalLM
+from .layers import ACTIVATIONS, layer_norm, multi_head_attention
+
+# Block tensors: name -> shape as the checkpoint stores it. GPT-2 uses Conv1D layers whose weight
+# is [in, out], the transpose of nn.Linear's [out, in] (transformers' pytorch_utils.Conv1D).
+_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _block_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    d, f = cfg.dim, cfg.ffn_dim
+    return {
+        "ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
+        "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
+        "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
+        "mlp.c_fc.weight": (d, f), "mlp.c_fc.bias": (f,),
+        "mlp.c_proj.weight": (f, d), "mlp.c_proj.bias": (d,),
+    }
+
+
+def expected_shapes(cfg: ModelConfig, prefix: str = "transformer.") -> dict[str, tuple]:
+    """Every tensor a GPT-2 checkpoint must have, with its shape (Conv1D weights as [in, out])."""
+    d = cfg.dim
+    out = {prefix + "wte.weight": (cfg.vocab_size, d), prefix + "wpe.weight": (cfg.max_position, d),
+           prefix + "ln_f.weight": (d,), prefix + "ln_f.bias": (d,)}
+    for i in range(cfg.n_layers):
+        out.update({f"{prefix}h.{i}.{k}": s for k, s in _block_shapes(cfg).items()})
+    return out
+
+
+class GPT2Block:
+    """``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict):
+        self.cfg = cfg
+        self.norms = {k: tensors[k] for k in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")}
+        # Conv1D stores [in, out]; the seam wants [out, in], so transpose once here.
+        self.linears = {name: DenseLinear(tensors[name + ".weight"].T) for name in _CONV1D}
+        self.bias = {name: tensors[name + ".bias"] for name in _CONV1D}
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
+        cfg, lin, bias, n = self.cfg, self.linears, self.bias, self.norms
+        h = layer_norm(x, n["ln_1.weight"], n["ln_1.bias"], cfg.norm_eps)  # [T, D]
+        qkv = lin["attn.c_attn"](h) + bias["attn.c_attn"]  # [T, 3D]
+        q, k, v = np.split(qkv, 3, axis=1)  # each [T, D]
+        att = multi_head_attention(q, k, v, cfg.n_heads, cfg.n_heads, start, cache_k, cache_v)
+        x = x + lin["attn.c_proj"](att) + bias["attn.c_proj"]  # [T, D]
+        h = layer_norm(x, n["ln_2.weight"], n["ln_2.bias"], cfg.norm_eps)
+        h = self.act(lin["mlp.c_fc"](h) + bias["mlp.c_fc"])  # [T, F]
+        return x + lin["mlp.c_proj"](h) + bias["mlp.c_proj"]  # [T, D]
+
+    def state(self) -> dict:
+        out = dict(self.norms)
+        for name in _CONV1D:
+            out[name + ".weight"] = np.ascontiguousarray(self.linears[name].to_dense().T)
+            out[name + ".bias"] = self.bias[name]
+        return out
+
+
+class GPT2Model(CausalLM):
+    """GPT-2 over Hugging Face weights (with or without the ``transformer.`` prefix).
+
+    Parameters
+    ----------
+    config : ModelConfig
+    weights : Weights
+    """
+
+    def __init__(self, config: ModelConfig, weights):
+        self.config = config
+        # Checkpoints from the original OpenAI conversion name tensors without "transformer.".
+        self.prefix = "transformer." if "transformer.wte.weight" in weights else ""
+        p, d = self.prefix, config.dim
+        get = weights.get_checked
+        self.wte = get(p + "wte.weight", (config.vocab_size, d))  # [V, D]
+        self.wpe = get(p + "wpe.weight", (config.max_position, d))  # [P, D]
+        self.ln_f = (get(p + "ln_f.weight", (d,)), get(p + "ln_f.bias", (d,)))
+        shapes = _block_shapes(config)
+        self.blocks = [
+            GPT2Block(config, {k: get(f"{self.block_prefix(i)}.{k}", s) for k, s in shapes.items()})
+            for i in range(config.n_layers)
+        ]
+        self.tied = config.tie_embeddings or "lm_head.weight" not in weights
+        if self.tied:
+            self.head = DenseLinear(self.wte)
+        else:
+            self.head = DenseLinear(get("lm_head.weight", (config.vocab_size, d)))
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.prefix}h.{i}"
+
+    def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        return self.wte[ids] + self.wpe[start:start + len(ids)]  # [T, D]
+
+    def final(self, x: np.ndarray) -> np.ndarray:
+        return self.head(layer_norm(x, *self.ln_f, self.config.norm_eps))  # [T, V]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """All weights under the checkpoint's names (Conv1D weights back in [in, out] order)."""
+        p = self.prefix
+        out = {p + "wte.weight": self.wte, p + "wpe.weight": self.wpe,
+               p + "ln_f.weight": self.ln_f[0], p + "ln_f.bias": self.ln_f[1]}
+        if not self.tied:
+            out["lm_head.weight"] = self.head.to_dense()
+        for i, block in enumerate(self.blocks):
+            out.update({f"{self.block_prefix(i)}.{k}": v for k, v in block.state().items()})
+        return out

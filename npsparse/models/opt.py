@@ -1,0 +1,154 @@
+"""OPT: LayerNorm (pre- or post-), learned positions offset by 2, ReLU MLP, optional projections.
+
+Shapes: T tokens, D model dim, E word-embedding dim (``word_embed_proj_dim``), F FFN dim,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..linear import DenseLinear
+from .base import CausalLM
+from .layers import ACTIVATIONS, layer_norm, multi_head_attention
+
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                "fc1", "fc2")
+_NORMS = ("self_attn_layer_norm", "final_layer_norm")
+
+# OPT's learned position table has 2 extra leading rows: position p uses row p + 2
+# (transformers' OPTLearnedPositionalEmbedding, kept from fairseq's padding-index convention).
+POSITION_OFFSET = 2
+
+
+def _block_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    d, f = cfg.dim, cfg.ffn_dim
+    out = {f"{norm}.{part}": (d,) for norm in _NORMS for part in ("weight", "bias")}
+    for name in LINEAR_NAMES:
+        n_out, n_in = {"fc1": (f, d), "fc2": (d, f)}.get(name, (d, d))
+        out[name + ".weight"] = (n_out, n_in)
+        out[name + ".bias"] = (n_out,)
+    return out
+
+
+def expected_shapes(cfg: ModelConfig, prefix: str = "model.decoder.") -> dict[str, tuple]:
+    """Every tensor an OPT checkpoint must have (with tied head), with its shape."""
+    d, e = cfg.dim, cfg.embed_proj_dim or cfg.dim
+    out = {prefix + "embed_tokens.weight": (cfg.vocab_size, e),
+           prefix + "embed_positions.weight": (cfg.max_position + POSITION_OFFSET, d)}
+    if e != d:
+        out[prefix + "project_in.weight"] = (d, e)
+        out[prefix + "project_out.weight"] = (e, d)
+    if cfg.norm_before:
+        out[prefix + "final_layer_norm.weight"] = (d,)
+        out[prefix + "final_layer_norm.bias"] = (d,)
+    for i in range(cfg.n_layers):
+        out.update({f"{prefix}layers.{i}.{k}": s for k, s in _block_shapes(cfg).items()})
+    return out
+
+
+class OPTBlock:
+    """Pre-norm: ``x + attn(ln(x))``, ``x + mlp(ln(x))``; post-norm (OPT-350m): ``ln(x + f(x))``."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict):
+        self.cfg = cfg
+        self.norms = {k: tensors[k] for k in tensors if k.split(".")[0] in _NORMS}
+        self.linears = {name: DenseLinear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
+        self.bias = {name: tensors[name + ".bias"] for name in LINEAR_NAMES}
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        return layer_norm(x, self.norms[name + ".weight"], self.norms[name + ".bias"],
+                          self.cfg.norm_eps)
+
+    def _proj(self, name: str, x: np.ndarray) -> np.ndarray:
+        return self.linears[name](x) + self.bias[name]
+
+    def attention(self, h, start, cache_k, cache_v) -> np.ndarray:
+        q, k, v = (self._proj(f"self_attn.{n}_proj", h) for n in "qkv")  # [T, D] each
+        n_heads = self.cfg.n_heads
+        out = multi_head_attention(q, k, v, n_heads, n_heads, start, cache_k, cache_v)
+        return self._proj("self_attn.out_proj", out)  # [T, D]
+
+    def mlp(self, h: np.ndarray) -> np.ndarray:
+        return self._proj("fc2", self.act(self._proj("fc1", h)))  # [T, D]
+
+    def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
+        if self.cfg.norm_before:
+            x = x + self.attention(self._norm(x, "self_attn_layer_norm"), start, cache_k, cache_v)
+            return x + self.mlp(self._norm(x, "final_layer_norm"))
+        x = self._norm(x + self.attention(x, start, cache_k, cache_v), "self_attn_layer_norm")
+        return self._norm(x + self.mlp(x), "final_layer_norm")
+
+    def state(self) -> dict:
+        out = dict(self.norms)
+        for name in LINEAR_NAMES:
+            out[name + ".weight"] = self.linears[name].to_dense()
+            out[name + ".bias"] = self.bias[name]
+        return out
+
+
+class OPTModel(CausalLM):
+    """OPT over Hugging Face weights (``model.decoder.*``, or ``decoder.*`` without the prefix).
+
+    Parameters
+    ----------
+    config : ModelConfig
+    weights : Weights
+    """
+
+    def __init__(self, config: ModelConfig, weights):
+        self.config = config
+        self.prefix = "model.decoder." if "model.decoder.embed_tokens.weight" in weights else "decoder."
+        p, d, e = self.prefix, config.dim, config.embed_proj_dim or config.dim
+        get = weights.get_checked
+        self.tensors = {
+            "embed_tokens.weight": get(p + "embed_tokens.weight", (config.vocab_size, e)),
+            "embed_positions.weight": get(p + "embed_positions.weight",
+                                          (config.max_position + POSITION_OFFSET, d)),
+        }
+        # project_in/out exist when the word embeddings are narrower than the model (OPT-350m).
+        if e != d:
+            self.tensors["project_in.weight"] = get(p + "project_in.weight", (d, e))
+            self.tensors["project_out.weight"] = get(p + "project_out.weight", (e, d))
+        # The final LayerNorm exists only for pre-norm models.
+        if config.norm_before:
+            for part in ("weight", "bias"):
+                self.tensors[f"final_layer_norm.{part}"] = get(f"{p}final_layer_norm.{part}", (d,))
+        shapes = _block_shapes(config)
+        self.blocks = [
+            OPTBlock(config, {k: get(f"{self.block_prefix(i)}.{k}", s) for k, s in shapes.items()})
+            for i in range(config.n_layers)
+        ]
+        self.tied = config.tie_embeddings or "lm_head.weight" not in weights
+        embed = self.tensors["embed_tokens.weight"]
+        self.head = DenseLinear(embed if self.tied else get("lm_head.weight", embed.shape))
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.prefix}layers.{i}"
+
+    def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        x = self.tensors["embed_tokens.weight"][ids]  # [T, E]
+        if "project_in.weight" in self.tensors:
+            x = x @ self.tensors["project_in.weight"].T  # [T, D]
+        rows = np.arange(start, start + len(ids)) + POSITION_OFFSET
+        return x + self.tensors["embed_positions.weight"][rows]  # [T, D]
+
+    def final(self, x: np.ndarray) -> np.ndarray:
+        t = self.tensors
+        if "final_layer_norm.weight" in t:
+            x = layer_norm(x, t["final_layer_norm.weight"], t["final_layer_norm.bias"],
+                           self.config.norm_eps)
+        if "project_out.weight" in t:
+            x = x @ t["project_out.weight"].T  # [T, E]
+        return self.head(x)  # [T, V]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """All weights under the checkpoint's names."""
+        out = {self.prefix + k: v for k, v in self.tensors.items()}
+        if not self.tied:
+            out["lm_head.weight"] = self.head.to_dense()
+        for i, block in enumerate(self.blocks):
+            out.update({f"{self.block_prefix(i)}.{k}": v for k, v in block.state().items()})
+        return out

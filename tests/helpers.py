@@ -1,0 +1,41 @@
+"""Small random models for tests that need a model of each architecture but no checkpoint."""
+
+import numpy as np
+
+from npsparse.config import ModelConfig
+from npsparse.models import build_model, expected_shapes
+
+TINY = {
+    "llama": dict(arch="llama", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                  head_dim=8, ffn_dim=48, max_position=128),
+    "qwen2": dict(arch="qwen2", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=1,
+                  head_dim=8, ffn_dim=48, max_position=128, qkv_bias=True, tie_embeddings=True),
+    "gpt2": dict(arch="gpt2", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=4,
+                 head_dim=8, ffn_dim=64, max_position=128, qkv_bias=True, activation="gelu_new",
+                 tie_embeddings=True),
+    "opt": dict(arch="opt", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=4,
+                head_dim=8, ffn_dim=64, max_position=128, qkv_bias=True, activation="relu",
+                tie_embeddings=True, embed_proj_dim=16),
+}
+
+
+def tiny_config(arch: str, **changes) -> ModelConfig:
+    return ModelConfig(**{**TINY[arch], **changes})
+
+
+def random_weights(config: ModelConfig, seed: int = 0) -> dict:
+    """Random float32 weights of the right shapes; norm weights near 1 so activations stay sane."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_shapes(config).items():
+        scale = 0.2 if len(shape) == 2 else 0.1
+        value = rng.normal(0.0, scale, size=shape)
+        if "norm" in name and name.endswith("weight") or name.split(".")[-2].startswith("ln_"):
+            value = 1.0 + value if name.endswith("weight") else value
+        out[name] = value.astype(np.float32)
+    return out
+
+
+def tiny_model(arch: str, seed: int = 0, **changes):
+    config = tiny_config(arch, **changes)
+    return build_model(config, random_weights(config, seed))

@@ -1,0 +1,198 @@
+"""Checkpoint readers and writers: round trips, the Q/K un-permutation, and clear errors."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from helpers import random_weights, tiny_config, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npsparse.errors import NpsparseError
+from npsparse.io import open_checkpoint, write_hf_dir
+from npsparse.io.gguf_file import hf_name, unpermute_qk
+from npsparse.io.hf_dir import bf16_to_f32
+from npsparse.models import build_model
+
+
+def llamacpp_permute(w, n_heads):
+    """The forward permutation as llama.cpp's converter describes it: each head's rows, viewed as
+    [2, hd/2] (rotate-half halves), are interleaved into pairs."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    out = np.empty_like(w)
+    for h in range(n_heads):
+        for i in range(hd // 2):
+            out[h * hd + 2 * i] = w[h * hd + i]
+            out[h * hd + 2 * i + 1] = w[h * hd + hd // 2 + i]
+    return out
+
+
+@given(st.integers(1, 4), st.sampled_from([2, 4, 8]), st.integers(1, 5))
+def test_unpermute_inverts_llamacpp_permutation(n_heads, hd, cols):
+    w = np.arange(n_heads * hd * cols, dtype=np.float32).reshape(n_heads * hd, cols)
+    np.testing.assert_array_equal(unpermute_qk(llamacpp_permute(w, n_heads), n_heads), w)
+
+
+def test_gguf_names_map_to_hf_names():
+    assert hf_name("blk.12.attn_q.weight") == "model.layers.12.self_attn.q_proj.weight"
+    assert hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
+    assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert hf_name("rope_freqs.weight") is None
+
+
+def test_bf16_widening_is_exact():
+    values = np.array([1.0, -2.5, 3.140625, 0.0, -0.0, np.inf, 1e-40], dtype=np.float32)
+    bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # these values are exact in bf16
+    np.testing.assert_array_equal(bf16_to_f32(bits).view(np.uint32) >> 16, bits)
+    np.testing.assert_array_equal(bf16_to_f32(bits)[:6], values[:6])
+
+
+def _write_tiny(path, arch="llama", **changes):
+    config = tiny_config(arch, **changes)
+    weights = random_weights(config)
+    model = build_model(config, weights)
+    write_hf_dir(path, config, model.state_dict(), tokenizer_json=None)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
+def test_hf_directory_round_trip(tmp_path, arch):
+    model = _write_tiny(tmp_path / "m", arch)
+    loaded = open_checkpoint(tmp_path / "m")
+    assert loaded.config == model.config
+    again = build_model(loaded.config, loaded.weights)
+    ids = np.arange(12)
+    np.testing.assert_array_equal(again.forward(ids), model.forward(ids))
+
+
+def test_bf16_safetensors_load(tmp_path):
+    """A hand-written bf16 safetensors file (header + raw uint16) loads as the widened values."""
+    model = _write_tiny(tmp_path / "m", "llama")
+    state = model.state_dict()
+    header, blobs, offset = {}, [], 0
+    for name, array in state.items():
+        bits = (np.ascontiguousarray(array, np.float32).view(np.uint32) >> 16).astype("<u2")
+        header[name] = {"dtype": "BF16", "shape": list(array.shape),
+                        "data_offsets": [offset, offset + bits.nbytes]}
+        blobs.append(bits.tobytes())
+        offset += bits.nbytes
+    raw = json.dumps(header).encode()
+    (tmp_path / "m" / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+    loaded = open_checkpoint(tmp_path / "m").weights
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = (state[name].view(np.uint32) & 0xFFFF0000).view(np.float32)
+    np.testing.assert_array_equal(loaded[name], expected)
+
+
+def test_writer_is_atomic(tmp_path, monkeypatch):
+    """An interrupted write leaves neither the output folder nor a temporary folder behind."""
+    config = tiny_config("llama")
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.numpy.save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        write_hf_dir(tmp_path / "out", config, random_weights(config), tokenizer_json=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_replaces_existing_output(tmp_path):
+    _write_tiny(tmp_path / "m", "llama")
+    model = _write_tiny(tmp_path / "m", "gpt2")
+    assert open_checkpoint(tmp_path / "m").config == model.config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def _error(path) -> str:
+    with pytest.raises(NpsparseError) as info:
+        ck = open_checkpoint(path)
+        build_model(ck.config, ck.weights)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file():
+    assert "no such file" in _error("/nonexistent/model.gguf")
+
+
+def test_not_a_model(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"hello world")
+    assert "neither a GGUF file" in _error(tmp_path / "x.bin")
+
+
+def test_truncated_gguf(tmp_path, smollm2_path):
+    data = smollm2_path.read_bytes()
+    for cut in (100, 2_000_000, len(data) - 1000):
+        (tmp_path / "t.gguf").write_bytes(data[:cut])
+        assert str(tmp_path / "t.gguf") in _error(tmp_path / "t.gguf")
+
+
+def test_missing_tensor_and_bad_shape(tmp_path):
+    model = _write_tiny(tmp_path / "m", "llama")
+    state = model.state_dict()
+    from safetensors.numpy import save_file
+
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    assert "model.layers.1.mlp.up_proj.weight is missing" in _error(tmp_path / "m")
+    state["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), np.float32)
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    assert "has shape [3, 3], expected" in _error(tmp_path / "m")
+
+
+def test_nan_weights_are_refused(tmp_path):
+    model = _write_tiny(tmp_path / "m", "llama")
+    state = model.state_dict()
+    state["model.norm.weight"] = state["model.norm.weight"].copy()
+    state["model.norm.weight"][3] = np.nan
+    from safetensors.numpy import save_file
+
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    assert "NaN" in _error(tmp_path / "m")
+
+
+def test_truncated_safetensors(tmp_path):
+    _write_tiny(tmp_path / "m", "llama")
+    path = tmp_path / "m" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    assert "truncated" in _error(tmp_path / "m")
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"model_type": "bert"}, "model_type 'bert' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+])
+def test_unsupported_configs(tmp_path, change, expected):
+    _write_tiny(tmp_path / "m", "llama")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert expected in _error(tmp_path / "m")
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    from safetensors.numpy import save_file
+
+    state = model.state_dict()
+    names = sorted(state)
+    folder = tmp_path / "m"
+    write_hf_dir(folder, model.config, state, tokenizer_json=None)
+    (folder / "model.safetensors").unlink()
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, part in halves.items():
+        save_file({n: state[n] for n in part}, str(folder / file))
+        weight_map.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ck = open_checkpoint(folder)
+    np.testing.assert_array_equal(build_model(ck.config, ck.weights).forward([1, 2]),
+                                  model.forward([1, 2]))
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    assert "shard model-00002-of-00002.safetensors is missing" in _error(folder)
