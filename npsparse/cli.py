@@ -62,6 +62,22 @@ def cmd_generate(args) -> None:
           f"format {args.format}]", file=sys.stderr)
 
 
+def cmd_demo(args) -> None:
+    """The main job on the embedded default model: evaluate, then generate."""
+    from .api import load
+
+    llm = load(args.model)
+    print(f"model: {llm!r}")
+    result = llm.perplexity(windows=args.windows, progress=True)
+    print(f"dense: {result}")
+    print(f"chat prompt: {args.prompt}")
+    gen = llm.generate(args.prompt, args.n, chat=True,
+                       on_text=lambda text: print(text, end="", flush=True))
+    print()
+    print(f"[{len(gen.ids)} tokens; prefill {gen.prefill_tok_s:.1f} tok/s; "
+          f"decode {gen.decode_tok_s:.1f} tok/s]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npsparse", description="Sparse LLMs in NumPy and Numba: evaluate, prune, generate.")
@@ -91,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=_positive, default=None, help="kernel threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded model: evaluate and generate")
+    demo.add_argument("model", nargs="?", default="smollm2", metavar="MODEL")
+    demo.add_argument("--windows", type=_positive, default=8, help="eval windows of 512 tokens")
+    demo.add_argument("-p", "--prompt", default="Explain what a Python generator is.")
+    demo.add_argument("-n", type=_positive, default=64, help="new tokens")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
