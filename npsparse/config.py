@@ -112,7 +112,11 @@ class ModelConfig:
     def _llama_from_hf(cls, hf: dict, model_type: str) -> "ModelConfig":
         n_heads = hf["num_attention_heads"]
         dim = hf["hidden_size"]
-        scaling = hf.get("rope_scaling")
+        # transformers >= 5 writes "rope_parameters" (theta and scaling together); older
+        # configs have top-level "rope_theta" and "rope_scaling".
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or rope
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         return cls(
             arch=model_type,
             vocab_size=hf["vocab_size"],
@@ -124,7 +128,7 @@ class ModelConfig:
             ffn_dim=hf["intermediate_size"],
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             max_position=hf.get("max_position_embeddings", 2048),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(theta),
             rope_scaling=_freeze_scaling(scaling),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama/Mistral may declare attention_bias.
@@ -254,6 +258,7 @@ def _freeze_scaling(scaling: dict | None) -> tuple | None:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return None
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
     if kind not in ("linear", "llama3"):
         raise NpsparseError(
             f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)"
