@@ -96,18 +96,17 @@ def load_transformers_smollm2():
     return model.eval()
 
 
-def pydoc_token_stream() -> np.ndarray:
-    """The reference token stream: llama.cpp's if made, else npsparse's (checked equal by tests)."""
-    path = DATA / "smollm2_tokens_llamacpp.npy"
-    return np.load(path).astype(np.int64)
+def pydoc_token_stream(path: Path | None = None) -> np.ndarray:
+    """The token stream to evaluate: llama.cpp's (made by make_tokens) unless another is given."""
+    return np.load(path or DATA / "smollm2_tokens_llamacpp.npy").astype(np.int64)
 
 
-def make_smollm2() -> None:
+def make_smollm2(tokens: Path | None) -> None:
     import torch
 
     torch.manual_seed(0)
     model = load_transformers_smollm2()
-    stream = pydoc_token_stream()
+    stream = pydoc_token_stream(tokens)
 
     # Logits on a fixed 32-token prompt.
     ids = stream[:32]
@@ -233,12 +232,15 @@ def make_tiny() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", default="all", choices=["all", "tokens", "smollm2", "tiny"])
-    part = parser.parse_args().part
+    parser.add_argument("--tokens", type=Path, default=None,
+                        help="token stream .npy for the smollm2 part (default: llama.cpp's)")
+    args = parser.parse_args()
+    part = args.part
     DATA.mkdir(exist_ok=True)
     if part in ("all", "tokens"):
         make_tokens()
     if part in ("all", "smollm2"):
-        make_smollm2()
+        make_smollm2(args.tokens)
     if part in ("all", "tiny"):
         make_tiny()
 
