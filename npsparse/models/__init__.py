@@ -10,13 +10,16 @@ from .base import CausalLM, KVCache
 from .llama import LlamaModel
 
 
-def build_model(config: ModelConfig, weights: Mapping) -> CausalLM:
+def build_model(config: ModelConfig, weights: Mapping, load_blocks: bool = True) -> CausalLM:
     """The forward pass for ``config.arch`` over ``weights`` (Hugging Face names, float32).
 
     Parameters
     ----------
     config : ModelConfig
     weights : Weights or dict of str -> np.ndarray
+    load_blocks : bool
+        Build every decoder block now. With False, ``model.blocks`` is empty and blocks are built
+        one at a time with ``model.load_block(i)`` (how pruning streams a large checkpoint).
 
     Returns
     -------
@@ -25,14 +28,14 @@ def build_model(config: ModelConfig, weights: Mapping) -> CausalLM:
     if not isinstance(weights, Weights):
         weights = DictWeights(weights)
     if config.family == "llama":
-        return LlamaModel(config, weights)
+        return LlamaModel(config, weights, load_blocks)
     if config.arch == "gpt2":
         from .gpt2 import GPT2Model
 
-        return GPT2Model(config, weights)
+        return GPT2Model(config, weights, load_blocks)
     from .opt import OPTModel
 
-    return OPTModel(config, weights)
+    return OPTModel(config, weights, load_blocks)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple]:

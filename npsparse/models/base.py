@@ -111,6 +111,26 @@ class CausalLM:
     def block_prefix(self, i: int) -> str:
         raise NotImplementedError
 
+    def load_block(self, i: int):
+        """Build block ``i`` from the checkpoint's weights (pruning streams blocks this way)."""
+        raise NotImplementedError
+
+    def outer_state(self) -> dict[str, np.ndarray]:
+        """The tensors outside the blocks (embeddings, final norm, head), as stored."""
+        raise NotImplementedError
+
+    def block_state(self, i: int, block=None) -> dict[str, np.ndarray]:
+        """Block ``i``'s tensors under their checkpoint names (``block`` defaults to the model's)."""
+        block = self.blocks[i] if block is None else block
+        return {f"{self.block_prefix(i)}.{k}": v for k, v in block.state().items()}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """All weights under their checkpoint names (dense float32), as a checkpoint stores them."""
+        out = self.outer_state()
+        for i in range(len(self.blocks)):
+            out.update(self.block_state(i))
+        return out
+
     def set_linear(self, name: str, layer: Linear) -> None:
         """Replace the linear layer ``name`` (a key of :meth:`linears`) by ``layer``."""
         for i, block in enumerate(self.blocks):

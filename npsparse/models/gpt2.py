@@ -77,8 +77,9 @@ class GPT2Model(CausalLM):
     weights : Weights
     """
 
-    def __init__(self, config: ModelConfig, weights):
+    def __init__(self, config: ModelConfig, weights, load_blocks: bool = True):
         self.config = config
+        self.weights = weights
         # Checkpoints from the original OpenAI conversion name tensors without "transformer.".
         self.prefix = "transformer." if "transformer.wte.weight" in weights else ""
         p, d = self.prefix, config.dim
@@ -86,11 +87,7 @@ class GPT2Model(CausalLM):
         self.wte = get(p + "wte.weight", (config.vocab_size, d))  # [V, D]
         self.wpe = get(p + "wpe.weight", (config.max_position, d))  # [P, D]
         self.ln_f = (get(p + "ln_f.weight", (d,)), get(p + "ln_f.bias", (d,)))
-        shapes = _block_shapes(config)
-        self.blocks = [
-            GPT2Block(config, {k: get(f"{self.block_prefix(i)}.{k}", s) for k, s in shapes.items()})
-            for i in range(config.n_layers)
-        ]
+        self.blocks = [self.load_block(i) for i in range(config.n_layers)] if load_blocks else []
         self.tied = config.tie_embeddings or "lm_head.weight" not in weights
         if self.tied:
             self.head = DenseLinear(self.wte)
@@ -100,19 +97,21 @@ class GPT2Model(CausalLM):
     def block_prefix(self, i: int) -> str:
         return f"{self.prefix}h.{i}"
 
+    def load_block(self, i: int) -> GPT2Block:
+        get, prefix = self.weights.get_checked, self.block_prefix(i)
+        return GPT2Block(self.config, {k: get(f"{prefix}.{k}", shape)
+                                       for k, shape in _block_shapes(self.config).items()})
+
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
         return self.wte[ids] + self.wpe[start:start + len(ids)]  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
         return self.head(layer_norm(x, *self.ln_f, self.config.norm_eps))  # [T, V]
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """All weights under the checkpoint's names (Conv1D weights back in [in, out] order)."""
+    def outer_state(self) -> dict[str, np.ndarray]:
         p = self.prefix
         out = {p + "wte.weight": self.wte, p + "wpe.weight": self.wpe,
                p + "ln_f.weight": self.ln_f[0], p + "ln_f.bias": self.ln_f[1]}
         if not self.tied:
             out["lm_head.weight"] = self.head.to_dense()
-        for i, block in enumerate(self.blocks):
-            out.update({f"{self.block_prefix(i)}.{k}": v for k, v in block.state().items()})
         return out

@@ -98,26 +98,29 @@ class LlamaModel(CausalLM):
         :func:`expected_shapes`. A :class:`~npsparse.io.Weights` is read tensor by tensor.
     """
 
-    def __init__(self, config: ModelConfig, weights):
+    def __init__(self, config: ModelConfig, weights, load_blocks: bool = True):
         self.config = config
-        shapes = expected_shapes(config)
-        get = weights.get_checked if hasattr(weights, "get_checked") else weights.__getitem__
-        self.embed_tokens = get("model.embed_tokens.weight", shapes["model.embed_tokens.weight"])
+        self.weights = weights
+        self.shapes = expected_shapes(config)
+        get = weights.get_checked
+        embed_shape = self.shapes["model.embed_tokens.weight"]
+        self.embed_tokens = get("model.embed_tokens.weight", embed_shape)
         self.norm = get("model.norm.weight", (config.dim,))
-        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.blocks = []
-        for i in range(config.n_layers):
-            prefix = self.block_prefix(i) + "."
-            tensors = {name[len(prefix):]: get(name, shape)
-                       for name, shape in shapes.items() if name.startswith(prefix)}
-            self.blocks.append(LlamaBlock(config, tensors, inv_freq))
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.blocks = [self.load_block(i) for i in range(config.n_layers)] if load_blocks else []
         if config.tie_embeddings:  # the head reuses the embedding matrix [V, D]
             self.head = DenseLinear(self.embed_tokens)
         else:
-            self.head = DenseLinear(get("lm_head.weight", shapes["lm_head.weight"]))
+            self.head = DenseLinear(get("lm_head.weight", self.shapes["lm_head.weight"]))
 
     def block_prefix(self, i: int) -> str:
         return f"model.layers.{i}"
+
+    def load_block(self, i: int) -> LlamaBlock:
+        prefix = self.block_prefix(i) + "."
+        tensors = {name[len(prefix):]: self.weights.get_checked(name, shape)
+                   for name, shape in self.shapes.items() if name.startswith(prefix)}
+        return LlamaBlock(self.config, tensors, self.inv_freq)
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
         return np.array(self.embed_tokens[ids], dtype=np.float32)  # [T, D]
@@ -125,11 +128,8 @@ class LlamaModel(CausalLM):
     def final(self, x: np.ndarray) -> np.ndarray:
         return self.head(rms_norm(x, self.norm, self.config.norm_eps))  # [T, V]
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """All weights under Hugging Face names (dense float32), as a checkpoint stores them."""
+    def outer_state(self) -> dict[str, np.ndarray]:
         out = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
         if not self.config.tie_embeddings:
             out["lm_head.weight"] = self.head.to_dense()
-        for i, block in enumerate(self.blocks):
-            out.update({f"{self.block_prefix(i)}.{k}": v for k, v in block.state().items()})
         return out

@@ -98,8 +98,9 @@ class OPTModel(CausalLM):
     weights : Weights
     """
 
-    def __init__(self, config: ModelConfig, weights):
+    def __init__(self, config: ModelConfig, weights, load_blocks: bool = True):
         self.config = config
+        self.weights = weights
         self.prefix = "model.decoder." if "model.decoder.embed_tokens.weight" in weights else "decoder."
         p, d, e = self.prefix, config.dim, config.embed_proj_dim or config.dim
         get = weights.get_checked
@@ -116,17 +117,18 @@ class OPTModel(CausalLM):
         if config.norm_before:
             for part in ("weight", "bias"):
                 self.tensors[f"final_layer_norm.{part}"] = get(f"{p}final_layer_norm.{part}", (d,))
-        shapes = _block_shapes(config)
-        self.blocks = [
-            OPTBlock(config, {k: get(f"{self.block_prefix(i)}.{k}", s) for k, s in shapes.items()})
-            for i in range(config.n_layers)
-        ]
+        self.blocks = [self.load_block(i) for i in range(config.n_layers)] if load_blocks else []
         self.tied = config.tie_embeddings or "lm_head.weight" not in weights
         embed = self.tensors["embed_tokens.weight"]
         self.head = DenseLinear(embed if self.tied else get("lm_head.weight", embed.shape))
 
     def block_prefix(self, i: int) -> str:
         return f"{self.prefix}layers.{i}"
+
+    def load_block(self, i: int) -> OPTBlock:
+        get, prefix = self.weights.get_checked, self.block_prefix(i)
+        return OPTBlock(self.config, {k: get(f"{prefix}.{k}", shape)
+                                      for k, shape in _block_shapes(self.config).items()})
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
         x = self.tensors["embed_tokens.weight"][ids]  # [T, E]
@@ -144,11 +146,8 @@ class OPTModel(CausalLM):
             x = x @ t["project_out.weight"].T  # [T, E]
         return self.head(x)  # [T, V]
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """All weights under the checkpoint's names."""
+    def outer_state(self) -> dict[str, np.ndarray]:
         out = {self.prefix + k: v for k, v in self.tensors.items()}
         if not self.tied:
             out["lm_head.weight"] = self.head.to_dense()
-        for i, block in enumerate(self.blocks):
-            out.update({f"{self.block_prefix(i)}.{k}": v for k, v in block.state().items()})
         return out
