@@ -78,6 +78,31 @@ def cmd_demo(args) -> None:
           f"decode {gen.decode_tok_s:.1f} tok/s]")
 
 
+def cmd_prune(args) -> None:
+    from .sequential import PruneSettings, prune_model
+
+    if (args.sparsity is None) == (args.pattern is None):
+        raise NpsparseError("give exactly one of --sparsity S or --pattern N:M")
+    dsnot = {"max_cycles": args.dsnot_cycles, "threshold": args.dsnot_threshold,
+             "pow_of_var": 1.0, "same_sign": args.dsnot_same_sign}
+    settings = PruneSettings(
+        method=args.method, pattern=args.pattern or args.sparsity, base=args.base,
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        owl=args.owl, dsnot=dsnot)
+    report = prune_model(args.model, args.out, settings, progress=not args.json)
+    summary = {k: report[k] for k in ("pattern", "mean_layer_sparsity", "seconds",
+                                      "peak_rss_mib", "weights_sha256", "calibration")}
+    if args.json:
+        _print_json({"out": str(args.out), "method": args.method, "base": args.base, **summary})
+        return
+    errors = [v["recon_rel"] for v in report["layers"].values()]
+    print(f"pruned {args.model} with {args.method}{' + ' + args.base if args.base else ''} at "
+          f"{report['pattern']}{' (OWL)' if args.owl else ''}: mean layer sparsity "
+          f"{report['mean_layer_sparsity']:.4f}, mean relative reconstruction error "
+          f"{sum(errors) / len(errors):.4f}, {report['seconds']:.0f} s, peak RSS "
+          f"{report['peak_rss_mib']:.0f} MiB -> {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npsparse", description="Sparse LLMs in NumPy and Numba: evaluate, prune, generate.")
@@ -107,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=_positive, default=None, help="kernel threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("prune", help="prune a model block by block and write a HF folder")
+    _add_model(pr)
+    pr.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "dsnot"])
+    pr.add_argument("--base", choices=["wanda", "sparsegpt", "magnitude"],
+                    help="DSnoT's initial method")
+    pr.add_argument("--sparsity", help="unstructured sparsity, e.g. 0.5 or 50%%")
+    pr.add_argument("--pattern", help="N:M pattern, N pruned of every M inputs, e.g. 2:4")
+    pr.add_argument("--calib", default="pydoc",
+                    help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
+    pr.add_argument("--nsamples", type=_positive, default=32)
+    pr.add_argument("--seqlen", type=_positive, default=512)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity")
+    pr.add_argument("--dsnot-cycles", type=int, default=50)
+    pr.add_argument("--dsnot-threshold", type=float, default=0.1)
+    pr.add_argument("--dsnot-same-sign", action="store_true",
+                    help="DSnoT: refuse swaps that flip the sign of the row error")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_prune)
 
     demo = sub.add_parser("demo", help="the main job on the embedded model: evaluate and generate")
     demo.add_argument("model", nargs="?", default="smollm2", metavar="MODEL")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import NpsparseError
 from .gguf_file import GGUFCheckpoint
-from .hf_dir import HFCheckpoint, write_hf_dir
+from .hf_dir import HFCheckpoint, HFDirWriter, write_hf_dir
 from .weights import DictWeights, Weights
 
 DEFAULT_MODEL = "smollm2"
@@ -64,6 +64,6 @@ def open_checkpoint(model: str | Path) -> GGUFCheckpoint | HFCheckpoint:
 
 
 __all__ = [
-    "DEFAULT_MODEL", "DictWeights", "GGUFCheckpoint", "HFCheckpoint", "Weights", "open_checkpoint",
+    "DEFAULT_MODEL", "DictWeights", "GGUFCheckpoint", "HFCheckpoint", "HFDirWriter", "Weights", "open_checkpoint",
     "resolve_model_path", "smollm2_path", "write_hf_dir",
 ]

@@ -149,22 +149,88 @@ class HFCheckpoint:
         return None
 
 
-def write_hf_dir(out: str | Path, config: ModelConfig, tensors: dict, *, tokenizer_json: str | None,
-                 extra_files: dict | None = None, chat_template: str | None = None) -> Path:
-    """Write a Hugging Face model directory atomically.
+class HFDirWriter:
+    """Write a Hugging Face model directory shard by shard, atomically.
 
-    Everything is written into a temporary sibling folder that is renamed to ``out`` only when
-    complete, so an interrupted run leaves no half-written ``out`` behind. An existing ``out`` is
+    Everything goes into a temporary sibling folder that is renamed to ``out`` only by
+    :meth:`finish`, so an interrupted run leaves no half-written ``out`` behind (use it as a
+    context manager: on an exception the temporary folder is removed). An existing ``out`` is
     replaced.
 
     Parameters
     ----------
     out : str or Path
         Destination folder.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self.shards: list[tuple[str, list[str]]] = []
+
+    def __enter__(self) -> "HFDirWriter":
+        return self
+
+    def __exit__(self, kind, value, trace) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add_shard(self, tensors: dict) -> None:
+        """Write one safetensors shard now (so its arrays can be freed)."""
+        from safetensors.numpy import save_file
+
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+        save_file(arrays, str(self.tmp / name), metadata={"format": "pt"})
+        self.shards.append((name, list(arrays)))
+
+    def finish(self, config: ModelConfig, *, tokenizer_json: str | None,
+               extra_files: dict | None = None, chat_template: str | None = None) -> Path:
+        """Name the shards, write config, tokenizer and extra files, and move into place."""
+        if len(self.shards) == 1:
+            (self.tmp / self.shards[0][0]).rename(self.tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            total = len(self.shards)
+            for i, (name, tensor_names) in enumerate(self.shards):
+                final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+                (self.tmp / name).rename(self.tmp / final)
+                weight_map.update({t: final for t in tensor_names})
+            index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (self.tmp / "config.json").write_text(config.to_json() + "\n")
+        if tokenizer_json is not None:
+            (self.tmp / "tokenizer.json").write_text(tokenizer_json)
+        tok_config = {"clean_up_tokenization_spaces": False,
+                      "tokenizer_class": "PreTrainedTokenizerFast"}
+        if chat_template:
+            tok_config["chat_template"] = chat_template
+        (self.tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (self.tmp / name).write_text(text)
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+            self.tmp.rename(self.out)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.out)
+        return self.out
+
+
+def write_hf_dir(out: str | Path, config: ModelConfig, tensors: dict, *, tokenizer_json: str | None,
+                 extra_files: dict | None = None, chat_template: str | None = None) -> Path:
+    """Write a Hugging Face model directory (one ``model.safetensors``) atomically.
+
+    Parameters
+    ----------
+    out : str or Path
+        Destination folder; replaced if it exists.
     config : ModelConfig
         Written as ``config.json``.
     tensors : dict of str -> np.ndarray
-        Hugging Face names to arrays (float32 is written as F32).
+        Hugging Face names to arrays, written as float32.
     tokenizer_json : str or None
         Serialized ``tokenizers`` tokenizer, written as ``tokenizer.json``.
     extra_files : dict of str -> str, optional
@@ -172,31 +238,7 @@ def write_hf_dir(out: str | Path, config: ModelConfig, tensors: dict, *, tokeniz
     chat_template : str, optional
         Stored in ``tokenizer_config.json``.
     """
-    from safetensors.numpy import save_file
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        save_file(arrays, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(config.to_json() + "\n")
-        if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json)
-        tok_config = {"clean_up_tokenization_spaces": False}
-        if chat_template:
-            tok_config["chat_template"] = chat_template
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    with HFDirWriter(out) as writer:
+        writer.add_shard(tensors)
+        return writer.finish(config, tokenizer_json=tokenizer_json, extra_files=extra_files,
+                             chat_template=chat_template)

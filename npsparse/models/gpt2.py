@@ -41,6 +41,8 @@ def expected_shapes(cfg: ModelConfig, prefix: str = "transformer.") -> dict[str,
 class GPT2Block:
     """``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
+    input_groups = tuple((name,) for name in _CONV1D)
+
     def __init__(self, cfg: ModelConfig, tensors: dict):
         self.cfg = cfg
         self.norms = {k: tensors[k] for k in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")}

@@ -15,6 +15,9 @@ from .layers import multi_head_attention, rms_norm, rope_inv_freq, rope_tables, 
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Linear layers that read the same input (calibration statistics are collected once per group).
+INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
@@ -48,6 +51,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 
 class LlamaBlock:
     """One decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    input_groups = INPUT_GROUPS
 
     def __init__(self, cfg: ModelConfig, tensors: dict, inv_freq: np.ndarray):
         self.cfg = cfg

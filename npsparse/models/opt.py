@@ -51,6 +51,10 @@ def expected_shapes(cfg: ModelConfig, prefix: str = "model.decoder.") -> dict[st
 class OPTBlock:
     """Pre-norm: ``x + attn(ln(x))``, ``x + mlp(ln(x))``; post-norm (OPT-350m): ``ln(x + f(x))``."""
 
+    # Linear layers that read the same input (calibration statistics are collected once per group).
+    input_groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    ("self_attn.out_proj",), ("fc1",), ("fc2",))
+
     def __init__(self, cfg: ModelConfig, tensors: dict):
         self.cfg = cfg
         self.norms = {k: tensors[k] for k in tensors if k.split(".")[0] in _NORMS}

@@ -1,0 +1,150 @@
+"""What every packed format shares: input checks, the seam call, and array serialisation.
+
+A packed layer is a small object holding a few named NumPy arrays. ``to_arrays()`` returns them
+with string metadata (format, shape, schema version, options) that fits a safetensors header;
+``from_arrays()`` rebuilds the layer from exactly those arrays without repacking, so memory-mapped
+arrays stay memory-mapped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import NpsparseError
+
+SCHEMA_VERSION = 1
+
+
+def as_float32(a, what: str) -> np.ndarray:
+    """``a`` as float32, refusing conversions that would change a value (e.g. float64 -> float32)."""
+    a = np.asarray(a)
+    if a.dtype == np.float32:
+        return a
+    if a.dtype.kind not in "fiub":
+        raise NpsparseError(f"{what} has dtype {a.dtype}; expected float32")
+    if np.can_cast(a.dtype, np.float32, casting="safe"):
+        return a.astype(np.float32)
+    converted = a.astype(np.float32)
+    same = converted.astype(a.dtype) == a
+    if a.dtype.kind == "f":
+        same |= np.isnan(a)
+    if not np.all(same):
+        raise NpsparseError(f"{what} has dtype {a.dtype} with values float32 cannot hold exactly; "
+                            "convert it to float32 first")
+    return converted
+
+
+def check_weight_mask(weight, mask) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(W [N, K] float32, keep [N, K] bool)``; ``mask=None`` keeps the nonzeros."""
+    weight = as_float32(weight, "weight")
+    if weight.ndim != 2:
+        raise NpsparseError(f"weight must be 2-D [N, K], got shape {weight.shape}")
+    if mask is None:
+        keep = weight != 0
+    else:
+        mask = np.asarray(mask)
+        if mask.shape != weight.shape:
+            raise NpsparseError(f"mask shape {mask.shape} does not match weight shape {weight.shape}")
+        if mask.dtype == np.bool_:
+            keep = mask
+        elif mask.dtype.kind in "iuf" and np.all((mask == 0) | (mask == 1)):
+            keep = mask != 0
+        else:
+            raise NpsparseError(f"mask has dtype {mask.dtype} with values other than 0/1; "
+                                "pass a boolean mask (True = weight kept)")
+    return np.ascontiguousarray(weight), np.ascontiguousarray(keep)
+
+
+def check_x(x, k: int) -> np.ndarray:
+    """``x [T, K]`` (or ``[K]``, treated as T=1) as a C-contiguous float32 2-D array."""
+    x = as_float32(x, "x")
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != k:
+        raise NpsparseError(f"x has shape {x.shape}; expected [T, {k}]")
+    return np.ascontiguousarray(x)
+
+
+def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
+    """``x [T, K]`` zero-padded on the right to ``[T, width]`` (no copy if already that wide)."""
+    if x.shape[1] == width:
+        return x
+    padded = np.zeros((x.shape[0], width), dtype=np.float32)
+    padded[:, : x.shape[1]] = x
+    return padded
+
+
+def check_arrays(arrays: dict, expected: dict[str, tuple[np.dtype, int]], fmt: str) -> None:
+    """One-line error unless every array named in ``expected`` exists with that dtype and ndim."""
+    for name, (dtype, ndim) in expected.items():
+        if name not in arrays:
+            raise NpsparseError(f"{fmt} layer needs array {name!r}; got {sorted(arrays)}")
+        a = arrays[name]
+        if a.dtype != dtype or a.ndim != ndim:
+            raise NpsparseError(f"{fmt} array {name!r} must be {ndim}-D {np.dtype(dtype)}, "
+                                f"got {a.ndim}-D {a.dtype}")
+
+
+class PackedLinear:
+    """Base of the packed formats: the :class:`npsparse.linear.Linear` seam plus serialisation.
+
+    Subclasses set ``FORMAT``, hold their arrays in ``self.arrays`` and implement ``_matmul``
+    (fast kernels), ``matmul_naive`` (the reference), ``to_dense`` and ``_options``.
+    """
+
+    FORMAT = ""
+
+    def __init__(self, arrays: dict[str, np.ndarray], shape: tuple[int, int]):
+        self.arrays = arrays
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``y [T, N] = x [T, K] @ W.T`` in float32 with the fast kernels."""
+        x = check_x(x, self.shape[1])
+        return self._matmul(x)
+
+    def matmul_naive(self, x: np.ndarray) -> np.ndarray:
+        """Same product as ``__call__`` with the plain reference kernel."""
+        raise NotImplementedError
+
+    def _matmul(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_dense(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _options(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed arrays read per product (all of them)."""
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    @property
+    def nnz(self) -> int:
+        raise NotImplementedError
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Flat ``{name: array}`` plus string metadata (``format``, ``shape``, ``schema``, options).
+
+        Returns
+        -------
+        arrays : dict of str to np.ndarray
+            The packed arrays themselves (not copies).
+        metadata : dict of str to str
+            Enough to rebuild the layer with :func:`npsparse.kernels.from_arrays`.
+        """
+        metadata = {"format": self.FORMAT, "shape": f"{self.shape[0]},{self.shape[1]}",
+                    "schema": str(SCHEMA_VERSION)}
+        metadata.update(self._options())
+        return dict(self.arrays), metadata
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], metadata: dict[str, str]):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v}" for k, v in self._options().items())
+        return (f"{type(self).__name__}(shape={self.shape}{options}, "
+                f"{self.nbytes / (self.shape[0] * self.shape[1]):.3f} bytes/weight)")

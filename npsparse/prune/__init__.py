@@ -1,0 +1,129 @@
+"""Post-training pruning as pure functions over arrays.
+
+Each method maps ``(weight [N, K], calibration statistics, pattern)`` to ``(new weight, mask)``
+with mask True = kept:
+
+- :func:`magnitude`: ``|W|``, per matrix (reference) or per row;
+- :func:`wanda`: ``|W| * ||X_j||``, per row;
+- :func:`sparsegpt`: OBS updates with a blocked inverse-Hessian sweep;
+- :func:`dsnot`: grow/prune swaps on top of any of them.
+
+:func:`prune_layer` runs one of them by name and measures the layer's reconstruction error; the
+block-by-block calibration driver is :mod:`npsparse.sequential`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import NpsparseError
+from .dsnot import DSnoTOptions, dsnot
+from .magnitude import magnitude
+from .owl import outlier_ratio, owl_sparsities
+from .patterns import Pattern, check_nm, nm_mask, pattern_mask, topk_mask_per_row
+from .sparsegpt import sparsegpt
+from .stats import InputStats
+from .wanda import wanda, wanda_score
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
+BASES = ("wanda", "sparsegpt", "magnitude")
+
+
+def stats_needed(method: str, base: str | None = None) -> tuple[str, ...]:
+    """Statistics :class:`InputStats` must collect for ``method`` (X^T X always: it gives the
+    reconstruction error)."""
+    needs = {"magnitude": {"hessian"}, "wanda": {"sq", "hessian"}, "sparsegpt": {"hessian"},
+             "dsnot": {"sq", "sum", "var", "hessian"}}
+    if method not in needs:
+        raise NpsparseError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
+    out = set(needs[method])
+    if method == "dsnot":
+        out |= needs[check_base(base)]
+    return tuple(sorted(out))
+
+
+def check_base(base: str | None) -> str:
+    if base not in BASES:
+        raise NpsparseError(f"DSnoT needs --base, one of {', '.join(BASES)}; got {base!r}")
+    return base
+
+
+def reconstruction_error(weight: np.ndarray, new_weight: np.ndarray, xtx: np.ndarray) -> float:
+    """``||W X - W' X||^2`` summed over all calibration tokens, ``= tr(dW (X^T X) dW^T)``.
+
+    Parameters
+    ----------
+    weight, new_weight : [N, K] arrays
+    xtx : [K, K] float64
+        ``sum_tokens x x^T`` (:attr:`InputStats.xtx`).
+    """
+    delta = weight.astype(np.float64) - new_weight.astype(np.float64)  # [N, K]
+    return float(np.einsum("nk,nk->", delta @ xtx, delta))
+
+
+def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pattern, *,
+                base: str | None = None, magnitude_group: str = "matrix", blocksize: int = 128,
+                percdamp: float = 0.01, dsnot_options: DSnoTOptions = DSnoTOptions()):
+    """Prune one linear layer.
+
+    Parameters
+    ----------
+    method : {"magnitude", "wanda", "sparsegpt", "dsnot"}
+    weight : np.ndarray
+        ``[N, K]`` float32 dense weights.
+    stats : InputStats
+        Statistics of the layer's inputs, collected with :func:`stats_needed`.
+    pattern : Pattern
+    base : str, optional
+        DSnoT's initial method: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"`` (per row, as the
+        DSnoT reference).
+    magnitude_group, blocksize, percdamp, dsnot_options
+        Method options (see each method).
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray, dict)
+        New weights ``[N, K]`` float32, mask ``[N, K]`` bool (True = kept), and ``info`` with
+        ``sparsity`` (fraction of zeros), ``recon_error`` (:func:`reconstruction_error`) and
+        ``recon_rel`` (that divided by ``||W X||^2``), plus DSnoT's swap counts.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    if pattern.structured:
+        pattern.check_width(weight.shape[1])
+    info = {}
+    if method == "magnitude":
+        new, mask = magnitude(weight, pattern, group=magnitude_group)
+    elif method == "wanda":
+        new, mask = wanda(weight, stats.sq_norm, pattern)
+    elif method == "sparsegpt":
+        new, mask = sparsegpt(weight, stats.hessian, pattern, blocksize=blocksize,
+                              percdamp=percdamp)
+    elif method == "dsnot":
+        base = check_base(base)
+        init_score = None
+        if base == "magnitude":
+            new, mask = magnitude(weight, pattern, group="row")
+            init_score = np.abs(weight)
+        elif base == "wanda":
+            new, mask = wanda(weight, stats.sq_norm, pattern)
+        else:
+            new, mask = sparsegpt(weight, stats.hessian, pattern, blocksize=blocksize,
+                                  percdamp=percdamp)
+        new, mask, info = dsnot(weight, new, mask, stats.sq_norm, stats.dsnot_sum,
+                                stats.variance, pattern, dsnot_options, init_score)
+    else:
+        raise NpsparseError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
+    xtx = stats.xtx
+    total = float(np.einsum("nk,nk->", weight.astype(np.float64) @ xtx, weight))
+    error = reconstruction_error(weight, new, xtx)
+    info.update(sparsity=float(np.mean(new == 0)), recon_error=error,
+                recon_rel=error / total if total > 0 else 0.0)
+    return new, mask, info
+
+
+__all__ = [
+    "BASES", "DSnoTOptions", "InputStats", "METHODS", "Pattern", "check_nm", "dsnot", "magnitude",
+    "nm_mask", "outlier_ratio", "owl_sparsities", "pattern_mask", "prune_layer",
+    "reconstruction_error", "sparsegpt", "stats_needed", "topk_mask_per_row", "wanda",
+    "wanda_score",
+]

@@ -1,0 +1,147 @@
+"""DSnoT (Zhang et al., 2024): training-free grow/prune swaps on top of an existing sparse layer.
+
+Each row keeps its number of zeros. The row's signed error ``e_i = sum_j (W_ij - Wc_ij) mu_j`` is
+the expected shift of output ``i`` (``W`` dense, ``Wc`` current sparse, ``mu_j`` the per-sequence
+sum of input ``j``, averaged over sequences). Each cycle, every still-active row regrows the pruned
+weight with the largest ``D_ij / var_j`` of the same sign as ``e_i`` (``D_ij = W_ij mu_j``) and
+prunes the kept weight with the lowest Wanda score whose ``D`` has the opposite sign; a row stops
+when ``|e_i|`` falls to the threshold, when it runs out of candidates, or (with the sign test) when
+a swap would flip the sign of ``e_i``.
+
+For magnitude and Wanda bases ``e_i`` is the reference's ``sum over pruned j of D_ij``. For a
+SparseGPT base the kept weights were reconstructed, so ``e_i`` also counts their change; a regrown
+weight takes its original dense value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .patterns import Pattern
+
+
+@dataclass(frozen=True)
+class DSnoTOptions:
+    """DSnoT hyper-parameters; defaults are the reference's (DSnoT main.py, commit 297993f on).
+
+    Attributes
+    ----------
+    max_cycles : int
+        Swap iterations per layer (``--max_cycle_time`` 50).
+    threshold : float
+        A row stops once ``|e_i| <= threshold`` (``--update_threshold`` 0.1, in units of the
+        per-sequence input sum, so it depends on the sequence length).
+    pow_of_var : float
+        Growth ranking ``D / var**pow`` (``--pow_of_var_regrowing`` 1; 0 = no variance term).
+    same_sign : bool
+        Unstructured only: refuse a swap that flips the sign of ``e_i``. The reference cannot turn
+        this on from its CLI (``--without_same_sign`` parses any value as True), so it is off by
+        default. With it on, ``|e_i|`` never increases. N:M always applies it, as the reference.
+    """
+
+    max_cycles: int = 50
+    threshold: float = 0.1
+    pow_of_var: float = 1.0
+    same_sign: bool = False
+
+
+def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.ndarray,
+          mu: np.ndarray, variance: np.ndarray, pattern: Pattern,
+          options: DSnoTOptions = DSnoTOptions(), init_score: np.ndarray | None = None):
+    """Improve a sparse layer by swapping mask entries; no weight value is changed.
+
+    Parameters
+    ----------
+    dense : np.ndarray
+        ``[N, K]`` original dense weights (values a regrown weight takes).
+    weight : np.ndarray
+        ``[N, K]`` current sparse weights (the base method's output).
+    mask : np.ndarray
+        ``[N, K]`` bool, True = kept, the base method's mask.
+    sq_norm, mu, variance : np.ndarray
+        ``[K]`` input statistics (:class:`InputStats` ``sq_norm``, ``dsnot_sum``, ``variance``).
+    pattern : Pattern
+        Unstructured (any per-row counts) or N:M (swaps stay inside one M-group).
+    options : DSnoTOptions
+    init_score : np.ndarray, optional
+        ``[N, K]`` score of the base method; N:M prunes the kept weight with the lowest one in the
+        grown weight's group (reference). Defaults to the Wanda score.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray, dict)
+        New weights ``[N, K]`` float32, new mask, and ``{"swaps": total swaps, "cycles": cycles run,
+        "error_before": sum_i |e_i|, "error_after": sum_i |e_i|}``.
+    """
+    n_rows, n_cols = weight.shape
+    mask = mask.copy()
+    values = np.where(mask, weight, dense).astype(np.float64)  # what each weight is if kept
+    d = values * mu[None, :]  # [N, K] expected contribution D_ij
+    error = ((dense.astype(np.float64) - np.where(mask, weight, 0)) * mu[None, :]).sum(axis=1)
+    start_error = error.copy()
+    safe_var = np.maximum(variance, np.finfo(np.float64).tiny)
+    grow_rank = np.where(~mask, d / safe_var[None, :] ** options.pow_of_var, 0.0)  # [N, K]
+    grow_list = np.argsort(grow_rank, axis=1, kind="stable")  # negative ... 0 ... positive
+    wanda = np.abs(values) * np.sqrt(sq_norm)[None, :]  # [N, K]
+    rows = np.arange(n_rows)
+    active = np.ones(n_rows, dtype=bool)
+    swaps, cycles = 0, 0
+    g_lo, g_hi = np.zeros(n_rows, int), np.full(n_rows, n_cols - 1)
+
+    if pattern.structured:
+        score = np.where(mask, wanda if init_score is None else init_score, np.inf)
+    else:
+        prune_list = _prune_order(mask, d, wanda)
+        p_lo, p_hi = np.zeros(n_rows, int), np.full(n_rows, n_cols - 1)
+
+    for cycles in range(1, options.max_cycles + 1):
+        active &= np.abs(error) > options.threshold
+        if not active.any():
+            cycles -= 1
+            break
+        positive = error > 0
+        g_pos = np.where(positive, g_hi, g_lo).clip(0, n_cols - 1)
+        grow = grow_list[rows, g_pos]  # [N]
+        g_hi = np.where(positive, g_hi - 1, g_hi)
+        g_lo = np.where(positive, g_lo, g_lo + 1)
+        # A valid growth candidate is pruned now and moves e toward 0 (same sign as e).
+        ok = ~mask[rows, grow] & (np.sign(d[rows, grow]) == np.sign(error)) & (g_lo <= g_hi + 1)
+        if pattern.structured:
+            group = (grow // pattern.m) * pattern.m
+            cols = group[:, None] + np.arange(pattern.m)[None, :]  # [N, M]
+            in_group = score[rows[:, None], cols]
+            prune = cols[rows, np.argmin(in_group, axis=1)]
+            ok &= np.isfinite(score[rows, prune])
+            score[rows, prune] = np.inf  # each candidate is considered once (reference)
+        else:
+            negative = error < 0
+            p_pos = np.where(negative, p_hi, p_lo).clip(0, n_cols - 1)
+            prune = prune_list[rows, p_pos]
+            p_hi = np.where(negative, p_hi - 1, p_hi)
+            p_lo = np.where(negative, p_lo, p_lo + 1)
+            # A valid prune candidate is kept and its D has the sign opposite to e.
+            ok &= mask[rows, prune] & (np.sign(d[rows, prune]) == -np.sign(error))
+            ok &= p_lo <= p_hi + 1
+        new_error = error + d[rows, prune] - d[rows, grow]
+        if pattern.structured or options.same_sign:
+            ok &= np.sign(new_error) == np.sign(start_error)
+        active &= ok
+        mask[rows[active], prune[active]] = False
+        mask[rows[active], grow[active]] = True
+        error = np.where(active, new_error, error)
+        swaps += int(active.sum())
+    new_weight = np.where(mask, values, 0.0).astype(np.float32)
+    info = {"swaps": swaps, "cycles": cycles, "error_before": float(np.abs(start_error).sum()),
+            "error_after": float(np.abs(error).sum())}
+    return new_weight, mask, info
+
+
+def _prune_order(mask: np.ndarray, d: np.ndarray, wanda: np.ndarray) -> np.ndarray:
+    """Per row, column order for pruning candidates: kept with D < 0 by ascending Wanda score, then
+    everything that is no candidate (pruned, or D == 0), then kept with D > 0 by descending score.
+    Both ends therefore hold the least important weights of each sign."""
+    group = np.where(mask & (d < 0), 0, np.where(mask & (d > 0), 2, 1))  # [N, K]
+    key = np.where(group == 2, -wanda, wanda)
+    return np.lexsort((key, group), axis=1)  # sorts by group, then key

@@ -1,0 +1,129 @@
+"""Sparsity patterns and the masks that realise them.
+
+Masks are boolean ``[N, K]`` arrays (N output rows, K input columns) with **True = weight kept**.
+"N:M" means N of every M consecutive input weights are *pruned* (``2:4`` keeps 2 of 4), as in the
+Wanda and SparseGPT code (``prune_n``, ``prune_m``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import NpsparseError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Unstructured sparsity ``s`` (fraction pruned) or N:M (``n`` pruned of every ``m``).
+
+    Parameters
+    ----------
+    sparsity : float
+        Fraction of weights pruned, ``0 <= s < 1``. For N:M it is ``n / m``.
+    n, m : int
+        N:M group sizes; both 0 for unstructured sparsity.
+    """
+
+    sparsity: float
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self):
+        if self.m or self.n:
+            if not (0 < self.n < self.m):
+                raise NpsparseError(
+                    f"pattern {self.n}:{self.m} is impossible: it needs 0 < N < M "
+                    "(N pruned of every M)")
+        elif not (math.isfinite(self.sparsity) and 0 <= self.sparsity < 1):
+            raise NpsparseError(
+                f"sparsity {self.sparsity} is out of range: it must satisfy 0 <= s < 1")
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    @classmethod
+    def parse(cls, text: str | float) -> "Pattern":
+        """Parse ``"0.5"``, ``"50%"`` or ``"2:4"``."""
+        if isinstance(text, (int, float)):
+            return cls(float(text))
+        text = str(text).strip()
+        match = re.fullmatch(r"(\d+):(\d+)", text)
+        if match:
+            n, m = int(match.group(1)), int(match.group(2))
+            return cls(n / m if 0 < n < m else 0.0, n, m)
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise NpsparseError(
+                f"cannot read sparsity pattern {text!r}: give a fraction like 0.5, a percentage "
+                "like 50%, or N:M like 2:4") from None
+        return cls(value)
+
+    def check_width(self, k: int, name: str = "weight") -> None:
+        """Raise if a matrix with ``k`` input columns cannot take this pattern."""
+        if self.structured and k % self.m:
+            raise NpsparseError(
+                f"{name} has {k} input columns, not divisible by M={self.m} of pattern {self}")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else f"{self.sparsity:g}"
+
+
+def topk_mask_per_row(score: np.ndarray, n_prune: int) -> np.ndarray:
+    """Prune the ``n_prune`` lowest scores of every row (stable: ties go to lower columns first).
+
+    Parameters
+    ----------
+    score : [N, K] array
+    n_prune : int
+
+    Returns
+    -------
+    np.ndarray
+        [N, K] bool, True = kept; exactly ``K - n_prune`` True per row.
+    """
+    mask = np.ones(score.shape, dtype=bool)
+    if n_prune > 0:
+        order = np.argsort(score, axis=1, kind="stable")[:, :n_prune]  # [N, n_prune]
+        np.put_along_axis(mask, order, False, axis=1)
+    return mask
+
+
+def nm_mask(score: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Prune the ``n`` lowest scores in every aligned group of ``m`` columns of every row.
+
+    Parameters
+    ----------
+    score : [N, K] array, K divisible by m
+    n, m : int
+
+    Returns
+    -------
+    np.ndarray
+        [N, K] bool, True = kept; exactly ``m - n`` True per group.
+    """
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)  # [N, K/m, m]
+    order = np.argsort(groups, axis=2, kind="stable")[:, :, :n]  # [N, K/m, n]
+    mask = np.ones(groups.shape, dtype=bool)
+    np.put_along_axis(mask, order, False, axis=2)
+    return mask.reshape(rows, cols)
+
+
+def pattern_mask(score: np.ndarray, pattern: Pattern) -> np.ndarray:
+    """Per-row unstructured or N:M mask from a score (higher = more important)."""
+    if pattern.structured:
+        pattern.check_width(score.shape[1])
+        return nm_mask(score, pattern.n, pattern.m)
+    return topk_mask_per_row(score, int(score.shape[1] * pattern.sparsity))
+
+
+def check_nm(mask: np.ndarray, n: int, m: int) -> bool:
+    """True if every aligned group of ``m`` columns has exactly ``m - n`` kept entries."""
+    rows, cols = mask.shape
+    return cols % m == 0 and bool(np.all(mask.reshape(rows, cols // m, m).sum(axis=2) == m - n))
