@@ -81,7 +81,8 @@ def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.n
     d = values * mu[None, :]  # [N, K] expected contribution D_ij
     error = ((dense.astype(np.float64) - np.where(mask, weight, 0)) * mu[None, :]).sum(axis=1)
     start_error = error.copy()
-    safe_var = np.maximum(variance, np.finfo(np.float64).tiny)
+    # Zero variance (a constant input) would divide by zero: floor it far below every real one.
+    safe_var = np.maximum(variance, max(1e-12 * float(np.max(variance)), 1e-30))
     grow_rank = np.where(~mask, d / safe_var[None, :] ** options.pow_of_var, 0.0)  # [N, K]
     grow_list = np.argsort(grow_rank, axis=1, kind="stable")  # negative ... 0 ... positive
     wanda = np.abs(values) * np.sqrt(sq_norm)[None, :]  # [N, K]
