@@ -209,6 +209,7 @@ class HFDirWriter:
         (self.tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (self.tmp / name).write_text(text)
+        _default_permissions(self.tmp)
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             self.out.rename(old)
@@ -217,6 +218,15 @@ class HFDirWriter:
         else:
             self.tmp.rename(self.out)
         return self.out
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the output the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def write_hf_dir(out: str | Path, config: ModelConfig, tensors: dict, *, tokenizer_json: str | None,
