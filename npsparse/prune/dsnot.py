@@ -38,13 +38,21 @@ class DSnoTOptions:
     same_sign : bool
         Unstructured only: refuse a swap that flips the sign of ``e_i``. The reference cannot turn
         this on from its CLI (``--without_same_sign`` parses any value as True), so it is off by
-        default. With it on, ``|e_i|`` never increases. N:M always applies it, as the reference.
+        default. N:M always applies it, as the reference. A row that fails it stops.
+    improve_only : bool
+        npsparse's guard, on by default: a swap is applied only if it lowers ``|e_i|``; otherwise
+        the row skips that candidate pair and goes on with the next. Without it (the reference,
+        ``False``) a swap may overshoot: unstructured without the sign test, and in N:M, whose
+        pruned weight is the group's lowest score whatever the sign of its ``D``. On random
+        16-column layers at 50% the reference ended with a larger ``|e_i|`` than it started in
+        some row for 199 of 200 seeds unstructured and 183 of 200 at 2:4.
     """
 
     max_cycles: int = 50
     threshold: float = 0.1
     pow_of_var: float = 1.0
     same_sign: bool = False
+    improve_only: bool = True
 
 
 def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.ndarray,
@@ -76,6 +84,7 @@ def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.n
         "error_before": sum_i |e_i|, "error_after": sum_i |e_i|}``.
     """
     n_rows, n_cols = weight.shape
+    start_mask = mask
     mask = mask.copy()
     values = np.where(mask, weight, dense).astype(np.float64)  # what each weight is if kept
     d = values * mu[None, :]  # [N, K] expected contribution D_ij
@@ -122,17 +131,23 @@ def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.n
             prune = prune_list[rows, p_pos]
             p_hi = np.where(negative, p_hi - 1, p_hi)
             p_lo = np.where(negative, p_lo, p_lo + 1)
-            # A valid prune candidate is kept and its D has the sign opposite to e.
-            ok &= mask[rows, prune] & (np.sign(d[rows, prune]) == -np.sign(error))
+            # A valid prune candidate was kept by the base method and still is (a regrown weight
+            # is never pruned again: the lists are static, as the reference's), and its D has
+            # the sign opposite to e.
+            ok &= start_mask[rows, prune] & mask[rows, prune]
+            ok &= np.sign(d[rows, prune]) == -np.sign(error)
             ok &= p_lo <= p_hi + 1
         new_error = error + d[rows, prune] - d[rows, grow]
         if pattern.structured or options.same_sign:
             ok &= np.sign(new_error) == np.sign(start_error)
         active &= ok
-        mask[rows[active], prune[active]] = False
-        mask[rows[active], grow[active]] = True
-        error = np.where(active, new_error, error)
-        swaps += int(active.sum())
+        apply = active
+        if options.improve_only:  # skip, without stopping the row, a swap that would not help
+            apply = active & (np.abs(new_error) < np.abs(error))
+        mask[rows[apply], prune[apply]] = False
+        mask[rows[apply], grow[apply]] = True
+        error = np.where(apply, new_error, error)
+        swaps += int(apply.sum())
     new_weight = np.where(mask, values, 0.0).astype(np.float32)
     info = {"swaps": swaps, "cycles": cycles, "error_before": float(np.abs(start_error).sum()),
             "error_after": float(np.abs(error).sum())}
