@@ -16,7 +16,7 @@ SCHEMA_VERSION = 1
 
 
 def as_float32(a, what: str) -> np.ndarray:
-    """``a`` as float32, refusing conversions that would change a value (e.g. float64 -> float32)."""
+    """``a`` as float32, refusing conversions that would change a value (float64 0.1, say)."""
     a = np.asarray(a)
     if a.dtype == np.float32:
         return a
@@ -44,7 +44,8 @@ def check_weight_mask(weight, mask) -> tuple[np.ndarray, np.ndarray]:
     else:
         mask = np.asarray(mask)
         if mask.shape != weight.shape:
-            raise NpsparseError(f"mask shape {mask.shape} does not match weight shape {weight.shape}")
+            raise NpsparseError(f"mask shape {mask.shape} does not match weight shape "
+                                f"{weight.shape}")
         if mask.dtype == np.bool_:
             keep = mask
         elif mask.dtype.kind in "iuf" and np.all((mask == 0) | (mask == 1)):

@@ -1,9 +1,10 @@
 """Numba flags for every kernel in one place, and the thread-count option.
 
-``jit`` is for naive references and serial helpers; ``pjit`` for fast kernels that spread output rows
-over threads with ``prange``. ``fastmath`` lets LLVM reassociate float32 reductions so they vectorise
-(PERFORMANCE.md); ``cache`` keeps compiled kernels on disk so only the first run pays the compile.
-No kernel has an explicit signature, so read-only (memory-mapped) arrays get their own specialisation.
+``jit`` is for naive references and serial helpers; ``pjit`` for fast kernels that spread output
+rows over threads with ``prange``. ``fastmath`` lets LLVM reassociate float32 reductions so they
+vectorise (PERFORMANCE.md); ``cache`` keeps compiled kernels on disk so only the first run pays the
+compile. No kernel has an explicit signature, so read-only (memory-mapped) arrays get their own
+specialisation.
 """
 
 from __future__ import annotations
@@ -40,3 +41,8 @@ def set_threads(n: int | None = None) -> int:
         raise NpsparseError(f"threads={n} is outside 1..{ceiling} (NUMBA_NUM_THREADS={ceiling})")
     numba.set_num_threads(int(n))
     return numba.get_num_threads()
+
+
+def gemm_tasks() -> int:
+    """prange tasks for the GEMMs (each allocates one scratch tile): a few per thread."""
+    return 4 * numba.get_num_threads()

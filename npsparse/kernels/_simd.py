@@ -22,10 +22,11 @@ word ``c`` = column ``32 c + j``. Every pointer argument is an array plus an ele
 from __future__ import annotations
 
 import llvmlite.binding as llvm_binding
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 _HOST_AVX512 = "+avx512f" in llvm_binding.get_host_cpu_features().flatten()
 
@@ -135,7 +136,8 @@ def _make_expand_dot(x86):
             total = builder.fadd(builder.load(acc_lo), builder.load(acc_hi))
             result = ir.Constant(_F32, 0.0)
             for lane in range(16):
-                result = builder.fadd(result, builder.extract_element(total, ir.Constant(_I32, lane)))
+                lane_value = builder.extract_element(total, ir.Constant(_I32, lane))
+                result = builder.fadd(result, lane_value)
             return result
 
         return sig, codegen
@@ -178,3 +180,15 @@ expand_row_portable = _make_expand_row(False)
 
 # Packed-value elements the AVX-512 lowering may read past the last value a row uses.
 OVERREAD = 32
+
+
+def value_at(values, p):
+    """Packed value ``values[p]`` as float32: bf16 bits (uint16), int8 (unscaled) or float32."""
+    raise NotImplementedError  # only callable from jitted code, via the overload below
+
+
+@overload(value_at, jit_options={"fastmath": True})
+def _value_at(values, p):
+    if values.dtype == types.uint16:
+        return lambda values, p: bits_to_f32(np.uint32(values[p]) << 16)
+    return lambda values, p: np.float32(values[p])

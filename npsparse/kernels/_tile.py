@@ -11,6 +11,8 @@ import numpy as np
 
 from ._numba import jit
 
+TILE_ROWS = 8  # weight rows decoded to float32 at once (8 x K floats stay in L1/L2)
+
 
 @jit
 def _dot(a, b):  # a [K], b [K] float32 -> float32

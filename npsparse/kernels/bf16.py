@@ -14,9 +14,9 @@ import numpy as np
 
 from ..errors import NpsparseError
 from ._layer import PackedLinear, as_float32, check_arrays, check_weight_mask
-from ._numba import ROWS_PER_TASK, jit, pjit
+from ._numba import ROWS_PER_TASK, gemm_tasks, jit, pjit
 from ._simd import bits_to_f32
-from ._tile import tile_matmul
+from ._tile import TILE_ROWS, tile_matmul
 
 
 def to_bf16(a) -> np.ndarray:
@@ -95,21 +95,21 @@ def _gemv(bits, x):  # bits [N, K] uint16, x [1, K] -> y [1, N]
     return y
 
 
-TILE_ROWS = 8  # rows decoded to float32 at once in the GEMMs (8 x K floats stay in L1/L2)
-
-
 @pjit
-def _gemm(bits, x):  # bits [N, K] uint16, x [T, K] -> y [T, N]
+def _gemm(bits, x, n_tasks):  # bits [N, K] uint16, x [T, K] -> y [T, N]
     n_rows, k_cols = bits.shape
     y = np.empty((x.shape[0], n_rows), dtype=np.float32)
-    for task in numba.prange((n_rows + TILE_ROWS - 1) // TILE_ROWS):
-        n0 = task * TILE_ROWS
-        rows = min(TILE_ROWS, n_rows - n0)
-        tile = np.empty((TILE_ROWS, k_cols), dtype=np.float32)  # decoded rows
-        for r in range(rows):
-            for k in range(k_cols):
-                tile[r, k] = bits_to_f32(np.uint32(bits[n0 + r, k]) << 16)
-        tile_matmul(tile, rows, x, y, n0)
+    n_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
+    n_tasks = min(n_tiles, n_tasks)
+    for task in numba.prange(n_tasks):
+        tile = np.empty((TILE_ROWS, k_cols), dtype=np.float32)  # decoded rows, reused
+        for i in range(task * n_tiles // n_tasks, (task + 1) * n_tiles // n_tasks):
+            n0 = i * TILE_ROWS
+            rows = min(TILE_ROWS, n_rows - n0)
+            for r in range(rows):
+                for k in range(k_cols):
+                    tile[r, k] = bits_to_f32(np.uint32(bits[n0 + r, k]) << 16)
+            tile_matmul(tile, rows, x, y, n0)
     return y
 
 
@@ -135,7 +135,7 @@ class BF16Linear(PackedLinear):
     def _matmul(self, x):
         if x.shape[0] == 1:
             return _gemv(self.arrays["bits"], x)
-        return _gemm(self.arrays["bits"], x)
+        return _gemm(self.arrays["bits"], x, gemm_tasks())
 
     def matmul_naive(self, x):
         return _matmul_naive(self.arrays["bits"], np.ascontiguousarray(x, dtype=np.float32))

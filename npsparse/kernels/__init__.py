@@ -1,0 +1,182 @@
+"""Packed weight formats and their Numba kernels, behind the :mod:`npsparse.linear` seam.
+
+Every packed layer has ``shape == (N, K)``, ``layer(x)`` for ``x [T, K]`` float32 returning
+``x @ W.T`` as ``[T, N]`` float32, ``to_dense()``, ``nbytes`` (bytes read per product), and
+``to_arrays()`` / :func:`from_arrays` for serialisation without repacking.
+
+==========  =============================================  ==========================
+format      arrays                                         bytes/weight (density d)
+==========  =============================================  ==========================
+dense       float32 weight (:class:`~npsparse.linear.DenseLinear`)   4
+bf16        bf16 bits                                      2
+csr         values (bf16|fp32) + uint16|int32 cols         (2|4 + 2|4) d
+bitmask     1 bit/position + values (bf16|int8+row scale)  1/8 + 2d  (int8: 1/8 + d)
+nm          M-N values + ceil(log2 M)-bit positions/group  2:4 bf16: 1.125, 4:8: 1.1875
+==========  =============================================  ==========================
+
+Masks are boolean ``[N, K]`` with True = weight kept. An N:M pattern "2:4" prunes 2 of every 4
+consecutive input columns (Wanda/SparseGPT ``prune_n:prune_m``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import NpsparseError
+from ..linear import DenseLinear
+from ..roofline import Bandwidth, measure_read_bandwidth
+from ._layer import SCHEMA_VERSION, PackedLinear, check_weight_mask
+from ._numba import set_threads
+from .bf16 import BF16Linear, bf16_round, from_bf16, to_bf16
+from .bitmask import BitmaskLinear
+from .csr import CSRLinear, index_dtype
+from .nm import NMLinear, index_bits, parse_pattern
+
+FORMATS = {"dense": DenseLinear, "bf16": BF16Linear, "csr": CSRLinear, "bitmask": BitmaskLinear,
+           "nm": NMLinear}
+NM_PATTERNS = ("2:4", "4:8")  # patterns choose_format tries
+
+
+def pack(weight, mask=None, format: str = "auto", **options):
+    """Pack a dense weight (times its keep mask) into one of :data:`FORMATS`.
+
+    Parameters
+    ----------
+    weight : np.ndarray
+        ``W [N, K]`` float32 (other dtypes only if float32 holds the values exactly).
+    mask : np.ndarray or None
+        ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros of ``weight``.
+    format : str
+        ``"auto"`` (:func:`choose_format`), ``"dense"`` (float32), ``"bf16"``, ``"csr"``,
+        ``"bitmask"`` or ``"nm"``.
+    **options
+        ``values=`` ("bf16" | "fp32" for csr | "int8" for bitmask/nm) and ``pattern=`` ("2:4",
+        "4:8", ... for nm).
+
+    Returns
+    -------
+    layer
+        A :class:`~npsparse.linear.Linear` (``DenseLinear`` or a packed layer).
+    """
+    if format == "auto":
+        if options:
+            raise NpsparseError(f"format='auto' takes no options, got {sorted(options)}")
+        format, options = choose_format(weight, mask)
+    if format not in FORMATS:
+        raise NpsparseError(f"unknown weight format {format!r}; choose from "
+                            f"{', '.join(['auto', *FORMATS])}")
+    if format == "dense":
+        if options:
+            raise NpsparseError(f"format='dense' takes no options, got {sorted(options)}")
+        weight, keep = check_weight_mask(weight, mask)
+        return DenseLinear(np.where(keep, weight, np.float32(0.0)))
+    try:
+        return FORMATS[format].pack(weight, mask, **options)
+    except TypeError as error:  # an option this format does not have
+        raise NpsparseError(f"format {format!r}: {error}") from None
+
+
+def packed_nbytes(weight, mask=None) -> dict[tuple[str, str], int]:
+    """Bytes each lossless-to-bf16 candidate format would read, keyed (format, pattern or "")."""
+    weight, keep = check_weight_mask(weight, mask)
+    rows, k_cols = weight.shape
+    nnz = int(keep.sum())
+    row_ptr = 8 * (rows + 1)
+    sizes = {
+        ("bf16", ""): 2 * rows * k_cols,
+        ("csr", ""): nnz * (2 + np.dtype(index_dtype(k_cols)).itemsize) + row_ptr,
+        ("bitmask", ""): 4 * rows * ((k_cols + 31) // 32) + 2 * nnz + row_ptr,
+    }
+    for pattern in NM_PATTERNS:
+        n, m = parse_pattern(pattern)
+        if k_cols % m:
+            continue
+        if (keep.reshape(rows, k_cols // m, m).sum(axis=2) > m - n).any():
+            continue
+        stored = rows * (k_cols // m) * (m - n)
+        sizes[("nm", pattern)] = 2 * stored + rows * ((stored // rows * index_bits(m) + 7) // 8)
+    return sizes
+
+
+def choose_format(weight, mask=None) -> tuple[str, dict]:
+    """The format (with options) that reads the fewest bytes, all with bf16 values.
+
+    int8 values are never chosen here: they change the weights (see :mod:`.bitmask`).
+
+    Parameters
+    ----------
+    weight : np.ndarray
+        ``W [N, K]`` float32.
+    mask : np.ndarray or None
+        ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros.
+
+    Returns
+    -------
+    (format, options) : tuple of str and dict
+        Arguments for :func:`pack`, e.g. ``("nm", {"pattern": "2:4", "values": "bf16"})``.
+    """
+    sizes = packed_nbytes(weight, mask)
+    (format, pattern), _ = min(sizes.items(), key=lambda item: item[1])
+    if format == "bf16":
+        return "bf16", {}
+    if format == "nm":
+        return "nm", {"pattern": pattern, "values": "bf16"}
+    return format, {"values": "bf16"}
+
+
+def to_arrays(layer) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Flat named arrays plus string metadata for any layer :func:`pack` returns.
+
+    Parameters
+    ----------
+    layer : DenseLinear or packed layer
+
+    Returns
+    -------
+    arrays : dict of str to np.ndarray
+    metadata : dict of str to str
+        ``format``, ``shape`` ("N,K"), ``schema`` and the format's options.
+    """
+    if isinstance(layer, DenseLinear):
+        return ({"weight": layer.weight},
+                {"format": "dense", "shape": f"{layer.shape[0]},{layer.shape[1]}",
+                 "schema": str(SCHEMA_VERSION)})
+    return layer.to_arrays()
+
+
+def from_arrays(arrays: dict[str, np.ndarray], metadata: dict[str, str]):
+    """Rebuild a layer from :func:`to_arrays` output, without repacking or copying.
+
+    Parameters
+    ----------
+    arrays : dict of str to np.ndarray
+        May be read-only / memory-mapped.
+    metadata : dict of str to str
+
+    Returns
+    -------
+    layer
+    """
+    format = metadata.get("format")
+    if format not in FORMATS:
+        raise NpsparseError(f"unknown weight format {format!r} in metadata; expected one of "
+                            f"{', '.join(FORMATS)}")
+    if metadata.get("schema") != str(SCHEMA_VERSION):
+        raise NpsparseError(f"packed {format} layer has schema {metadata.get('schema')!r}; this "
+                            f"npsparse reads schema {SCHEMA_VERSION}")
+    if format == "dense":
+        return DenseLinear(arrays["weight"])
+    layer = FORMATS[format].from_arrays(arrays, metadata)
+    if "shape" in metadata:
+        n_rows, k_cols = (int(s) for s in metadata["shape"].split(","))
+        if layer.shape != (n_rows, k_cols):
+            raise NpsparseError(f"packed {format} arrays have shape {layer.shape}, metadata says "
+                                f"{(n_rows, k_cols)}")
+    return layer
+
+
+__all__ = [
+    "FORMATS", "Bandwidth", "BF16Linear", "BitmaskLinear", "CSRLinear", "NMLinear", "PackedLinear",
+    "bf16_round", "choose_format", "from_arrays", "from_bf16", "measure_read_bandwidth", "pack",
+    "packed_nbytes", "set_threads", "to_arrays", "to_bf16",
+]
