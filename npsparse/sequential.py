@@ -119,6 +119,9 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
                                 nsamples=settings.nsamples, seqlen=settings.seqlen,
                                 seed=settings.seed)
     model = build_model(config, checkpoint.weights, load_blocks=False)
+    if pattern.structured:  # refuse impossible N:M widths before any work is done
+        for name, layer in model.load_block(0).linears.items():
+            pattern.check_width(layer.shape[1], f"{model.block_prefix(0)}.{name}")
     embedded = np.stack([model.embed(ids, 0) for ids in calib])  # [S, L, D]
     block_sparsity = [pattern.sparsity] * config.n_layers
     ratios = None

@@ -1,0 +1,159 @@
+"""The block-by-block pruning driver and `npsparse prune` on small models."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import tiny_model
+
+import npsparse
+from npsparse.calibration import calibration_windows
+from npsparse.errors import NpsparseError
+from npsparse.io import open_checkpoint, write_hf_dir
+from npsparse.prune import check_nm
+from npsparse.sequential import PruneSettings, prune_model
+from npsparse.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    return Tokenizer.from_gguf(open_checkpoint(smollm2_path))
+
+
+def _tiny_dir(arch, tmp_path_factory, tokenizer):
+    model = tiny_model(arch, vocab_size=tokenizer.vocab_size, dim=32, ffn_dim=64,
+                       max_position=256)
+    out = tmp_path_factory.mktemp(arch) / "model"
+    write_hf_dir(out, model.config, model.state_dict(), tokenizer_json=tokenizer.to_json())
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "opt"])
+def any_dir(request, tmp_path_factory, tokenizer):
+    """A tiny random model of each architecture with SmolLM2's tokenizer."""
+    return _tiny_dir(request.param, tmp_path_factory, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    return _tiny_dir("llama", tmp_path_factory, tokenizer)
+
+
+def small(method, pattern, **extra):
+    return PruneSettings(method=method, pattern=pattern, nsamples=4, seqlen=64, **extra)
+
+
+@pytest.mark.parametrize("method,base,pattern", [
+    ("magnitude", None, "0.5"), ("wanda", None, "0.6"), ("sparsegpt", None, "2:4"),
+    ("dsnot", "wanda", "0.5"), ("dsnot", "sparsegpt", "4:8"),
+])
+def test_prune_writes_a_loadable_sparse_model(any_dir, tmp_path, method, base, pattern):
+    tiny_dir = any_dir
+    report = prune_model(tiny_dir, tmp_path / "out", small(method, pattern, base=base),
+                         progress=False)
+    llm = npsparse.load(tmp_path / "out")
+    original = npsparse.load(tiny_dir)
+    # Exactly the linear layers of the blocks are pruned, to the requested pattern.
+    for name, layer in llm.model.linears().items():
+        weight = layer.to_dense()
+        if ":" in pattern:
+            n, m = map(int, pattern.split(":"))
+            assert check_nm(weight != 0, n, m), name
+        else:
+            per_row = (weight == 0).sum(axis=1)
+            if method == "magnitude":
+                assert (weight == 0).sum() == int(weight.size * float(pattern))
+            elif method != "sparsegpt":
+                assert np.all(per_row == int(weight.shape[1] * float(pattern))), name
+        assert report["layers"][name]["recon_error"] >= 0
+    for name in ("model.norm.weight", "model.embed_tokens.weight"):
+        if name in original.model.outer_state():
+            np.testing.assert_array_equal(llm.model.outer_state()[name],
+                                          original.model.outer_state()[name])
+    saved = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert saved["settings"]["method"] == method and saved["calibration"]["windows"] == 4
+    assert np.isfinite(llm.perplexity(windows=1, seqlen=64).ppl)
+
+
+def test_pruning_is_deterministic(any_dir, tmp_path):
+    tiny_dir = any_dir
+    first = prune_model(tiny_dir, tmp_path / "a", small("sparsegpt", "0.5"), progress=False)
+    second = prune_model(tiny_dir, tmp_path / "b", small("sparsegpt", "0.5"), progress=False)
+    assert first["weights_sha256"] == second["weights_sha256"]
+    assert first["calibration"]["token_sha256"] == second["calibration"]["token_sha256"]
+    a = npsparse.open_checkpoint(tmp_path / "a").weights
+    b = npsparse.open_checkpoint(tmp_path / "b").weights
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_interrupted_prune_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    import npsparse.sequential as seq
+
+    calls = {"n": 0}
+    real = seq.prune_layer
+
+    def fail_later(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seq, "prune_layer", fail_later)
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(tiny_dir, tmp_path / "out", small("wanda", "0.5"), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pinned_calibration_tokens(tiny_dir, tmp_path, tokenizer):
+    ids = calibration_windows("pydoc", tokenizer, tokenizer.vocab_size, nsamples=4, seqlen=64)
+    np.save(tmp_path / "calib.npy", ids)
+    pinned = prune_model(tiny_dir, tmp_path / "p", small("wanda", "0.5", calib=str(tmp_path / "calib.npy")),
+                         progress=False)
+    drawn = prune_model(tiny_dir, tmp_path / "d", small("wanda", "0.5"), progress=False)
+    assert pinned["weights_sha256"] == drawn["weights_sha256"]
+
+
+def test_calibration_text_is_disjoint_from_eval_text(tokenizer):
+    ids = calibration_windows("pydoc", tokenizer, tokenizer.vocab_size, nsamples=8, seqlen=128)
+    text = npsparse.pydoc_text("eval")
+    for window in ids[:3]:
+        snippet = tokenizer.decode(window[10:40])
+        assert snippet not in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "wanda", "--sparsity", "1.5"], "sparsity 1.5 is out of range"),
+    (["--method", "wanda", "--pattern", "3:2"], "pattern 3:2 is impossible"),
+    (["--method", "wanda", "--pattern", "2:5"], "not divisible by M=5"),
+    (["--method", "dsnot", "--sparsity", "0.5"], "DSnoT needs --base"),
+    (["--method", "wanda", "--sparsity", "0.5", "--calib", "{empty}"], "the file is empty"),
+    (["--method", "wanda", "--sparsity", "0.5", "--calib", "{bad_npy}"], "token ids must lie in"),
+    (["--method", "wanda"], "give exactly one of --sparsity"),
+])
+def test_prune_user_errors(tiny_dir, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    np.save(tmp_path / "bad.npy", np.full((2, 16), 10**9))
+    args = [a.replace("{empty}", str(tmp_path / "empty.txt"))
+            .replace("{bad_npy}", str(tmp_path / "bad.npy")) for a in args]
+    out = subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", str(tiny_dir), *args,
+                          "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_owl_spreads_sparsity_around_the_target(tiny_dir, tmp_path):
+    report = prune_model(tiny_dir, tmp_path / "o", small("wanda", "0.5", owl=True), progress=False)
+    targets = [b["target_sparsity"] for b in report["blocks"]]
+    assert abs(np.mean(targets) - 0.5) < 1e-9
+    assert report["owl_outlier_ratios"] is not None
+
+
+def test_owl_with_nm_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(NpsparseError, match="OWL"):
+        prune_model(tiny_dir, tmp_path / "o", small("wanda", "2:4", owl=True), progress=False)
