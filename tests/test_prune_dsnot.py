@@ -45,7 +45,7 @@ def signed_error(dense, current, mu):
 
 def oracle(dense, weight, keep, stats, pattern, options):
     """Reference DSnoT one row at a time (plus npsparse's guards, switched by ``options``)."""
-    keep = keep.copy()
+    initial, keep = keep, keep.copy()
     values = np.where(keep, weight, dense).astype(np.float64)
     mu, var = stats.dsnot_sum, stats.variance
     d = values * mu[None, :]
@@ -74,7 +74,7 @@ def oracle(dense, weight, keep, stats, pattern, options):
                 taken, g_lo = g_lo, g_lo + 1
             grow = grow_list[min(max(taken, 0), n_cols - 1)]
             valid = g_lo <= g_hi + 1  # the slot was not already used from the other end
-            valid = valid and not keep[i, grow] and np.sign(d[i, grow]) == np.sign(e)
+            valid = valid and not initial[i, grow] and np.sign(d[i, grow]) == np.sign(e)
             if pattern.structured:
                 start = grow // pattern.m * pattern.m
                 prune = start + int(np.argmin(score[start:start + pattern.m]))

@@ -29,16 +29,21 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
 BASES = ("wanda", "sparsegpt", "magnitude")
 
 
-def stats_needed(method: str, base: str | None = None) -> tuple[str, ...]:
-    """Statistics :class:`InputStats` must collect for ``method`` (X^T X always: it gives the
-    reconstruction error)."""
-    needs = {"magnitude": {"hessian"}, "wanda": {"sq", "hessian"}, "sparsegpt": {"hessian"},
-             "dsnot": {"sq", "sum", "var", "hessian"}}
+def stats_needed(method: str, base: str | None = None, *, error: bool = True) -> tuple[str, ...]:
+    """Statistics :class:`InputStats` must collect for ``method`` (and DSnoT's ``base``).
+
+    ``error=True`` adds ``"hessian"`` (``sum x x^T``, ``K x K``) so that :func:`prune_layer` can
+    report the reconstruction error; magnitude and Wanda need it for nothing else.
+    """
+    needs = {"magnitude": set(), "wanda": {"sq"}, "sparsegpt": {"hessian"},
+             "dsnot": {"sq", "sum", "var"}}
     if method not in needs:
         raise NpsparseError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
     out = set(needs[method])
     if method == "dsnot":
         out |= needs[check_base(base)]
+    if error:
+        out.add("hessian")
     return tuple(sorted(out))
 
 
@@ -48,16 +53,31 @@ def check_base(base: str | None) -> str:
     return base
 
 
-def reconstruction_error(weight: np.ndarray, new_weight: np.ndarray, xtx: np.ndarray) -> float:
-    """``||W X - W' X||^2`` summed over all calibration tokens, ``= tr(dW (X^T X) dW^T)``.
+def reconstruction_error(weight: np.ndarray, new_weight: np.ndarray, xtx: np.ndarray | None = None,
+                         *, x: np.ndarray | None = None) -> float:
+    """``||W X - W' X||_F^2`` summed (not averaged) over all calibration tokens.
 
     Parameters
     ----------
-    weight, new_weight : [N, K] arrays
-    xtx : [K, K] float64
-        ``sum_tokens x x^T`` (:attr:`InputStats.xtx`).
+    weight, new_weight : np.ndarray
+        ``[N, K]`` dense and pruned weights (any float dtype; computed in float64).
+    xtx : np.ndarray, optional
+        ``[K, K]`` ``sum_tokens x x^T`` (:attr:`InputStats.xtx`); then the error is
+        ``tr(dW (X^T X) dW^T)``. Passing SparseGPT's ``H = (2/S) X^T X`` instead gives the error
+        times ``2/S``.
+    x : np.ndarray, optional
+        ``[T, K]`` the calibration inputs themselves, instead of ``xtx``.
+
+    Returns
+    -------
+    float
     """
     delta = weight.astype(np.float64) - new_weight.astype(np.float64)  # [N, K]
+    if x is not None:
+        out = np.asarray(x, dtype=np.float64).reshape(-1, delta.shape[1]) @ delta.T  # [T, N]
+        return float(np.einsum("tn,tn->", out, out))
+    if xtx is None:
+        raise ValueError("reconstruction_error needs xtx or x")
     return float(np.einsum("nk,nk->", delta @ xtx, delta))
 
 
@@ -84,8 +104,9 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
     -------
     (np.ndarray, np.ndarray, dict)
         New weights ``[N, K]`` float32, mask ``[N, K]`` bool (True = kept), and ``info`` with
-        ``sparsity`` (fraction of zeros), ``recon_error`` (:func:`reconstruction_error`) and
-        ``recon_rel`` (that divided by ``||W X||^2``), plus DSnoT's swap counts.
+        ``sparsity`` (fraction of zeros), DSnoT's swap counts, and, when ``stats`` holds
+        ``"hessian"``, ``recon_error`` (:func:`reconstruction_error`, summed over tokens) and
+        ``recon_rel`` (that divided by ``||W X||^2``).
     """
     weight = np.asarray(weight, dtype=np.float32)
     if pattern.structured:
@@ -113,11 +134,12 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
                                 stats.variance, pattern, dsnot_options, init_score)
     else:
         raise NpsparseError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
-    xtx = stats.xtx
-    total = float(np.einsum("nk,nk->", weight.astype(np.float64) @ xtx, weight))
-    error = reconstruction_error(weight, new, xtx)
-    info.update(sparsity=float(np.mean(new == 0)), recon_error=error,
-                recon_rel=error / total if total > 0 else 0.0)
+    info["sparsity"] = float(np.mean(new == 0))
+    if "hessian" in stats.needs:
+        xtx = stats.xtx
+        total = reconstruction_error(weight, np.zeros_like(weight), xtx)  # ||W X||^2
+        error = reconstruction_error(weight, new, xtx)
+        info.update(recon_error=error, recon_rel=error / total if total > 0 else 0.0)
     return new, mask, info
 
 

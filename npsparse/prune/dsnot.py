@@ -116,8 +116,10 @@ def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.n
         grow = grow_list[rows, g_pos]  # [N]
         g_hi = np.where(positive, g_hi - 1, g_hi)
         g_lo = np.where(positive, g_lo, g_lo + 1)
-        # A valid growth candidate is pruned now and moves e toward 0 (same sign as e).
-        ok = ~mask[rows, grow] & (np.sign(d[rows, grow]) == np.sign(error)) & (g_lo <= g_hi + 1)
+        # A valid growth candidate was pruned by the base method (a weight DSnoT pruned is never
+        # grown again) and moves e toward 0: D of the same sign as e.
+        ok = ~start_mask[rows, grow] & (np.sign(d[rows, grow]) == np.sign(error))
+        ok &= g_lo <= g_hi + 1
         if pattern.structured:
             group = (grow // pattern.m) * pattern.m
             cols = group[:, None] + np.arange(pattern.m)[None, :]  # [N, M]
