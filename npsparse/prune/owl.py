@@ -18,25 +18,46 @@ def outlier_ratio(scores: list[np.ndarray], m: float = 5.0) -> float:
     return float(np.mean(flat > m * flat.mean()))
 
 
-def owl_sparsities(ratios, sparsity: float, lam: float = 0.08) -> np.ndarray:
-    """Per-block sparsities from outlier ratios; their mean is ``sparsity``.
+def owl_sparsities(ratios, sparsity: float, lam: float = 0.08, *, max_sparsity: float = 0.99,
+                   reference_clamp: bool = False) -> np.ndarray:
+    """Per-block sparsities from outlier ratios; their mean is exactly ``sparsity``.
+
+    Ratios are min-max scaled to ``[0, 2 * lam]``; block ``l`` gets
+    ``s_l = sparsity + mean(scaled) - scaled_l``, so more outliers means a lower sparsity and the
+    values span a range of width ``2 * lam`` (not centred on ``sparsity`` unless the ratios are
+    symmetric). Equal ratios give uniform sparsity.
 
     Parameters
     ----------
     ratios : array-like
-        ``[L]`` outlier ratio per block (:func:`outlier_ratio`).
+        ``[L]`` outlier ratio per block (:func:`outlier_ratio`; fractions or percentages alike).
     sparsity : float
-        Target mean sparsity.
+        Target mean sparsity, ``0 <= s < 1``.
     lam : float
-        Half-width of the range the sparsities may span around the target.
+        OWL's lambda (``Lamda``, 0.08 in the reference README).
+    max_sparsity : float
+        Upper limit of any block's sparsity.
+    reference_clamp : bool
+        ``False`` (npsparse): if some ``s_l`` would leave ``[0, max_sparsity]``, the spread around
+        the target is shrunk just enough, so the mean stays exactly ``sparsity``. ``True``: the
+        reference's rule, a block at ``s_l <= 0`` gets 0.01 (the mean then drifts), and values
+        above ``max_sparsity`` are clipped.
 
     Returns
     -------
     np.ndarray
-        ``[L]`` float64 sparsities in ``[sparsity - lam, sparsity + lam]`` (clipped to [0, 0.99]).
+        ``[L]`` float64 sparsities.
     """
     ratios = np.asarray(ratios, dtype=np.float64)
     spread = ratios.max() - ratios.min()
     scaled = (ratios - ratios.min()) / spread * (2 * lam) if spread > 0 else np.zeros_like(ratios)
-    density = scaled - scaled.mean() + (1 - sparsity)
-    return np.clip(1 - density, 0.0, 0.99)
+    offset = scaled.mean() - scaled  # [L], mean 0; s_l = sparsity + offset_l
+    if reference_clamp:
+        out = sparsity + offset
+        return np.minimum(np.where(out <= 0, 0.01, out), max_sparsity)
+    shrink = 1.0
+    if offset.min() < 0:
+        shrink = min(shrink, sparsity / -offset.min())
+    if offset.max() > 0:
+        shrink = min(shrink, max(max_sparsity - sparsity, 0.0) / offset.max())
+    return np.maximum(sparsity + shrink * offset, 0.0)  # only rounding can go below 0
