@@ -20,7 +20,8 @@ from ..errors import NpsparseError
 from .dsnot import DSnoTOptions, dsnot
 from .magnitude import magnitude
 from .owl import outlier_ratio, owl_sparsities
-from .patterns import Pattern, check_nm, nm_mask, pattern_mask, topk_mask_per_row
+from .patterns import (Pattern, check_nm, lowest_mask, nm_mask, pattern_mask,
+                       topk_mask_per_row)
 from .sparsegpt import sparsegpt
 from .stats import InputStats
 from .wanda import wanda, wanda_score
@@ -83,7 +84,8 @@ def reconstruction_error(weight: np.ndarray, new_weight: np.ndarray, xtx: np.nda
 
 def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pattern, *,
                 base: str | None = None, magnitude_group: str = "matrix", blocksize: int = 128,
-                percdamp: float = 0.01, dsnot_options: DSnoTOptions = DSnoTOptions()):
+                percdamp: float = 0.01, dsnot_options: DSnoTOptions = DSnoTOptions(),
+                reference_ties: bool = False):
     """Prune one linear layer.
 
     Parameters
@@ -97,8 +99,9 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
     base : str, optional
         DSnoT's initial method: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"`` (per row, as the
         DSnoT reference).
-    magnitude_group, blocksize, percdamp, dsnot_options
-        Method options (see each method).
+    magnitude_group, blocksize, percdamp, dsnot_options, reference_ties
+        Method options (see each method). ``reference_ties`` applies to per-matrix magnitude
+        and SparseGPT's unstructured block mask (and SparseGPT as DSnoT's base).
 
     Returns
     -------
@@ -113,12 +116,13 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
         pattern.check_width(weight.shape[1])
     info = {}
     if method == "magnitude":
-        new, mask = magnitude(weight, pattern, group=magnitude_group)
+        new, mask = magnitude(weight, pattern, group=magnitude_group,
+                              reference_ties=reference_ties)
     elif method == "wanda":
         new, mask = wanda(weight, stats.sq_norm, pattern)
     elif method == "sparsegpt":
         new, mask = sparsegpt(weight, stats.hessian, pattern, blocksize=blocksize,
-                              percdamp=percdamp)
+                              percdamp=percdamp, reference_ties=reference_ties)
     elif method == "dsnot":
         base = check_base(base)
         init_score = None
@@ -129,7 +133,7 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
             new, mask = wanda(weight, stats.sq_norm, pattern)
         else:
             new, mask = sparsegpt(weight, stats.hessian, pattern, blocksize=blocksize,
-                                  percdamp=percdamp)
+                                  percdamp=percdamp, reference_ties=reference_ties)
         new, mask, info = dsnot(weight, new, mask, stats.sq_norm, stats.dsnot_sum,
                                 stats.variance, pattern, dsnot_options, init_score)
     else:
@@ -144,7 +148,8 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
 
 
 __all__ = [
-    "BASES", "DSnoTOptions", "InputStats", "METHODS", "Pattern", "check_nm", "dsnot", "magnitude",
+    "BASES", "DSnoTOptions", "InputStats", "METHODS", "Pattern", "check_nm", "dsnot", "lowest_mask",
+    "magnitude",
     "nm_mask", "outlier_ratio", "owl_sparsities", "pattern_mask", "prune_layer",
     "reconstruction_error", "sparsegpt", "stats_needed", "topk_mask_per_row", "wanda",
     "wanda_score",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .patterns import Pattern, pattern_mask
+from ..errors import NpsparseError
+from .patterns import Pattern, lowest_mask, pattern_mask
 
 
-def magnitude(weight: np.ndarray, pattern: Pattern, *, group: str = "matrix"):
+def magnitude(weight: np.ndarray, pattern: Pattern, *, group: str = "matrix",
+              reference_ties: bool = False):
     """Prune by ``|W|``.
 
     Parameters
@@ -18,10 +20,15 @@ def magnitude(weight: np.ndarray, pattern: Pattern, *, group: str = "matrix"):
         Unstructured sparsity or N:M (N:M is always per row and aligned group).
     group : {"matrix", "row"}
         Comparison group for unstructured sparsity. ``"matrix"`` is the reference baseline
-        (Wanda's ``prune_magnitude``): the ``floor(s * N * K)`` smallest weights of the whole matrix.
+        (Wanda's ``prune_magnitude``): the ``floor(s * N * K)`` smallest weights of the whole
+        matrix.
         The reference prunes ``|W| <= threshold``, i.e. one weight more plus every tie; with
         4-bit-dequantized weights ties are common, so npsparse prunes exactly that count, ties
-        broken by position (stable order).
+        broken by position (stable order). ``"row"``: the ``floor(s * K)`` smallest of each row
+        (DSnoT's magnitude base).
+    reference_ties : bool
+        ``"matrix"`` only: prune ``|W| <=`` the threshold as the reference does
+        (:func:`lowest_mask`).
 
     Returns
     -------
@@ -34,9 +41,7 @@ def magnitude(weight: np.ndarray, pattern: Pattern, *, group: str = "matrix"):
         mask = pattern_mask(score, pattern)
     elif group == "matrix":
         n_prune = int(weight.size * pattern.sparsity)
-        flat = np.ones(weight.size, dtype=bool)
-        flat[np.argsort(score, axis=None, kind="stable")[:n_prune]] = False
-        mask = flat.reshape(weight.shape)
+        mask = lowest_mask(score, n_prune, reference_ties=reference_ties)
     else:
-        raise ValueError(f"unknown comparison group {group!r}")
+        raise NpsparseError(f"unknown magnitude comparison group {group!r} (matrix or row)")
     return np.where(mask, weight, 0).astype(np.float32), mask

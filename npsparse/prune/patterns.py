@@ -94,6 +94,35 @@ def topk_mask_per_row(score: np.ndarray, n_prune: int) -> np.ndarray:
     return mask
 
 
+def lowest_mask(score: np.ndarray, n_prune: int, *, reference_ties: bool = False) -> np.ndarray:
+    """Prune the ``n_prune`` lowest scores of the whole array (a matrix, or one SparseGPT block).
+
+    Parameters
+    ----------
+    score : np.ndarray
+        Any shape, e.g. ``[N, K]``.
+    n_prune : int
+    reference_ties : bool
+        ``False``: exactly ``n_prune`` pruned, ties broken by flat position (stable sort).
+        ``True``: the reference rule (Wanda's ``prune_magnitude``, SparseGPT's block mask): prune
+        every score ``<=`` the one at sorted index ``n_prune``, i.e. at least one more, plus all
+        ties with it (common in fp16 or quantized weights).
+
+    Returns
+    -------
+    np.ndarray
+        Bool of ``score``'s shape, True = kept.
+    """
+    flat = np.ravel(score)
+    if reference_ties:
+        if n_prune >= flat.size:
+            return np.zeros(score.shape, dtype=bool)
+        return (flat > np.sort(flat)[n_prune]).reshape(score.shape)
+    keep = np.ones(flat.size, dtype=bool)
+    keep[np.argsort(flat, kind="stable")[:n_prune]] = False
+    return keep.reshape(score.shape)
+
+
 def nm_mask(score: np.ndarray, n: int, m: int) -> np.ndarray:
     """Prune the ``n`` lowest scores in every aligned group of ``m`` columns of every row.
 

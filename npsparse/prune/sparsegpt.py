@@ -13,7 +13,7 @@ import numpy as np
 import scipy.linalg
 
 from ..errors import NpsparseError
-from .patterns import Pattern
+from .patterns import Pattern, lowest_mask
 
 
 def inverse_hessian_factor(hessian: np.ndarray, weight: np.ndarray, percdamp: float):
@@ -43,7 +43,8 @@ def inverse_hessian_factor(hessian: np.ndarray, weight: np.ndarray, percdamp: fl
 
 
 def sparsegpt(weight: np.ndarray, hessian: np.ndarray, pattern: Pattern, *, blocksize: int = 128,
-              percdamp: float = 0.01, mask: np.ndarray | None = None):
+              percdamp: float = 0.01, mask: np.ndarray | None = None,
+              reference_ties: bool = False):
     """Prune ``weight`` with SparseGPT's blocked OBS sweep.
 
     Parameters
@@ -64,6 +65,10 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, pattern: Pattern, *, bloc
     mask : np.ndarray, optional
         A fixed ``[N, K]`` bool keep-mask; when given, it replaces mask selection (then the result
         does not depend on ``blocksize``).
+    reference_ties : bool
+        Unstructured only: the reference's block rule, prune every saliency ``<=`` the one at
+        sorted index ``floor(s * N * B)`` (:func:`~npsparse.prune.patterns.lowest_mask`); so even
+        ``s = 0`` prunes each block's minimum.
 
     Returns
     -------
@@ -89,7 +94,9 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, pattern: Pattern, *, bloc
         elif pattern.structured:
             keep1 = np.ones_like(w1, dtype=bool)  # filled every M columns below
         else:
-            keep1 = _block_mask(w1 ** 2 / d1[None, :] ** 2, pattern.sparsity)
+            saliency = w1 ** 2 / d1[None, :] ** 2  # [N, B] OBS saliency, from updated weights
+            keep1 = lowest_mask(saliency, int(saliency.size * pattern.sparsity),
+                                reference_ties=reference_ties)
         for i in range(i2 - i1):
             if mask is None and pattern.structured and i % pattern.m == 0:
                 score = w1[:, i:i + pattern.m] ** 2 / d1[None, i:i + pattern.m] ** 2  # [N, M]
@@ -107,9 +114,3 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, pattern: Pattern, *, bloc
     w[~keep] = 0.0
     return w.astype(np.float32), keep
 
-
-def _block_mask(score: np.ndarray, sparsity: float) -> np.ndarray:
-    """Keep-mask pruning the ``floor(s * size)`` lowest scores of the whole block (stable)."""
-    flat = np.ones(score.size, dtype=bool)
-    flat[np.argsort(score, axis=None, kind="stable")[:int(score.size * sparsity)]] = False
-    return flat.reshape(score.shape)
