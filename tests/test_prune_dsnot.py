@@ -209,3 +209,16 @@ def test_tiny_and_degenerate_inputs(pattern):
                                  stats.variance, p)
         np.testing.assert_array_equal(mask.sum(axis=1), start_mask.sum(axis=1))
         assert np.all(np.isfinite(new)) and np.all(new[~mask] == 0)
+
+
+def test_regrown_weights_take_the_given_values():
+    rng = np.random.default_rng(2)
+    stats = make_stats(rng, 16)
+    w = rng.normal(size=(6, 16)).astype(np.float32)
+    start_w, start_mask = sparsegpt(w, stats.hessian, Pattern(0.5), blocksize=8)
+    regrow = rng.normal(size=w.shape).astype(np.float32)
+    new, mask, info = dsnot(w, start_w, start_mask, stats.sq_norm, stats.dsnot_sum,
+                            stats.variance, Pattern(0.5), regrow=regrow)
+    grown = mask & ~start_mask
+    assert info["swaps"] == grown.sum() > 0
+    np.testing.assert_array_equal(new[grown], regrow[grown])
