@@ -13,7 +13,8 @@ SparseGPT base (real SparseGPT with its reconstruction, not the reference's brok
 weights were reconstructed, so ``e_i`` also counts their change; a regrown weight takes its
 original dense value (``regrow`` chooses another). Measured on synthetic 48 x 64 layers (5 seeds),
 regrowing with the value the weight had in SparseGPT's sweep just before it was pruned was not
-better: reconstruction error x1.56 vs x1.57 of SparseGPT's at 50%, x2.79 vs x2.08 at 70%.
+better. Reconstruction error relative to SparseGPT's, sweep value against dense value: x1.56 vs
+x1.57 (50%, input correlation 0.5), x2.79 vs x2.08 (70%, correlation 0.9).
 
 Candidate lists are static, as in the reference: only weights the base method pruned can grow,
 only weights it kept can be pruned, each at most once. Every row is vectorised; the loop runs over
@@ -52,7 +53,10 @@ class DSnoTOptions:
         ``False``) a swap may overshoot: unstructured without the sign test, and in N:M, whose
         pruned weight is the group's lowest score whatever the sign of its ``D``. On random
         16-column layers at 50% the reference ended with a larger ``|e_i|`` than it started in
-        some row for 199 of 200 seeds unstructured and 183 of 200 at 2:4.
+        some row for 199 of 200 seeds unstructured and 183 of 200 at 2:4. On synthetic 64 x 1024
+        layers (correlated, offset inputs) at 50% the guard made ~7 swaps per row and cut
+        Wanda's reconstruction error by 8%; the reference oscillated through all 50 cycles and
+        raised it by 10%.
     """
 
     max_cycles: int = 50
