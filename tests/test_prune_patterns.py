@@ -141,3 +141,10 @@ def test_tiny_matrices(method, pattern):
             np.testing.assert_array_equal((~mask).sum(axis=1), 2)  # per row
         else:  # magnitude per matrix, SparseGPT per block (and DSnoT on SparseGPT's mask)
             assert (~mask).sum() == w.size // 2
+
+
+def test_nm_constructor_and_consistency():
+    assert Pattern.nm(2, 4) == Pattern.parse("2:4") == Pattern(0.5, 2, 4)
+    assert Pattern.nm(3, 8).structured and not Pattern(0.5).structured
+    with pytest.raises(NpsparseError, match="pattern 2:4 has sparsity 0.5, not 0.3"):
+        Pattern(0.3, 2, 4)

@@ -38,6 +38,10 @@ class Pattern:
                 raise NpsparseError(
                     f"pattern {self.n}:{self.m} is impossible: it needs 0 < N < M "
                     "(N pruned of every M)")
+            if self.sparsity != self.n / self.m:
+                raise NpsparseError(
+                    f"pattern {self.n}:{self.m} has sparsity {self.n / self.m:g}, not "
+                    f"{self.sparsity:g} (use Pattern.nm({self.n}, {self.m}))")
         elif not (math.isfinite(self.sparsity) and 0 <= self.sparsity < 1):
             raise NpsparseError(
                 f"sparsity {self.sparsity} is out of range: it must satisfy 0 <= s < 1")
@@ -45,6 +49,11 @@ class Pattern:
     @property
     def structured(self) -> bool:
         return self.m > 0
+
+    @classmethod
+    def nm(cls, n: int, m: int) -> "Pattern":
+        """N:M pattern: ``n`` pruned of every ``m`` consecutive input weights."""
+        return cls(n / m if m else 0.0, n, m)
 
     @classmethod
     def parse(cls, text: str | float) -> "Pattern":
@@ -55,7 +64,7 @@ class Pattern:
         match = re.fullmatch(r"(\d+):(\d+)", text)
         if match:
             n, m = int(match.group(1)), int(match.group(2))
-            return cls(n / m if 0 < n < m else 0.0, n, m)
+            return cls.nm(n, m)
         try:
             value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
         except ValueError:
