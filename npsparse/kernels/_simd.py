@@ -105,6 +105,12 @@ def _expand_loop(builder, kind, x86, mptr, vptr, nchunks, body):
         body(c, lo, hi)
 
 
+def _splat16(builder, scalar):
+    """<16 x i32> with every lane = scalar."""
+    one = builder.insert_element(ir.Constant(_V16I32, None), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_V16I32, [0] * 16))
+
+
 def _load16(builder, ptr, index):
     return builder.load(builder.bitcast(builder.gep(ptr, [index]), _V16F.as_pointer()), align=4)
 
@@ -192,3 +198,104 @@ def _value_at(values, p):
     if values.dtype == types.uint16:
         return lambda values, p: bits_to_f32(np.uint32(values[p]) << 16)
     return lambda values, p: np.float32(values[p])
+
+
+# ---- N:M at 50% (2:4, 4:8): a two-register permute instead of an expand ----------------------
+#
+# With M = 2 * kept, sixteen packed values cover exactly 32 columns (two 16-float registers of x).
+# Value j of a chunk sits at column ``base[j] + position[j]`` of those 32, where ``base[j]`` is its
+# group's first column and ``position[j]`` its b-bit index. One ``vpermi2ps`` picks the sixteen
+# activations from the two x registers; a vector shift/and/add turns the chunk's 16*b index bits
+# into the permute indices. No popcount, no expand, no gather.
+
+
+def _make_nm_dot(slots):
+    @intrinsic
+    def nm_dot(typingctx, vals, voff, idx, ioff, chunk_bytes, x, toffs, nchunks, lanes, field,
+               res):
+        """res[s] = row . x[token s] for ``slots`` tokens (x element offsets in ``toffs``)."""
+        _value_kind(vals)
+        sig = types.void(vals, types.intp, idx, types.intp, types.intp, x, toffs, types.intp,
+                         lanes, types.int32, res)
+
+        def codegen(context, builder, signature, args):
+            (vals_a, voff_, idx_a, ioff_, cbytes, x_a, toffs_a, count, lanes_a, field_,
+             res_a) = args
+            kind = _value_kind(signature.args[0])
+            vptr = _data_ptr(context, builder, signature.args[0], vals_a, voff_)
+            iptr = _data_ptr(context, builder, signature.args[2], idx_a, ioff_)
+            lptr = _data_ptr(context, builder, signature.args[8], lanes_a, ir.Constant(_I64, 0))
+            tptr = _data_ptr(context, builder, signature.args[6], toffs_a, ir.Constant(_I64, 0))
+            rptr = _data_ptr(context, builder, signature.args[10], res_a, ir.Constant(_I64, 0))
+            # lanes[:16]: shift of each index inside its 32-bit word; lanes[16:]: group base.
+            shift = builder.trunc(builder.load(builder.bitcast(lptr, ir.VectorType(
+                _I64, 16).as_pointer()), align=8), _V16I32)
+            base = builder.load(builder.bitcast(builder.gep(lptr, [ir.Constant(_I64, 16)]),
+                                                ir.VectorType(_I64, 16).as_pointer()), align=8)
+            base = builder.trunc(base, _V16I32)
+            field_v = builder.insert_element(ir.Constant(_V16I32, None), field_,
+                                             ir.Constant(_I32, 0))
+            field_v = builder.shuffle_vector(field_v, field_v, ir.Constant(_V16I32, [0] * 16))
+            half_bytes = builder.sdiv(cbytes, ir.Constant(_I64, 2))  # b: bytes of 8 indices
+            upper_lanes = ir.Constant(_V16I1, [0] * 8 + [1] * 8)
+            xptrs = [_data_ptr(context, builder, signature.args[5], x_a,
+                               builder.load(builder.gep(tptr, [ir.Constant(_I64, s)])))
+                     for s in range(slots)]
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
+                     for _ in range(2)] for _ in range(slots)]  # even/odd chunks: 2 FMA chains
+            fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
+            permute = _fn(builder, "llvm.x86.avx512.vpermi2var.ps.512", _V16F,
+                          [_V16F, _V16I32, _V16F])
+            narrow = ir.VectorType(ir.IntType(16 if kind == "bf16" else 8), 16)
+            def chunk(c, parity):  # one 32-column chunk into accumulator set ``parity``
+                ibyte = builder.gep(builder.bitcast(iptr, ir.IntType(8).as_pointer()),
+                                    [builder.mul(c, cbytes)])
+                # indices 0-7 from the 32-bit word at the chunk start, 8-15 from the word b bytes
+                # (8 indices) later: two broadcast loads and a blend, no shuffles
+                low = builder.load(builder.bitcast(ibyte, _I32.as_pointer()), align=1)
+                high = builder.load(builder.bitcast(builder.gep(ibyte, [half_bytes]),
+                                                    _I32.as_pointer()), align=1)
+                pos = builder.select(upper_lanes, _splat16(builder, high), _splat16(builder, low))
+                pos = builder.add(builder.and_(builder.lshr(pos, shift), field_v), base)
+                src = builder.gep(vptr, [builder.mul(c, ir.Constant(_I64, 16))])
+                raw = builder.load(builder.bitcast(src, narrow.as_pointer()), align=1)
+                if kind == "bf16":
+                    w = builder.bitcast(builder.shl(builder.zext(raw, _V16I32),
+                                                    ir.Constant(_V16I32, [16] * 16)), _V16F)
+                else:
+                    w = builder.sitofp(builder.sext(raw, _V16I32), _V16F)
+                col = builder.mul(c, ir.Constant(_I64, 32))
+                for xptr, acc_pair in zip(xptrs, accs):
+                    x_lo = _load16(builder, xptr, col)
+                    x_hi = _load16(builder, xptr, builder.add(col, ir.Constant(_I64, 16)))
+                    picked = builder.call(permute, [x_lo, pos, x_hi])
+                    acc = acc_pair[parity]
+                    builder.store(builder.call(fma, [w, picked, builder.load(acc)]), acc)
+
+            # Chunks in pairs so that two independent FMA chains hide the FMA latency.
+            pairs = builder.sdiv(count, ir.Constant(_I64, 2))
+            with cgutils.for_range(builder, pairs) as loop:
+                first = builder.mul(loop.index, ir.Constant(_I64, 2))
+                chunk(first, 0)
+                chunk(builder.add(first, ir.Constant(_I64, 1)), 1)
+            is_odd = builder.icmp_signed("!=", builder.mul(pairs, ir.Constant(_I64, 2)), count)
+            with builder.if_then(is_odd):
+                chunk(builder.sub(count, ir.Constant(_I64, 1)), 0)
+            for s, (acc_even, acc_odd) in enumerate(accs):
+                total = builder.fadd(builder.load(acc_even), builder.load(acc_odd))
+                result = ir.Constant(_F32, 0.0)
+                for lane in range(16):
+                    lane_value = builder.extract_element(total, ir.Constant(_I32, lane))
+                    result = builder.fadd(result, lane_value)
+                builder.store(result, builder.gep(rptr, [ir.Constant(_I64, s)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return nm_dot
+
+
+HAS_PERMUTE = _HOST_AVX512  # nm_dot needs vpermi2ps; elsewhere N:M uses the scalar kernel
+nm_dot1 = _make_nm_dot(1)  # GEMV
+nm_dot4 = _make_nm_dot(4)  # GEMM, four tokens per pass over the row
+NM_OVERREAD_BYTES = 8  # index bytes nm_dot may read past a row's last chunk

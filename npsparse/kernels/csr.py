@@ -48,23 +48,18 @@ def _matmul_naive(values, cols, row_ptr, x):  # x [T, K] -> y [T, N]
 @pjit
 def _gemv(values, cols, row_ptr, x):  # x [1, K] -> y [1, N]
     n_rows = row_ptr.shape[0] - 1
+    xs = x[0]  # [K]
     y = np.empty((1, n_rows), dtype=np.float32)
     for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            start, end = row_ptr[n], row_ptr[n + 1]
-            # Four independent accumulators hide the FMA latency of this gathering loop.
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            p = start
-            while p + 4 <= end:
-                a0 += value_at(values, p) * x[0, cols[p]]
-                a1 += value_at(values, p + 1) * x[0, cols[p + 1]]
-                a2 += value_at(values, p + 2) * x[0, cols[p + 2]]
-                a3 += value_at(values, p + 3) * x[0, cols[p + 3]]
-                p += 4
-            while p < end:
-                a0 += value_at(values, p) * x[0, cols[p]]
-                p += 1
-            y[0, n] = (a0 + a1) + (a2 + a3)
+            # Row views indexed from 0: LLVM then sees contiguous loads (indexing from row_ptr[n]
+            # kept Numba's negative-index check per element and ran 4x slower).
+            row_values = values[row_ptr[n]:row_ptr[n + 1]]
+            row_cols = cols[row_ptr[n]:row_ptr[n + 1]]
+            acc = np.float32(0.0)
+            for i in range(row_values.shape[0]):
+                acc += value_at(row_values, i) * xs[np.intp(row_cols[i])]
+            y[0, n] = acc
     return y
 
 

@@ -9,9 +9,9 @@ row scale as in :mod:`.bitmask`) and, per kept value, its position inside the gr
 A group of the mask may keep fewer than M - N positions; the free slots then store zeros at the
 lowest pruned positions (the product is unchanged). Keeping more is an error.
 
-The fast kernel turns each 32-column chunk of index bits into a 32-bit keep mask with a small
-lookup table, then reuses the bitmask expand kernel (``_simd``); every row has the same number of
-values, so no row pointers are stored.
+Every row has the same number of values, so no row pointers are stored. For the 50% patterns
+(2:4, 4:8) the fast kernel picks activations with a two-register permute (``_simd.nm_dot``);
+other patterns, widths not a multiple of 32 and non-AVX-512 hosts use the naive kernel.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import numpy as np
 
 from ..errors import NpsparseError
 from ._layer import PackedLinear, check_arrays, check_weight_mask
-from ._numba import ROWS_PER_TASK, gemm_tasks, jit, pjit
-from ._simd import OVERREAD, expand_dot, expand_row, value_at
-from ._tile import TILE_ROWS, tile_matmul
+from ._numba import ROWS_PER_TASK, jit, pjit
+from ._simd import HAS_PERMUTE, NM_OVERREAD_BYTES, nm_dot1, nm_dot4, value_at
 from .bf16 import from_bf16, to_bf16
 from .bitmask import VALUE_TYPES, quantize_rows
 
@@ -89,29 +88,20 @@ def unpack_indices(stream: np.ndarray, m: int, groups: int, kept: int) -> np.nda
 
 @functools.lru_cache(maxsize=None)
 def _fast_plan(n: int, m: int, k_cols: int):
-    """Lookup table for the fast kernel, or None if this pattern/width needs the naive one.
+    """Constants for the permute kernel (``_simd.nm_dot``), or None if it does not apply.
 
-    Returns (lut, lut_bits, lut_span, lookups, chunk_bytes): every 32-column chunk is
-    ``chunk_bytes`` bytes of index stream, read as ``lookups`` fields of ``lut_bits`` bits, each
-    mapped by ``lut`` to the keep mask of ``lut_span`` columns.
+    It needs M = 2 * kept (2:4, 4:8, ...; sixteen values then cover 32 columns), b <= 4 (sixteen
+    indices fit a 64-bit load), K % 32 == 0 and AVX-512. Returns (lanes, chunk_bytes, field):
+    ``lanes[:16]`` the bit offset of each value's index within its 32-bit word (values 0-7 read
+    the chunk's first word, 8-15 the word b bytes later), ``lanes[16:]`` the first column of each
+    value's group, ``chunk_bytes = 2 b`` index bytes per chunk, ``field = 2^b - 1``.
     """
     kept, b = m - n, index_bits(m)
-    field = kept * b  # bits per group
-    if k_cols % 32 or 32 % m or (32 // m) * field % 8 or (32 // m) * field > 64:
+    if not HAS_PERMUTE or m != 2 * kept or b > 4 or k_cols % 32:
         return None
-    groups_per_chunk = 32 // m
-    per_lookup = max((j for j in range(1, groups_per_chunk + 1)
-                      if groups_per_chunk % j == 0 and j * field <= 12), default=0)
-    if per_lookup == 0:
-        return None
-    lut_bits = per_lookup * field
-    lut = np.zeros(1 << lut_bits, dtype=np.uint32)
-    for value in range(1 << lut_bits):
-        for slot in range(per_lookup * kept):
-            position = (value >> (slot * b)) & ((1 << b) - 1)
-            lut[value] |= np.uint32(1 << ((slot // kept) * m + position))
-    return (lut, lut_bits, per_lookup * m, groups_per_chunk // per_lookup,
-            groups_per_chunk * field // 8)
+    j = np.arange(16, dtype=np.int64)
+    lanes = np.concatenate([(j % 8) * b, (j // kept) * m]).astype(np.int64)
+    return lanes, 2 * b, (1 << b) - 1
 
 
 # ---- kernels: values [N, G*S] uint16|int8, indices [N, bytes] uint8, scales [N] float32 or [0],
@@ -144,79 +134,49 @@ def _matmul_naive(values, indices, scales, m, kept, x):  # x [T, K] -> y [T, N]
     return y
 
 
-@jit
-def _row_masks(indices, n, lut, lut_bits, lut_span, lookups, chunk_bytes, words):
-    """Keep-mask words [32-column chunks] of row n, decoded from its index stream."""
-    field_mask = np.uint64((1 << lut_bits) - 1)
-    for c in range(words.shape[0]):
-        stream = np.uint64(0)
-        for i in range(chunk_bytes):
-            stream |= np.uint64(indices[n, c * chunk_bytes + i]) << np.uint64(8 * i)
-        word = np.uint32(0)
-        for q in range(lookups):
-            field = (stream >> np.uint64(q * lut_bits)) & field_mask
-            word |= lut[field] << np.uint32(q * lut_span)
-        words[c] = word
-
-
 @pjit
-def _gemv(values, indices, scales, m, kept, plan, x):  # x [1, K], K % 32 == 0 -> y [1, N]
-    lut, lut_bits, lut_span, lookups, chunk_bytes = plan
+def _gemv(values, indices, scales, m, kept, lanes, chunk_bytes, field, x):  # x [1, K] -> [1, N]
     n_rows, n_values = values.shape
-    n_words = x.shape[1] // 32
+    row_bytes = indices.shape[1]
+    n_chunks = x.shape[1] // 32
     y = np.empty((1, n_rows), dtype=np.float32)
-    safe_end = n_rows * n_values - OVERREAD  # rows ending later use the scalar loop
     for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        words = np.empty(n_words, dtype=np.uint32)
+        token_offsets = np.zeros(1, dtype=np.int64)
+        result = np.empty(1, dtype=np.float32)
         for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            if (n + 1) * n_values <= safe_end:
-                _row_masks(indices, n, lut, lut_bits, lut_span, lookups, chunk_bytes, words)
-                acc = expand_dot(words, 0, values, n * n_values, x, 0, n_words)
-            else:
+            if (n + 1) * row_bytes + NM_OVERREAD_BYTES <= indices.size:
+                nm_dot1(values, n * n_values, indices, n * row_bytes, chunk_bytes, x,
+                        token_offsets, n_chunks, lanes, field, result)
+                acc = result[0]
+            else:  # the last row: its 8-byte index loads could run past the array
                 acc = _row_dot_naive(values, indices, m, kept, n, x, 0)
             y[0, n] = acc * scales[n] if scales.shape[0] else acc
     return y
 
 
 @pjit
-def _gemm(values, indices, scales, m, kept, plan, x, n_tasks):  # x [T, K], K % 32 == 0
-    lut, lut_bits, lut_span, lookups, chunk_bytes = plan
+def _gemm(values, indices, scales, m, kept, lanes, chunk_bytes, field, x):  # x [T, K] -> [T, N]
     n_rows, n_values = values.shape
-    k_cols = x.shape[1]
-    y = np.empty((x.shape[0], n_rows), dtype=np.float32)
-    n_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
-    n_tasks = min(n_tiles, n_tasks)
-    safe_end = n_rows * n_values - OVERREAD
-    for task in numba.prange(n_tasks):
-        tile = np.empty((TILE_ROWS, k_cols), dtype=np.float32)  # decoded rows, reused
-        words = np.empty(k_cols // 32, dtype=np.uint32)
-        for i in range(task * n_tiles // n_tasks, (task + 1) * n_tiles // n_tasks):
-            n0 = i * TILE_ROWS
-            rows = min(TILE_ROWS, n_rows - n0)
-            for r in range(rows):
-                n = n0 + r
-                _row_masks(indices, n, lut, lut_bits, lut_span, lookups, chunk_bytes, words)
-                if (n + 1) * n_values <= safe_end:
-                    expand_row(words, 0, values, n * n_values, tile[r], 0, words.shape[0])
-                else:
-                    _decode_row_scalar(words, values[n], tile[r])
-            tile_matmul(tile, rows, x, y, n0)
-            if scales.shape[0]:
-                for t in range(x.shape[0]):
-                    for r in range(rows):
-                        y[t, n0 + r] *= scales[n0 + r]
+    n_tokens, k_cols = x.shape
+    row_bytes = indices.shape[1]
+    y = np.empty((n_tokens, n_rows), dtype=np.float32)
+    for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        token_offsets = np.zeros(4, dtype=np.int64)
+        result = np.empty(4, dtype=np.float32)
+        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            scale = scales[n] if scales.shape[0] else np.float32(1.0)
+            if (n + 1) * row_bytes + NM_OVERREAD_BYTES > indices.size:
+                for t in range(n_tokens):
+                    y[t, n] = _row_dot_naive(values, indices, m, kept, n, x, t) * scale
+                continue
+            for t0 in range(0, n_tokens, 4):  # four tokens per pass; a short tail repeats the last
+                for s in range(4):
+                    token_offsets[s] = min(t0 + s, n_tokens - 1) * k_cols
+                nm_dot4(values, n * n_values, indices, n * row_bytes, chunk_bytes, x,
+                        token_offsets, k_cols // 32, lanes, field, result)
+                for s in range(min(4, n_tokens - t0)):
+                    y[t0 + s, n] = result[s] * scale
     return y
-
-
-@jit
-def _decode_row_scalar(words, row_values, out):  # keep words + packed values -> out [K]
-    p = 0
-    for k in range(out.shape[0]):
-        if (words[k >> 5] >> np.uint32(k & 31)) & np.uint32(1):
-            out[k] = value_at(row_values, p)
-            p += 1
-        else:
-            out[k] = 0.0
 
 
 class NMLinear(PackedLinear):
@@ -278,9 +238,8 @@ class NMLinear(PackedLinear):
         plan = _fast_plan(self.n, self.m, self.shape[1])
         if plan is None:
             return self.matmul_naive(x)
-        if x.shape[0] == 1:
-            return _gemv(*self._kernel_args(), self.m, self.m - self.n, plan, x)
-        return _gemm(*self._kernel_args(), self.m, self.m - self.n, plan, x, gemm_tasks())
+        kernel = _gemv if x.shape[0] == 1 else _gemm
+        return kernel(*self._kernel_args(), self.m, self.m - self.n, *plan, x)
 
     def matmul_naive(self, x):
         x = np.ascontiguousarray(x, dtype=np.float32)
