@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--format", default="dense",
-                     help="weight format of the linear layers (dense = float32 BLAS)")
+                     choices=["dense", "auto", "bf16", "csr", "bitmask", "nm"],
+                     help="weight format of the block linear layers (dense = float32 BLAS; auto = "
+                          "fewest bytes per layer)")
     gen.add_argument("--threads", type=_positive, default=None, help="kernel threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
