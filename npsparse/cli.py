@@ -63,19 +63,32 @@ def cmd_generate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """The main job on the embedded default model: evaluate, then generate."""
+    """The main job: prune the default model, evaluate dense and pruned, generate sparsely."""
     from .api import load
+    from .sequential import PruneSettings, prune_model
+    from .sparse import apply_format
 
-    llm = load(args.model)
-    print(f"model: {llm!r}")
-    result = llm.perplexity(windows=args.windows, progress=True)
-    print(f"dense: {result}")
-    print(f"chat prompt: {args.prompt}")
-    gen = llm.generate(args.prompt, args.n, chat=True,
-                       on_text=lambda text: print(text, end="", flush=True))
-    print()
-    print(f"[{len(gen.ids)} tokens; prefill {gen.prefill_tok_s:.1f} tok/s; "
-          f"decode {gen.decode_tok_s:.1f} tok/s]")
+    dense = load(args.model)
+    print(f"model: {dense!r}")
+    before = dense.perplexity(windows=args.windows, progress=True)
+    print(f"dense: {before}")
+    settings = PruneSettings(method=args.method, pattern=args.sparsity, nsamples=args.nsamples)
+    report = prune_model(args.model, args.out, settings, progress=True)
+    print(f"pruned with {args.method} at {args.sparsity} in {report['seconds']:.0f} s "
+          f"(peak RSS {report['peak_rss_mib']:.0f} MiB) -> {args.out}")
+    pruned = load(args.out)
+    after = pruned.perplexity(windows=args.windows, progress=True)
+    print(f"pruned: {after}")
+    info = apply_format(pruned.model, args.format)
+    print(f"packed block linears as {info['formats']} in {info['seconds']:.1f} s: "
+          f"{info['weight_bytes'] / 1e6:.0f} MB read per token (dense float32: "
+          f"{dense.model.weight_bytes() / 1e6:.0f} MB)")
+    for name, llm in (("dense float32", dense), (f"pruned, {args.format} kernels", pruned)):
+        print(f"\n[{name}] {args.prompt}")
+        gen = llm.generate(args.prompt, args.n, chat=True,
+                           on_text=lambda text: print(text, end="", flush=True))
+        print(f"\n[{len(gen.ids)} tokens; prefill {gen.prefill_tok_s:.1f} tok/s; "
+              f"decode {gen.decode_tok_s:.1f} tok/s]")
 
 
 def cmd_prune(args) -> None:
@@ -159,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the embedded model: evaluate and generate")
     demo.add_argument("model", nargs="?", default="smollm2", metavar="MODEL")
     demo.add_argument("--windows", type=_positive, default=8, help="eval windows of 512 tokens")
+    demo.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    demo.add_argument("--sparsity", default="0.5", help="unstructured sparsity or N:M")
+    demo.add_argument("--nsamples", type=_positive, default=32, help="calibration windows")
+    demo.add_argument("--format", default="auto", help="kernel format for the pruned model")
+    demo.add_argument("--out", default="runs/demo", help="where the pruned model is written")
     demo.add_argument("-p", "--prompt", default="Explain what a Python generator is.")
     demo.add_argument("-n", type=_positive, default=64, help="new tokens")
     demo.set_defaults(func=cmd_demo)
