@@ -178,6 +178,83 @@ def _make_expand_row(x86):
     return expand_row
 
 
+def _make_expand_dot_bf16_pairs():
+    @intrinsic
+    def expand_dot_bf16_pairs(typingctx, masks, moff, vals, voff, x, xoff, nchunks):
+        """expand_dot for bf16 values with one ``vpexpandw`` per 32 columns (AVX512-VBMI2).
+
+        The 32 expanded words, read as 16 dwords, hold an even column in the low half and the
+        next odd column in the high half: ``<< 16`` gives the even columns as float32,
+        ``& 0xFFFF0000`` the odd ones, no shuffles. So x must be *paired*: in each 32-column chunk
+        the 16 even columns first, then the 16 odd ones (:func:`pair_columns`). Four chunks per
+        iteration feed eight accumulators, enough independent FMA chains to keep the loop
+        throughput-bound (prototype: ~20 vs ~16 G columns/s per core for the two-expand loop).
+        """
+        if vals.dtype != types.uint16:
+            raise TypeError("expand_dot_bf16_pairs takes uint16 (bf16) values")
+        sig = types.float32(masks, types.intp, vals, types.intp, x, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            masks_a, moff_, vals_a, voff_, x_a, xoff_, count = args
+            mptr = _data_ptr(context, builder, signature.args[0], masks_a, moff_)
+            vptr = _data_ptr(context, builder, signature.args[2], vals_a, voff_)
+            xptr = _data_ptr(context, builder, signature.args[4], x_a, xoff_)
+            v32i16 = ir.VectorType(ir.IntType(16), 32)
+            v32i1 = ir.VectorType(ir.IntType(1), 32)
+            fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
+            ctpop = _fn(builder, "llvm.ctpop.i32", _I32, [_I32])
+            expand = _fn(builder, "llvm.x86.avx512.mask.expand.v32i16", v32i16,
+                         [v32i16, v32i16, v32i1])
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
+                    for _ in range(8)]
+            p = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
+            high_half = ir.Constant(_V16I32, [-65536] * 16)
+            shift16 = ir.Constant(_V16I32, [16] * 16)
+
+            def chunk(c, slot):
+                word = builder.load(builder.gep(mptr, [c]))
+                start = builder.load(p)
+                src = builder.bitcast(builder.gep(vptr, [start]), v32i16.as_pointer())
+                raw = builder.load(src, align=1)  # may read past the row: callers allow OVERREAD
+                w = builder.call(expand, [raw, ir.Constant(v32i16, None),
+                                          builder.bitcast(word, v32i1)])
+                builder.store(builder.add(start, builder.zext(builder.call(ctpop, [word]), _I64)),
+                              p)
+                pairs = builder.bitcast(w, _V16I32)
+                even = builder.bitcast(builder.shl(pairs, shift16), _V16F)
+                odd = builder.bitcast(builder.and_(pairs, high_half), _V16F)
+                col = builder.mul(c, ir.Constant(_I64, 32))
+                for half, acc, offset in ((even, accs[2 * slot], 0),
+                                          (odd, accs[2 * slot + 1], 16)):
+                    xv = _load16(builder, xptr, builder.add(col, ir.Constant(_I64, offset)))
+                    builder.store(builder.call(fma, [half, xv, builder.load(acc)]), acc)
+
+            quads = builder.sdiv(count, ir.Constant(_I64, 4))
+            with cgutils.for_range(builder, quads) as loop:
+                first = builder.mul(loop.index, ir.Constant(_I64, 4))
+                for slot in range(4):
+                    chunk(builder.add(first, ir.Constant(_I64, slot)), slot)
+            done = builder.mul(quads, ir.Constant(_I64, 4))
+            with cgutils.for_range(builder, builder.sub(count, done)) as loop:
+                chunk(builder.add(done, loop.index), 0)
+            total = builder.load(accs[0])
+            for acc in accs[1:]:
+                total = builder.fadd(total, builder.load(acc))
+            result = ir.Constant(_F32, 0.0)
+            for lane in range(16):
+                lane_value = builder.extract_element(total, ir.Constant(_I32, lane))
+                result = builder.fadd(result, lane_value)
+            return result
+
+        return sig, codegen
+
+    return expand_dot_bf16_pairs
+
+
+HAS_VBMI2 = "+avx512vbmi2" in llvm_binding.get_host_cpu_features().flatten()
+expand_dot_bf16_pairs = _make_expand_dot_bf16_pairs()
+
+
 # The lowering used by the kernels, and the portable one (tests run both on AVX-512 hosts).
 expand_dot = _make_expand_dot(_HOST_AVX512)
 expand_row = _make_expand_row(_HOST_AVX512)
@@ -241,8 +318,9 @@ def _make_nm_dot(slots):
             xptrs = [_data_ptr(context, builder, signature.args[5], x_a,
                                builder.load(builder.gep(tptr, [ir.Constant(_I64, s)])))
                      for s in range(slots)]
+            chains = 4 if slots == 1 else 2  # independent FMA chains per token
             accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
-                     for _ in range(2)] for _ in range(slots)]  # even/odd chunks: 2 FMA chains
+                     for _ in range(chains)] for _ in range(slots)]
             fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
             permute = _fn(builder, "llvm.x86.avx512.vpermi2var.ps.512", _V16F,
                           [_V16F, _V16I32, _V16F])
@@ -272,17 +350,19 @@ def _make_nm_dot(slots):
                     acc = acc_pair[parity]
                     builder.store(builder.call(fma, [w, picked, builder.load(acc)]), acc)
 
-            # Chunks in pairs so that two independent FMA chains hide the FMA latency.
-            pairs = builder.sdiv(count, ir.Constant(_I64, 2))
-            with cgutils.for_range(builder, pairs) as loop:
-                first = builder.mul(loop.index, ir.Constant(_I64, 2))
-                chunk(first, 0)
-                chunk(builder.add(first, ir.Constant(_I64, 1)), 1)
-            is_odd = builder.icmp_signed("!=", builder.mul(pairs, ir.Constant(_I64, 2)), count)
-            with builder.if_then(is_odd):
-                chunk(builder.sub(count, ir.Constant(_I64, 1)), 0)
-            for s, (acc_even, acc_odd) in enumerate(accs):
-                total = builder.fadd(builder.load(acc_even), builder.load(acc_odd))
+            # ``chains`` chunks per iteration, each into its own accumulator, hide FMA latency.
+            groups = builder.sdiv(count, ir.Constant(_I64, chains))
+            with cgutils.for_range(builder, groups) as loop:
+                first = builder.mul(loop.index, ir.Constant(_I64, chains))
+                for parity in range(chains):
+                    chunk(builder.add(first, ir.Constant(_I64, parity)), parity)
+            done = builder.mul(groups, ir.Constant(_I64, chains))
+            with cgutils.for_range(builder, builder.sub(count, done)) as loop:
+                chunk(builder.add(done, loop.index), 0)
+            for s, token_accs in enumerate(accs):
+                total = builder.load(token_accs[0])
+                for acc in token_accs[1:]:
+                    total = builder.fadd(total, builder.load(acc))
                 result = ir.Constant(_F32, 0.0)
                 for lane in range(16):
                     lane_value = builder.extract_element(total, ir.Constant(_I32, lane))
