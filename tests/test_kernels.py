@@ -355,8 +355,3 @@ def test_lossless_conversions_are_accepted():
     assert layer(np.ones((1, 4)))[0, 0] == 1.5
 
 
-def test_pair_columns_orders_even_then_odd():
-    x = np.arange(64, dtype=np.float32)[None, :]
-    paired = bitmask.pair_columns(x)[0]
-    assert list(paired[:16]) == list(range(0, 32, 2)) and list(paired[16:32]) == list(range(1, 32, 2))
-    assert list(paired[32:48]) == list(range(32, 64, 2))

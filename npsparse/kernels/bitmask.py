@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import NpsparseError
 from ._layer import PackedLinear, check_arrays, check_weight_mask, pad_columns
 from ._numba import ROWS_PER_TASK, gemm_tasks, jit, pjit
-from ._simd import HAS_VBMI2, OVERREAD, expand_dot, expand_dot_bf16_pairs, expand_row, value_at
+from ._simd import OVERREAD, expand_dot, expand_row, value_at
 from ._tile import TILE_ROWS, tile_matmul
 from .bf16 import from_bf16, to_bf16
 
@@ -87,32 +87,6 @@ def _gemv(masks, values, row_ptr, scales, x):  # x [1, 32 KC] zero-padded -> y [
             else:
                 acc = _row_dot_naive(masks, values, row_ptr, n, x, 0)
             y[0, n] = acc * scales[n] if scales.shape[0] else acc
-    return y
-
-
-@jit
-def pair_columns(x):  # x [T, 32 C] -> same, each 32-column chunk reordered: even cols, odd cols
-    out = np.empty_like(x)
-    for t in range(x.shape[0]):
-        for c in range(x.shape[1] // 32):
-            for j in range(16):
-                out[t, 32 * c + j] = x[t, 32 * c + 2 * j]
-                out[t, 32 * c + 16 + j] = x[t, 32 * c + 2 * j + 1]
-    return out
-
-
-@pjit
-def _gemv_bf16(masks, values, row_ptr, x, x_paired):  # x, x_paired [1, 32 KC] -> y [1, N]
-    n_rows, n_words = masks.shape
-    y = np.empty((1, n_rows), dtype=np.float32)
-    safe_end = values.shape[0] - OVERREAD  # rows ending later use the scalar loop
-    for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            if row_ptr[n + 1] <= safe_end:
-                y[0, n] = expand_dot_bf16_pairs(masks, n * n_words, values, row_ptr[n],
-                                                x_paired, 0, n_words)
-            else:
-                y[0, n] = _row_dot_naive(masks, values, row_ptr, n, x, 0)
     return y
 
 
@@ -207,9 +181,6 @@ class BitmaskLinear(PackedLinear):
 
     def _matmul(self, x):
         x = pad_columns(x, 32 * self.arrays["masks"].shape[1])
-        if x.shape[0] == 1 and self.values_type == "bf16" and HAS_VBMI2:
-            a = self.arrays
-            return _gemv_bf16(a["masks"], a["values"], a["row_ptr"], x, pair_columns(x))
         if x.shape[0] == 1:
             return _gemv(*self._kernel_args(), x)
         return _gemm(*self._kernel_args(), x, gemm_tasks())
