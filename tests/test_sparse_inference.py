@@ -19,16 +19,20 @@ def pruned_tiny(pattern: str, arch="llama"):
     return model
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "csr", "bitmask", "auto", "nm"])
-@pytest.mark.parametrize("pattern", ["0.7", "2:4"])
-def test_packed_logits_equal_dense_with_zeros(fmt, pattern):
-    if fmt == "nm" and ":" not in pattern:
-        pytest.skip("N:M format needs an N:M mask")
-    model = pruned_tiny(pattern)
+CASES = [(fmt, pattern) for fmt in ["bf16", "csr", "bitmask", "auto", "nm"]
+         for pattern in ["0.7", "2:4"] if fmt != "nm" or ":" in pattern]  # nm needs an N:M mask
+
+
+@pytest.mark.parametrize("fmt, pattern", CASES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_packed_logits_equal_dense_with_zeros(fmt, pattern, arch):
+    model = pruned_tiny(pattern, arch)
+    model.head = DenseLinear(bf16_round(model.head.to_dense()))  # the packed head is bf16
     ids = np.arange(0, 90, 3)
     expected = model.forward(ids)
     info = apply_format(model, fmt)
     assert sum(info["formats"].values()) == len(model.linears())
+    assert info["head"] == "BF16Linear"
     got = model.forward(ids)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     # Decode through the cache with packed layers too.
@@ -53,3 +57,13 @@ def test_nm_format_refuses_unstructured_zeros():
 def test_unknown_format():
     with pytest.raises(NpsparseError, match="unknown weight format"):
         apply_format(pruned_tiny("0.5"), "zip")
+
+
+def test_head_kept_float32_on_request():
+    model = pruned_tiny("0.5")
+    head = model.head.to_dense()
+    info = apply_format(model, "bitmask", head="dense")
+    assert info["head"] == "DenseLinear"
+    np.testing.assert_array_equal(model.head.to_dense(), head)
+    with pytest.raises(NpsparseError, match="unknown head format"):
+        apply_format(model, "bitmask", head="int4")
