@@ -8,10 +8,12 @@ import math
 import numpy as np
 from scipy.special import expit
 
+from ..kernels.attention import decode_step
+
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight``. x [T, D]."""
-    variance = np.mean(x * x, axis=-1, keepdims=True)  # [T, 1]
+    variance = (x * x).sum(axis=-1, keepdims=True) / np.float32(x.shape[-1])  # [T, 1] (= np.mean)
     return (x / np.sqrt(variance + np.float32(eps))) * weight  # [T, D]
 
 
@@ -73,6 +75,26 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndar
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+class RopeTables:
+    """cos and sin for positions ``0 .. n-1``, computed once and shared by every block.
+
+    :func:`rope_tables` per block and per token would recompute the same angles 30 times per
+    decoded token; the table grows (doubling) when a later position is asked for. Values are
+    identical to :func:`rope_tables` of the same positions.
+    """
+
+    def __init__(self, inv_freq: np.ndarray):
+        self.inv_freq = inv_freq  # [hd/2]
+        self.cos, self.sin = rope_tables(np.arange(0), inv_freq)  # [0, hd]
+
+    def __call__(self, start: int, n_tok: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [T, hd] for positions ``start .. start+T-1``."""
+        if start + n_tok > len(self.cos):
+            size = max(start + n_tok, 2 * len(self.cos), 64)
+            self.cos, self.sin = rope_tables(np.arange(size), self.inv_freq)
+        return self.cos[start:start + n_tok], self.sin[start:start + n_tok]
 
 
 def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +184,11 @@ def multi_head_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: i
     """
     n_tok = q.shape[0]
     head_dim = q.shape[1] // n_heads
+    if n_tok == 1 and cache_k is not None:  # decode: the same arithmetic in one compiled call
+        cos, sin = rope if rope is not None else (np.empty((1, 0), np.float32),) * 2
+        return decode_step(q.reshape(n_heads, head_dim), k.reshape(n_kv, head_dim),
+                           v.reshape(n_kv, head_dim), cos[0], sin[0], cache_k, cache_v, start,
+                           rope is not None)  # [1, H*hd]
     q = q.reshape(n_tok, n_heads, head_dim).transpose(1, 0, 2)  # [H, T, hd]
     k = k.reshape(n_tok, n_kv, head_dim).transpose(1, 0, 2)  # [KV, T, hd]
     v = v.reshape(n_tok, n_kv, head_dim).transpose(1, 0, 2)  # [KV, T, hd]

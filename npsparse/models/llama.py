@@ -11,7 +11,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..linear import DenseLinear
 from .base import CausalLM
-from .layers import multi_head_attention, rms_norm, rope_inv_freq, rope_tables, silu
+from .layers import RopeTables, multi_head_attention, rms_norm, rope_inv_freq, silu
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -54,9 +54,9 @@ class LlamaBlock:
 
     input_groups = INPUT_GROUPS
 
-    def __init__(self, cfg: ModelConfig, tensors: dict, inv_freq: np.ndarray):
+    def __init__(self, cfg: ModelConfig, tensors: dict, rope: RopeTables):
         self.cfg = cfg
-        self.inv_freq = inv_freq  # [hd/2]
+        self.rope = rope  # cos/sin by position, shared by all blocks
         self.attn_norm = tensors["input_layernorm.weight"]  # [D]
         self.mlp_norm = tensors["post_attention_layernorm.weight"]  # [D]
         self.linears = {name: DenseLinear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
@@ -69,7 +69,7 @@ class LlamaBlock:
         v = lin["self_attn.v_proj"](h)  # [T, KV*hd]
         if cfg.qkv_bias:
             q, k, v = q + self.bias["q"], k + self.bias["k"], v + self.bias["v"]
-        rope = rope_tables(np.arange(start, start + h.shape[0]), self.inv_freq)  # cos, sin [T, hd]
+        rope = self.rope(start, h.shape[0])  # cos, sin [T, hd]
         out = multi_head_attention(q, k, v, cfg.n_heads, cfg.n_kv_heads, start, cache_k, cache_v,
                                    rope)  # [T, H*hd]
         return lin["self_attn.o_proj"](out)  # [T, D]
@@ -112,6 +112,7 @@ class LlamaModel(CausalLM):
         self.embed_tokens = get("model.embed_tokens.weight", embed_shape)
         self.norm = get("model.norm.weight", (config.dim,))
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rope = RopeTables(self.inv_freq)
         self.blocks = [self.load_block(i) for i in range(config.n_layers)] if load_blocks else []
         if config.tie_embeddings:  # the head reuses the embedding matrix [V, D]
             self.head = DenseLinear(self.embed_tokens)
@@ -125,7 +126,7 @@ class LlamaModel(CausalLM):
         prefix = self.block_prefix(i) + "."
         tensors = {name[len(prefix):]: self.weights.get_checked(name, shape)
                    for name, shape in self.shapes.items() if name.startswith(prefix)}
-        return LlamaBlock(self.config, tensors, self.inv_freq)
+        return LlamaBlock(self.config, tensors, self.rope)
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
         return np.array(self.embed_tokens[ids], dtype=np.float32)  # [T, D]
