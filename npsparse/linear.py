@@ -27,7 +27,11 @@ class Linear(Protocol):
 
 
 class DenseLinear:
-    """A dense float32 weight ``W [N, K]``; the product is one BLAS call.
+    """A dense float32 weight ``W [N, K]``.
+
+    The product is one BLAS call (``x @ W.T``) for several tokens, and a Numba row-parallel GEMV
+    (:func:`npsparse.kernels.dense.gemv_f32`) for one token, where BLAS threading costs more
+    than the arithmetic on small matrices.
 
     Parameters
     ----------
@@ -43,6 +47,8 @@ class DenseLinear:
         self.shape = self.weight.shape
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[0] == 1 and x.dtype == np.float32 and x.flags.c_contiguous:
+            return _gemv_f32(self.weight, x)  # [1, N]
         return x @ self.weight.T  # [T, K] @ [K, N] -> [T, N]
 
     def to_dense(self) -> np.ndarray:
@@ -55,3 +61,6 @@ class DenseLinear:
 
     def __repr__(self) -> str:
         return f"DenseLinear(shape={self.shape}, dtype=float32)"
+
+
+from .kernels.dense import gemv_f32 as _gemv_f32  # noqa: E402  (kernels import this module)

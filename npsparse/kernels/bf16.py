@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import NpsparseError
 from ._layer import PackedLinear, as_float32, check_arrays, check_weight_mask
-from ._numba import ROWS_PER_TASK, gemm_tasks, jit, pjit
+from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import bits_to_f32
 from ._tile import TILE_ROWS, tile_matmul
 
@@ -86,8 +86,9 @@ def _matmul_naive(bits, x):  # bits [N, K] uint16, x [T, K] -> y [T, N]
 def _gemv(bits, x):  # bits [N, K] uint16, x [1, K] -> y [1, N]
     n_rows, k_cols = bits.shape
     y = np.empty((1, n_rows), dtype=np.float32)
-    for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+    rows_per = row_block(n_rows)
+    for task in numba.prange((n_rows + rows_per - 1) // rows_per):
+        for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
             acc = np.float32(0.0)
             for k in range(k_cols):
                 acc += bits_to_f32(np.uint32(bits[n, k]) << 16) * x[0, k]

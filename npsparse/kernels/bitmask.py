@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import NpsparseError
 from ._layer import PackedLinear, check_arrays, check_weight_mask, pad_columns
-from ._numba import ROWS_PER_TASK, gemm_tasks, jit, pjit
+from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import OVERREAD, expand_dot, expand_row, value_at
 from ._tile import TILE_ROWS, tile_matmul
 from .bf16 import from_bf16, to_bf16
@@ -80,8 +80,9 @@ def _gemv(masks, values, row_ptr, scales, x):  # x [1, 32 KC] zero-padded -> y [
     n_rows, n_words = masks.shape
     y = np.empty((1, n_rows), dtype=np.float32)
     safe_end = values.shape[0] - OVERREAD  # rows ending later use the scalar loop
-    for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+    rows_per = row_block(n_rows)
+    for task in numba.prange((n_rows + rows_per - 1) // rows_per):
+        for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
             if row_ptr[n + 1] <= safe_end:
                 acc = expand_dot(masks, n * n_words, values, row_ptr[n], x, 0, n_words)
             else:

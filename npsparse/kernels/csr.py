@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import NpsparseError
 from ._layer import PackedLinear, check_arrays, check_weight_mask
-from ._numba import ROWS_PER_TASK, gemm_tasks, jit, pjit
+from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import value_at
 from ._tile import TILE_ROWS, tile_matmul
 from .bf16 import from_bf16, to_bf16
@@ -50,8 +50,9 @@ def _gemv(values, cols, row_ptr, x):  # x [1, K] -> y [1, N]
     n_rows = row_ptr.shape[0] - 1
     xs = x[0]  # [K]
     y = np.empty((1, n_rows), dtype=np.float32)
-    for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+    rows_per = row_block(n_rows)
+    for task in numba.prange((n_rows + rows_per - 1) // rows_per):
+        for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
             # Row views indexed from 0: LLVM then sees contiguous loads (indexing from row_ptr[n]
             # kept Numba's negative-index check per element and ran 4x slower).
             row_values = values[row_ptr[n]:row_ptr[n + 1]]

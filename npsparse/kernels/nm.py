@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import NpsparseError
 from ._layer import PackedLinear, check_arrays, check_weight_mask
-from ._numba import ROWS_PER_TASK, jit, pjit
+from ._numba import row_block, jit, pjit
 from ._simd import HAS_PERMUTE, NM_OVERREAD_BYTES, nm_dot1, nm_dot4, value_at
 from .bf16 import from_bf16, to_bf16
 from .bitmask import VALUE_TYPES, quantize_rows
@@ -140,10 +140,11 @@ def _gemv(values, indices, scales, m, kept, lanes, chunk_bytes, field, x):  # x 
     row_bytes = indices.shape[1]
     n_chunks = x.shape[1] // 32
     y = np.empty((1, n_rows), dtype=np.float32)
-    for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+    rows_per = row_block(n_rows)
+    for task in numba.prange((n_rows + rows_per - 1) // rows_per):
         token_offsets = np.zeros(1, dtype=np.int64)
         result = np.empty(1, dtype=np.float32)
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+        for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
             if (n + 1) * row_bytes + NM_OVERREAD_BYTES <= indices.size:
                 nm_dot1(values, n * n_values, indices, n * row_bytes, chunk_bytes, x,
                         token_offsets, n_chunks, lanes, field, result)
@@ -160,10 +161,11 @@ def _gemm(values, indices, scales, m, kept, lanes, chunk_bytes, field, x):  # x 
     n_tokens, k_cols = x.shape
     row_bytes = indices.shape[1]
     y = np.empty((n_tokens, n_rows), dtype=np.float32)
-    for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+    rows_per = row_block(n_rows)
+    for task in numba.prange((n_rows + rows_per - 1) // rows_per):
         token_offsets = np.zeros(4, dtype=np.int64)
         result = np.empty(4, dtype=np.float32)
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+        for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
             scale = scales[n] if scales.shape[0] else np.float32(1.0)
             if (n + 1) * row_bytes + NM_OVERREAD_BYTES > indices.size:
                 for t in range(n_tokens):
