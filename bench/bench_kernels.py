@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import scipy.sparse  # noqa: E402
 
 import npsparse.kernels as nk  # noqa: E402
+from npsparse.roofline import parallel_sum  # noqa: E402
 
 SHAPES = {  # name: (N, K) of W [N, K]
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
@@ -90,17 +91,6 @@ def time_round_robin(candidates: dict, passes: int, min_calls: int) -> dict:
     return {label: (min(t), statistics.median(t)) for label, t in samples.items()}
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _parallel_read(rows):  # rows [C, n] float32 -> sum; float32 accumulators, one row per task
-    partial = np.zeros(rows.shape[0], dtype=np.float32)
-    for c in numba.prange(rows.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(rows.shape[1]):
-            acc += rows[c, i]
-        partial[c] = acc
-    return partial.sum()
-
-
 def per_call_bandwidth(nbytes: int = 512 * 2**20, chunk: int = 32 * 2**20, passes: int = 8):
     """(best, median) bytes/s of single calls, each reading one cold ``chunk`` of ``nbytes``.
 
@@ -110,12 +100,12 @@ def per_call_bandwidth(nbytes: int = 512 * 2**20, chunk: int = 32 * 2**20, passe
     """
     array = np.ones((nbytes // chunk, 64, chunk // 256), dtype=np.float32)
     for part in array:  # compile, fault in the pages
-        _parallel_read(part)
+        parallel_sum(part)
     times = []
     for _ in range(passes):
         for part in array:
             start = time.perf_counter()
-            _parallel_read(part)
+            parallel_sum(part)
             times.append(time.perf_counter() - start)
     return chunk / min(times), chunk / statistics.median(times)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _parallel_sum(rows):  # rows [C, n] float32 -> sum, one row per task
+def parallel_sum(rows):  # rows [C, n] float32 -> sum, one row per task
     partial = np.zeros(rows.shape[0], dtype=np.float32)
     for c in numba.prange(rows.shape[0]):
         acc = np.float32(0.0)
@@ -56,11 +56,11 @@ def measure_read_bandwidth(nbytes: int = 512 * 2**20, passes: int = 7) -> Bandwi
     Bandwidth
     """
     array = np.ones((64, nbytes // 256), dtype=np.float32)  # 64 row tasks share the threads
-    _parallel_sum(array)  # compile and fault in the pages
+    parallel_sum(array)  # compile and fault in the pages
     times = []
     for _ in range(passes):
         start = time.perf_counter()
-        _parallel_sum(array)
+        parallel_sum(array)
         times.append(time.perf_counter() - start)
     times.sort()
     return Bandwidth(best=array.nbytes / times[0], median=array.nbytes / times[len(times) // 2],
