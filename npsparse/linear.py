@@ -30,7 +30,7 @@ class DenseLinear:
     """A dense float32 weight ``W [N, K]``.
 
     The product is one BLAS call (``x @ W.T``) for several tokens, and a Numba row-parallel GEMV
-    (:func:`npsparse.kernels.dense.gemv_f32`) for one token, where BLAS threading costs more
+    (:func:`npsparse.kernels.dense.gemv_dense`) for one token, where BLAS threading costs more
     than the arithmetic on small matrices.
 
     Parameters
@@ -48,7 +48,7 @@ class DenseLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.shape[0] == 1 and x.dtype == np.float32 and x.flags.c_contiguous:
-            return _gemv_f32(self.weight, x)  # [1, N]
+            return _gemv_dense(self.weight, x)  # [1, N]
         return x @ self.weight.T  # [T, K] @ [K, N] -> [T, N]
 
     def to_dense(self) -> np.ndarray:
@@ -63,4 +63,4 @@ class DenseLinear:
         return f"DenseLinear(shape={self.shape}, dtype=float32)"
 
 
-from .kernels.dense import gemv_f32 as _gemv_f32  # noqa: E402  (kernels import this module)
+from .kernels.dense import gemv_dense as _gemv_dense  # noqa: E402  (kernels import this module)

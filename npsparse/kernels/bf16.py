@@ -14,9 +14,10 @@ import numpy as np
 
 from ..errors import NpsparseError
 from ._layer import PackedLinear, as_float32, check_arrays, check_weight_mask
-from ._numba import row_block, gemm_tasks, jit, pjit
+from ._numba import gemm_tasks, jit, pjit
 from ._simd import bits_to_f32
 from ._tile import TILE_ROWS, tile_matmul
+from .dense import gemv_dense
 
 
 def to_bf16(a) -> np.ndarray:
@@ -83,20 +84,6 @@ def _matmul_naive(bits, x):  # bits [N, K] uint16, x [T, K] -> y [T, N]
 
 
 @pjit
-def _gemv(bits, x):  # bits [N, K] uint16, x [1, K] -> y [1, N]
-    n_rows, k_cols = bits.shape
-    y = np.empty((1, n_rows), dtype=np.float32)
-    rows_per = row_block(n_rows)
-    for task in numba.prange((n_rows + rows_per - 1) // rows_per):
-        for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
-            acc = np.float32(0.0)
-            for k in range(k_cols):
-                acc += bits_to_f32(np.uint32(bits[n, k]) << 16) * x[0, k]
-            y[0, n] = acc
-    return y
-
-
-@pjit
 def _gemm(bits, x, n_tasks):  # bits [N, K] uint16, x [T, K] -> y [T, N]
     n_rows, k_cols = bits.shape
     y = np.empty((x.shape[0], n_rows), dtype=np.float32)
@@ -135,7 +122,7 @@ class BF16Linear(PackedLinear):
 
     def _matmul(self, x):
         if x.shape[0] == 1:
-            return _gemv(self.arrays["bits"], x)
+            return gemv_dense(self.arrays["bits"], x)
         return _gemm(self.arrays["bits"], x, gemm_tasks())
 
     def matmul_naive(self, x):

@@ -5,6 +5,8 @@ large matrices; for one token against SmolLM2's small matrices its threading cos
 arithmetic, and its worker threads keep spinning after the call, competing with Numba's threads
 for the same two cores. A plain row loop, parallel over rows like every kernel here, streams the
 same bytes with less overhead (measured per block of SmolLM2: see ``bench/bench_decode.py``).
+The same loop serves dense bf16 (:class:`~npsparse.kernels.BF16Linear`): ``value_at`` reads a
+float32 weight as is and a uint16 one as bf16 bits.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._numba import row_block, pjit
+from ._numba import pjit, row_block
+from ._simd import value_at
 
 
 @pjit
-def gemv_f32(weight, x):  # weight [N, K] float32, x [1, K] float32 -> y [1, N]
+def gemv_dense(weight, x):  # weight [N, K] float32 or uint16 (bf16 bits), x [1, K] -> y [1, N]
     n_rows, k_cols = weight.shape
     y = np.empty((1, n_rows), dtype=np.float32)
     rows_per = row_block(n_rows)
@@ -24,6 +27,6 @@ def gemv_f32(weight, x):  # weight [N, K] float32, x [1, K] float32 -> y [1, N]
         for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
             acc = np.float32(0.0)
             for k in range(k_cols):
-                acc += weight[n, k] * x[0, k]
+                acc += value_at(weight[n], k) * x[0, k]
             y[0, n] = acc
     return y
