@@ -160,6 +160,9 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) ->
     return out.transpose(1, 0, 2).reshape(n_tok, n_heads * head_dim)  # [T, H*hd]
 
 
+_NO_ROPE = np.empty((1, 0), dtype=np.float32)  # decode_step's cos/sin when there is no RoPE
+
+
 def multi_head_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int, n_kv: int,
                          start: int, cache_k=None, cache_v=None, rope=None) -> np.ndarray:
     """Split projections into heads, rotate (optional), append to the cache, attend.
@@ -185,7 +188,7 @@ def multi_head_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: i
     n_tok = q.shape[0]
     head_dim = q.shape[1] // n_heads
     if n_tok == 1 and cache_k is not None:  # decode: the same arithmetic in one compiled call
-        cos, sin = rope if rope is not None else (np.empty((1, 0), np.float32),) * 2
+        cos, sin = rope if rope is not None else (_NO_ROPE, _NO_ROPE)
         return decode_step(q.reshape(n_heads, head_dim), k.reshape(n_kv, head_dim),
                            v.reshape(n_kv, head_dim), cos[0], sin[0], cache_k, cache_v, start,
                            rope is not None)  # [1, H*hd]
