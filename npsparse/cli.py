@@ -97,7 +97,7 @@ def cmd_prune(args) -> None:
     if (args.sparsity is None) == (args.pattern is None):
         raise NpsparseError("give exactly one of --sparsity S or --pattern N:M")
     dsnot = {"max_cycles": args.dsnot_cycles, "threshold": args.dsnot_threshold,
-             "pow_of_var": 1.0, "same_sign": args.dsnot_same_sign}
+             "pow_of_var": 1.0, "same_sign": args.dsnot_same_sign, "guard": args.dsnot_guard}
     settings = PruneSettings(
         method=args.method, pattern=args.pattern or args.sparsity, base=args.base,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dsnot-threshold", type=float, default=0.1)
     pr.add_argument("--dsnot-same-sign", action="store_true",
                     help="DSnoT: refuse swaps that flip the sign of the row error")
+    pr.add_argument("--dsnot-guard", choices=["recon", "mean", "none"], default="recon",
+                    help="DSnoT: apply a swap only if it lowers the row's reconstruction error "
+                         "(recon, default), its mean shift |e_i| (mean), or always (none, the "
+                         "reference code)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_prune)

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from npsparse.errors import NpsparseError
 from npsparse.prune import (DSnoTOptions, InputStats, Pattern, check_nm, dsnot, magnitude,
                             sparsegpt, wanda)
 
@@ -52,6 +53,7 @@ def oracle(dense, weight, keep, stats, pattern, options):
     wanda_score = np.abs(values) * np.sqrt(stats.sq_norm)[None, :]
     floor = max(1e-12 * float(np.max(var)), 1e-30)
     e_all = signed_error(dense, np.where(keep, weight, 0), mu)
+    xtx = stats.xtx
     n_cols = dense.shape[1]
     for i in range(dense.shape[0]):
         e_start = e = float(e_all[i])
@@ -93,8 +95,15 @@ def oracle(dense, weight, keep, stats, pattern, options):
                 valid = valid and np.sign(e_new) == np.sign(e_start)
             if not valid:
                 break
-            if options.improve_only and not abs(e_new) < abs(e):
+            if options.guard == "mean" and not abs(e_new) < abs(e):
                 continue
+            if options.guard == "recon":
+                # the row's error ||delta X||^2 before and after the swap, recomputed from scratch
+                delta = dense[i].astype(np.float64) - np.where(keep[i], values[i], 0.0)
+                step = np.zeros(n_cols)
+                step[prune], step[grow] = values[i, prune], -values[i, grow]
+                if not 2 * step @ (xtx @ delta) + step @ xtx @ step < 0:
+                    continue
             keep[i, prune], keep[i, grow] = False, True
             e = e_new
     return keep
@@ -107,14 +116,14 @@ def run_case(seed, n, k, pattern, base, options):
     w[rng.uniform(size=n) < 0.1] = 0.0  # some all-zero rows
     start_w, start_mask = base_prune(base, w, stats, pattern)
     new, mask, info = dsnot(w, start_w, start_mask, stats.sq_norm, stats.dsnot_sum,
-                            stats.variance, pattern, options)
+                            stats.variance, pattern, options, xtx=stats.xtx)
     return w, stats, start_w, start_mask, new, mask, info
 
 
 option_sets = st.builds(DSnoTOptions, max_cycles=st.sampled_from([1, 5, 50]),
                         threshold=st.sampled_from([0.0, 0.1, 3.0]),
                         pow_of_var=st.sampled_from([0.0, 1.0]), same_sign=st.booleans(),
-                        improve_only=st.booleans())
+                        guard=st.sampled_from(["recon", "mean", "none"]))
 
 
 @given(seeds, st.integers(1, 10), widths, st.floats(0.0, 0.9), bases, option_sets)
@@ -152,13 +161,43 @@ def test_swaps_keep_structure_and_values(seed, n, k, pattern, base, options):
 @given(seeds, st.integers(1, 10), st.sampled_from([8, 16, 32]), st.one_of(
     st.floats(0.0, 0.9).map(Pattern), nm_patterns.map(lambda nm: Pattern(nm[0] / nm[1], *nm))),
     bases, st.booleans())
-def test_default_guard_never_increases_any_rows_error(seed, n, k, pattern, base, same_sign):
+def test_mean_guard_never_increases_any_rows_mean_error(seed, n, k, pattern, base, same_sign):
     w, stats, start_w, start_mask, new, mask, info = run_case(
-        seed, n, k, pattern, base, DSnoTOptions(same_sign=same_sign))
+        seed, n, k, pattern, base, DSnoTOptions(same_sign=same_sign, guard="mean"))
     before = np.abs(signed_error(w, start_w, stats.dsnot_sum))
     after = np.abs(signed_error(w, new, stats.dsnot_sum))
     assert np.all(after <= before + 1e-9 * (1 + before))
     assert info["error_after"] <= info["error_before"] * (1 + 1e-12) + 1e-9
+
+
+def row_recon_error(dense, current, xtx):
+    """||(W_i - W'_i) X||^2 per row [N] float64."""
+    delta = dense.astype(np.float64) - current.astype(np.float64)
+    return np.einsum("nk,kl,nl->n", delta, xtx, delta)
+
+
+@given(seeds, st.integers(1, 10), st.sampled_from([8, 16, 32]), st.one_of(
+    st.floats(0.0, 0.9).map(Pattern), nm_patterns.map(lambda nm: Pattern(nm[0] / nm[1], *nm))),
+    bases, st.booleans())
+def test_default_guard_never_increases_any_rows_reconstruction_error(seed, n, k, pattern, base,
+                                                                     same_sign):
+    w, stats, start_w, start_mask, new, mask, info = run_case(
+        seed, n, k, pattern, base, DSnoTOptions(same_sign=same_sign))
+    before = row_recon_error(w, start_w, stats.xtx)
+    after = row_recon_error(w, new, stats.xtx)
+    assert np.all(after <= before + 1e-9 * (1 + before))
+
+
+def test_guards_are_checked():
+    with pytest.raises(NpsparseError, match="guard"):
+        DSnoTOptions(guard="sometimes")
+    rng = np.random.default_rng(0)
+    stats = make_stats(rng, 8)
+    w = rng.normal(size=(4, 8)).astype(np.float32)
+    start_w, start_mask = wanda(w, stats.sq_norm, Pattern(0.5))
+    with pytest.raises(ValueError, match="xtx"):
+        dsnot(w, start_w, start_mask, stats.sq_norm, stats.dsnot_sum, stats.variance,
+              Pattern(0.5))
 
 
 @pytest.mark.parametrize("pattern", ["0.5", "2:4"])
@@ -168,7 +207,7 @@ def test_reference_behaviour_can_increase_the_error(pattern):
     increased = 0
     for seed in range(10):
         w, stats, start_w, _, new, _, _ = run_case(
-            seed, 8, 16, Pattern.parse(pattern), "wanda", DSnoTOptions(improve_only=False))
+            seed, 8, 16, Pattern.parse(pattern), "wanda", DSnoTOptions(guard="none"))
         before = np.abs(signed_error(w, start_w, stats.dsnot_sum))
         after = np.abs(signed_error(w, new, stats.dsnot_sum))
         increased += bool(np.any(after > before + 1e-9))
@@ -206,7 +245,7 @@ def test_tiny_and_degenerate_inputs(pattern):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             new, mask, _ = dsnot(w, start_w, start_mask, stats.sq_norm, stats.dsnot_sum,
-                                 stats.variance, p)
+                                 stats.variance, p, DSnoTOptions(guard="mean"))
         np.testing.assert_array_equal(mask.sum(axis=1), start_mask.sum(axis=1))
         assert np.all(np.isfinite(new)) and np.all(new[~mask] == 0)
 
@@ -218,7 +257,8 @@ def test_regrown_weights_take_the_given_values():
     start_w, start_mask = sparsegpt(w, stats.hessian, Pattern(0.5), blocksize=8)
     regrow = rng.normal(size=w.shape).astype(np.float32)
     new, mask, info = dsnot(w, start_w, start_mask, stats.sq_norm, stats.dsnot_sum,
-                            stats.variance, Pattern(0.5), regrow=regrow)
+                            stats.variance, Pattern(0.5), DSnoTOptions(guard="mean"),
+                            regrow=regrow)
     grown = mask & ~start_mask
     assert info["swaps"] == grown.sum() > 0
     np.testing.assert_array_equal(new[grown], regrow[grown])

@@ -134,8 +134,12 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
         else:
             new, mask = sparsegpt(weight, stats.hessian, pattern, blocksize=blocksize,
                                   percdamp=percdamp, reference_ties=reference_ties)
+        xtx = stats.xtx if "hessian" in stats.needs else None
+        if dsnot_options.guard == "recon" and xtx is None:
+            raise NpsparseError("DSnoT's reconstruction guard needs the inputs' x x^T: collect "
+                                "the 'hessian' statistic (stats_needed does by default)")
         new, mask, info = dsnot(weight, new, mask, stats.sq_norm, stats.dsnot_sum,
-                                stats.variance, pattern, dsnot_options, init_score)
+                                stats.variance, pattern, dsnot_options, init_score, xtx=xtx)
     else:
         raise NpsparseError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
     info["sparsity"] = float(np.mean(new == 0))
