@@ -132,8 +132,9 @@ def load(model: str | Path = "smollm2") -> LLM:
     Parameters
     ----------
     model : str or Path
-        ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), a GGUF file, or a Hugging Face
-        directory (``config.json``, safetensors, ``tokenizer.json``).
+        ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), a GGUF file, a Hugging Face
+        directory (``config.json``, safetensors, ``tokenizer.json``), or a packed folder
+        (``npsparse pack``, see :mod:`npsparse.packed`).
 
     Returns
     -------
@@ -141,4 +142,6 @@ def load(model: str | Path = "smollm2") -> LLM:
     """
     checkpoint = open_checkpoint(model)
     network = build_model(checkpoint.config, checkpoint.weights)
+    if getattr(checkpoint, "head", None) is not None:  # a packed folder's head (npsparse.packed)
+        network.head = checkpoint.head
     return LLM(network, load_tokenizer(checkpoint), checkpoint.path, checkpoint)

@@ -116,6 +116,28 @@ def cmd_prune(args) -> None:
           f"{report['peak_rss_mib']:.0f} MiB -> {args.out}")
 
 
+def cmd_pack(args) -> None:
+    from .packed import pack_model
+
+    report = pack_model(args.model, args.out, args.format, head=args.head)
+    if args.json:
+        _print_json(report)
+        return
+    print(f"packed {args.model} as {args.format} ({report['formats']}, head {report['head']}) "
+          f"in {report['seconds']:.1f} s: {report['weight_bytes_per_token'] / 1e6:.1f} MB read "
+          f"per token -> {report['out']}")
+
+
+def cmd_bench(args) -> None:
+    if args.which == "kernels":
+        from .benchmarks.kernels import main
+    else:
+        from .benchmarks.decode import main
+    status = main(args.rest)
+    if status:
+        sys.exit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npsparse", description="Sparse LLMs in NumPy and Numba: evaluate, prune, generate.")
@@ -142,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--format", default="dense",
                      choices=["dense", "auto", "bf16", "csr", "bitmask", "nm"],
-                     help="weight format of the block linear layers (dense = float32 BLAS; auto = "
+                     help="weight format of the block linear layers (dense = as loaded: float32 "
+                          "for a checkpoint, the stored formats for a packed folder; auto = "
                           "fewest bytes per layer)")
     gen.add_argument("--threads", type=_positive, default=None, help="kernel threads")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -172,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_prune)
+
+    pk = sub.add_parser("pack", help="save a model with its layers packed in a kernel format")
+    _add_model(pk)
+    pk.add_argument("--format", default="auto", choices=["auto", "bf16", "csr", "bitmask", "nm"],
+                    help="auto = per layer, the format that reads the fewest bytes")
+    pk.add_argument("--head", default="bf16", choices=["bf16", "dense"],
+                    help="output head as dense bf16 (default) or float32")
+    pk.add_argument("--out", required=True, help="output folder (written atomically)")
+    pk.add_argument("--json", action="store_true")
+    pk.set_defaults(func=cmd_pack)
+
+    bn = sub.add_parser("bench", help="kernel or decode benchmarks against the memory roofline",
+                        description="npsparse bench kernels --help / npsparse bench decode --help "
+                                    "list each benchmark's options.")
+    bn.add_argument("which", choices=["kernels", "decode"])
+    bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    bn.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="the main job on the embedded model: evaluate and generate")
     demo.add_argument("model", nargs="?", default="smollm2", metavar="MODEL")

@@ -63,4 +63,13 @@ class DenseLinear:
         return f"DenseLinear(shape={self.shape}, dtype=float32)"
 
 
+def as_linear(weight, *, transpose: bool = False):
+    """The seam object for a checkpoint tensor: :class:`DenseLinear` over an array (``weight.T``
+    with ``transpose``, for GPT-2's Conv1D ``[K, N]`` storage), or the layer itself if it already is
+    one (a packed folder's layers, see :mod:`npsparse.packed`, are stored as ``[N, K]``)."""
+    if isinstance(weight, np.ndarray):
+        return DenseLinear(weight.T if transpose else weight)
+    return weight
+
+
 from .kernels.dense import gemv_dense as _gemv_dense  # noqa: E402  (kernels import this module)

@@ -81,3 +81,16 @@ def test_eval_smollm2_first_window(smollm2_path):
     result = json.loads(out.stdout)
     assert result["tokens"] == 511
     assert np.isfinite(result["ppl"]) and 5 < result["ppl"] < 40
+
+
+def test_bench_decode_and_kernels_run(tiny_dir):
+    out = run("bench", "decode", f"{tiny_dir}@dense", f"{tiny_dir}@bitmask", "--tokens", 3,
+              "--repeats", 1)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith(f"| {tiny_dir}@")]
+    assert len(rows) == 2 and "% |" in rows[0]
+    out = run("bench", "kernels", "--shapes", "64x64", "--sparsities", "50", "--formats",
+              "bitmask-bf16", "--tokens", "--passes", 1, "--calls", 1, "--bw-passes", 1,
+              "--no-scipy", "--cold-bytes", 2**20)
+    assert out.returncode == 0, out.stderr
+    assert "bitmask-bf16" in out.stdout and "Command: npsparse bench kernels" in out.stdout

@@ -55,7 +55,9 @@ def open_checkpoint(model: str | Path) -> GGUFCheckpoint | HFCheckpoint:
     """
     path = resolve_model_path(model)
     if path.is_dir():
-        return HFCheckpoint(path)
+        from ..packed import PackedCheckpoint, is_packed_dir
+
+        return PackedCheckpoint(path) if is_packed_dir(path) else HFCheckpoint(path)
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic == b"GGUF":

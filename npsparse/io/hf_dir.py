@@ -23,6 +23,9 @@ from ..errors import NpsparseError
 from .weights import Weights
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+# Integer arrays appear only in npsparse's packed folders (sparse formats: bits, masks, indices).
+_RAW_DTYPES = {**_DTYPES, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+               "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64}
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -31,10 +34,14 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 class SafetensorsFile:
-    """One memory-mapped ``.safetensors`` file: header parsed, tensors viewed on demand."""
+    """One memory-mapped ``.safetensors`` file: header parsed, tensors viewed on demand.
 
-    def __init__(self, path: Path):
+    ``raw=True`` also accepts integer tensors (read with :meth:`raw`), as packed folders hold.
+    """
+
+    def __init__(self, path: Path, raw: bool = False):
         self.path = path
+        dtypes = _RAW_DTYPES if raw else _DTYPES
         try:
             size = path.stat().st_size
             with open(path, "rb") as handle:
@@ -53,10 +60,10 @@ class SafetensorsFile:
         data_len = size - self.data_start
         for name, entry in header.items():
             dtype = entry.get("dtype")
-            if dtype not in _DTYPES:
+            if dtype not in dtypes:
                 raise NpsparseError(f"{path}: tensor {name} has unsupported dtype {dtype}")
             begin, end = entry["data_offsets"]
-            expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+            expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(dtypes[dtype]).itemsize
             if end - begin != expected:
                 raise NpsparseError(f"{path}: tensor {name} has {end - begin} bytes, expected {expected}")
             if end > data_len:
@@ -65,6 +72,13 @@ class SafetensorsFile:
 
     def shape(self, name: str) -> tuple:
         return tuple(self.entries[name]["shape"])
+
+    def raw(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as stored: a read-only view of the mapped file (BF16 as uint16 bits)."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        raw = self._map[self.data_start + begin:self.data_start + end]
+        return raw.view(_RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def load(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32: a read-only view for F32, a widened copy otherwise."""
@@ -187,8 +201,12 @@ class HFDirWriter:
 
     def finish(self, config: ModelConfig, *, tokenizer_json: str | None,
                extra_files: dict | None = None, chat_template: str | None = None) -> Path:
-        """Name the shards, write config, tokenizer and extra files, and move into place."""
-        if len(self.shards) == 1:
+        """Name the shards, write config, tokenizer and extra files, and move into place.
+
+        Files written straight into ``self.tmp`` (a packed folder's weights) move along."""
+        if not self.shards:
+            pass
+        elif len(self.shards) == 1:
             (self.tmp / self.shards[0][0]).rename(self.tmp / "model.safetensors")
         else:
             weight_map = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
-from ..linear import DenseLinear
+from ..linear import DenseLinear, as_linear
 from .base import CausalLM
 from .layers import ACTIVATIONS, layer_norm, multi_head_attention
 
@@ -47,7 +47,8 @@ class GPT2Block:
         self.cfg = cfg
         self.norms = {k: tensors[k] for k in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")}
         # Conv1D stores [in, out]; the seam wants [out, in], so transpose once here.
-        self.linears = {name: DenseLinear(tensors[name + ".weight"].T) for name in _CONV1D}
+        self.linears = {name: as_linear(tensors[name + ".weight"], transpose=True)
+                        for name in _CONV1D}
         self.bias = {name: tensors[name + ".bias"] for name in _CONV1D}
         self.act = ACTIVATIONS[cfg.activation]
 
@@ -94,7 +95,7 @@ class GPT2Model(CausalLM):
         if self.tied:
             self.head = DenseLinear(self.wte)
         else:
-            self.head = DenseLinear(get("lm_head.weight", (config.vocab_size, d)))
+            self.head = as_linear(get("lm_head.weight", (config.vocab_size, d)))
 
     def block_prefix(self, i: int) -> str:
         return f"{self.prefix}h.{i}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
-from ..linear import DenseLinear
+from ..linear import DenseLinear, as_linear
 from .base import CausalLM
 from .layers import RopeTables, multi_head_attention, rms_norm, rope_inv_freq, silu
 
@@ -59,7 +59,7 @@ class LlamaBlock:
         self.rope = rope  # cos/sin by position, shared by all blocks
         self.attn_norm = tensors["input_layernorm.weight"]  # [D]
         self.mlp_norm = tensors["post_attention_layernorm.weight"]  # [D]
-        self.linears = {name: DenseLinear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
+        self.linears = {name: as_linear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
         self.bias = {name: tensors.get(f"self_attn.{name}_proj.bias") for name in "qkv"}
 
     def attention(self, h: np.ndarray, start: int, cache_k, cache_v) -> np.ndarray:
@@ -117,7 +117,7 @@ class LlamaModel(CausalLM):
         if config.tie_embeddings:  # the head reuses the embedding matrix [V, D]
             self.head = DenseLinear(self.embed_tokens)
         else:
-            self.head = DenseLinear(get("lm_head.weight", self.shapes["lm_head.weight"]))
+            self.head = as_linear(get("lm_head.weight", self.shapes["lm_head.weight"]))
 
     def block_prefix(self, i: int) -> str:
         return f"model.layers.{i}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
-from ..linear import DenseLinear
+from ..linear import DenseLinear, as_linear
 from .base import CausalLM
 from .layers import ACTIVATIONS, layer_norm, multi_head_attention
 
@@ -58,7 +58,7 @@ class OPTBlock:
     def __init__(self, cfg: ModelConfig, tensors: dict):
         self.cfg = cfg
         self.norms = {k: tensors[k] for k in tensors if k.split(".")[0] in _NORMS}
-        self.linears = {name: DenseLinear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
+        self.linears = {name: as_linear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
         self.bias = {name: tensors[name + ".bias"] for name in LINEAR_NAMES}
         self.act = ACTIVATIONS[cfg.activation]
 
@@ -124,7 +124,7 @@ class OPTModel(CausalLM):
         self.blocks = [self.load_block(i) for i in range(config.n_layers)] if load_blocks else []
         self.tied = config.tie_embeddings or "lm_head.weight" not in weights
         embed = self.tensors["embed_tokens.weight"]
-        self.head = DenseLinear(embed if self.tied else get("lm_head.weight", embed.shape))
+        self.head = as_linear(embed if self.tied else get("lm_head.weight", embed.shape))
 
     def block_prefix(self, i: int) -> str:
         return f"{self.prefix}layers.{i}"

@@ -1,0 +1,208 @@
+"""Packed model folders: a model saved with its linear layers already in a kernel format.
+
+``npsparse pack MODEL --format F --out DIR`` writes DIR with ``config.json``, the tokenizer files,
+``packed.json`` (what was packed, how, and how many bytes a token reads) and one safetensors file,
+``npsparse-packed.safetensors``. That file holds every tensor the forward pass needs:
+
+- each block linear layer (and the output head, unless it stays float32) as the arrays of its
+  packed format, under ``<tensor name>::<array name>`` (``model.layers.0.mlp.up_proj.weight::bits``);
+  the header's metadata maps each tensor name to its format, shape and options (``layers``) and
+  carries the folder schema (``npsparse_packed``);
+- everything else (embeddings, norms, biases) as float32 under its Hugging Face name.
+
+Loading DIR (``npsparse.load(DIR)``, any CLI command) memory-maps that file and rebuilds each layer
+with :func:`npsparse.kernels.from_arrays` over views of it: nothing is repacked and no dense copy is
+made. Writing is atomic (temporary folder, then rename). transformers cannot read such a folder;
+pruned models for other tools are the plain folders ``npsparse prune`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NpsparseError
+from .io.hf_dir import HFCheckpoint, HFDirWriter, SafetensorsFile
+from .io.weights import Weights
+
+PACKED_FILE = "npsparse-packed.safetensors"
+FOLDER_SCHEMA = 1
+HEAD_NAME = "lm_head.weight"
+
+
+def is_packed_dir(path: str | Path) -> bool:
+    """True if ``path`` is a folder written by :func:`save_packed`."""
+    return (Path(path) / PACKED_FILE).is_file()
+
+
+def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
+    """Write ``llm`` (already packed with :func:`npsparse.sparse.apply_format`) to folder ``out``.
+
+    Parameters
+    ----------
+    llm : LLM
+        A loaded model whose layers are in the formats to save (dense ones are saved float32).
+    out : str or Path
+        Destination folder; replaced atomically if it exists.
+    info : dict, optional
+        Extra fields for ``packed.json`` (e.g. the ``apply_format`` report).
+
+    Returns
+    -------
+    Path
+    """
+    from safetensors.numpy import save_file
+
+    from .kernels import to_arrays
+
+    model = llm.model
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, dict] = {}
+
+    def add_layer(name: str, layer, hf_shape) -> None:
+        arrays, metadata = to_arrays(layer)
+        layers[name] = {**metadata, "hf_shape": [int(s) for s in hf_shape]}
+        for key, array in arrays.items():
+            tensors[f"{name}::{key}"] = np.ascontiguousarray(array)
+
+    linears = model.linears()
+    for i, block in enumerate(model.blocks):
+        prefix = model.block_prefix(i) + "."
+        for name, array in block.state().items():  # dense views of the linears are dropped below
+            full = prefix + name
+            layer = linears.get(full[: -len(".weight")]) if full.endswith(".weight") else None
+            if layer is None:
+                tensors[full] = np.ascontiguousarray(array, dtype=np.float32)
+            else:
+                add_layer(full, layer, array.shape)
+    outer = model.outer_state()
+    for name, array in outer.items():
+        if name != HEAD_NAME:
+            tensors[name] = np.ascontiguousarray(array, dtype=np.float32)
+    head_packed = type(model.head).__name__ != "DenseLinear"
+    if head_packed:
+        add_layer(HEAD_NAME, model.head, model.head.shape)
+    elif HEAD_NAME in outer:
+        tensors[HEAD_NAME] = np.ascontiguousarray(outer[HEAD_NAME], dtype=np.float32)
+
+    report = {"npsparse_packed": FOLDER_SCHEMA, "source": str(llm.path),
+              "weight_bytes_per_token": model.weight_bytes(),
+              "formats": _count(layers), **(info or {})}
+    metadata = {"npsparse_packed": str(FOLDER_SCHEMA), "layers": json.dumps(layers)}
+    tokenizer = llm.tokenizer
+    with HFDirWriter(out) as writer:
+        save_file(tensors, str(writer.tmp / PACKED_FILE), metadata=metadata)
+        return writer.finish(llm.config, tokenizer_json=tokenizer.to_json(),
+                             chat_template=tokenizer.chat_template,
+                             extra_files={"packed.json": json.dumps(report, indent=1) + "\n"})
+
+
+def _count(layers: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for meta in layers.values():
+        counts[meta["format"]] = counts.get(meta["format"], 0) + 1
+    return counts
+
+
+class PackedWeights(Weights):
+    """The float32 tensors of a packed folder, plus its packed layers under their tensor names.
+
+    ``get_checked(name, shape)`` returns a packed layer (a :class:`~npsparse.linear.Linear`) for
+    a packed tensor name, after checking the shape the checkpoint tensor had (``hf_shape``).
+    """
+
+    def __init__(self, handle: SafetensorsFile, layers: dict[str, dict], source: Path):
+        self.handle = handle
+        self.layers = layers
+        plain = [n for n in handle.entries if "::" not in n]
+        shapes = {n: handle.shape(n) for n in plain}
+        shapes.update({n: tuple(meta["hf_shape"]) for n, meta in layers.items()})
+        super().__init__(plain + list(layers), self._load, shapes, source)
+
+    def _load(self, name: str):
+        if name in self.layers:
+            return self.layer(name)
+        return self.handle.load(name)
+
+    def layer(self, name: str):
+        """The packed layer stored under tensor name ``name``, over memory-mapped arrays."""
+        from .kernels import from_arrays
+
+        meta = self.layers[name]
+        prefix = name + "::"
+        arrays = {key[len(prefix):]: self.handle.raw(key) for key in self.handle.entries
+                  if key.startswith(prefix)}
+        metadata = {k: v for k, v in meta.items() if k != "hf_shape"}
+        try:
+            return from_arrays(arrays, metadata)
+        except NpsparseError as err:
+            raise NpsparseError(f"{self.source}: {name}: {err}") from None
+
+    def get_checked(self, name: str, shape: tuple):
+        if name in self.layers:
+            have = tuple(self.layers[name]["hf_shape"])
+            if have != tuple(shape):
+                raise NpsparseError(f"{self.source}: packed layer {name} has shape {list(have)}, "
+                                    f"expected {list(shape)}")
+            return self.layer(name)
+        return super().get_checked(name, shape)
+
+
+class PackedCheckpoint(HFCheckpoint):
+    """A folder written by :func:`save_packed`, opened for reading (see the module docstring).
+
+    ``weights`` is a :class:`PackedWeights`; ``head`` is the packed output head, or None when the
+    head was saved float32.
+    """
+
+    def _safetensors_files(self) -> list[Path]:
+        return []  # the packed file is opened below, with its integer arrays allowed
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        handle = SafetensorsFile(self.path / PACKED_FILE, raw=True)
+        schema = handle.metadata.get("npsparse_packed")
+        if schema != str(FOLDER_SCHEMA):
+            raise NpsparseError(f"{self.path}: packed folder schema {schema!r}; this npsparse "
+                                f"reads schema {FOLDER_SCHEMA}")
+        try:
+            layers = json.loads(handle.metadata.get("layers", "{}"))
+        except ValueError as err:
+            raise NpsparseError(f"{self.path}: corrupt packed layer table ({err})") from None
+        self.files = {PACKED_FILE: handle}
+        self.weights = PackedWeights(handle, layers, self.path)
+        self.head = self.weights.layer(HEAD_NAME) if HEAD_NAME in layers else None
+
+
+def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: str = "bf16"):
+    """Load ``model``, pack its layers as ``fmt`` and save the packed folder ``out``.
+
+    Parameters
+    ----------
+    model : str or Path
+        Anything :func:`npsparse.load` accepts (usually a pruned folder).
+    out : str or Path
+    fmt : str
+        A format of :data:`npsparse.sparse.FORMAT_CHOICES` other than ``"dense"``.
+    head : {"bf16", "dense"}
+
+    Returns
+    -------
+    dict
+        The ``packed.json`` report plus ``out`` and ``seconds`` (packing and writing).
+    """
+    from .api import load
+    from .sparse import apply_format
+
+    if fmt == "dense":
+        raise NpsparseError("--format dense would save nothing packed; choose auto, bf16, csr, "
+                            "bitmask or nm")
+    start = time.perf_counter()
+    llm = load(model)
+    info = apply_format(llm.model, fmt, head=head)
+    path = save_packed(llm, out, {"format": fmt, "head": info["head"]})
+    report = json.loads((path / "packed.json").read_text())
+    return {**report, "out": str(path), "seconds": time.perf_counter() - start}
