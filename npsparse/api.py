@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arena import consolidate
 from .data import read_text, windows as make_windows
 from .errors import NpsparseError
 from .evaluate import PerplexityResult, perplexity
@@ -144,4 +145,6 @@ def load(model: str | Path = "smollm2") -> LLM:
     network = build_model(checkpoint.config, checkpoint.weights)
     if getattr(checkpoint, "head", None) is not None:  # a packed folder's head (npsparse.packed)
         network.head = checkpoint.head
+    else:  # a packed folder stays memory-mapped; other weights move onto huge pages (see arena)
+        consolidate(network)
     return LLM(network, load_tokenizer(checkpoint), checkpoint.path, checkpoint)

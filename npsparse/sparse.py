@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+from .arena import consolidate
 from .errors import NpsparseError
 
 FORMAT_CHOICES = ("dense", "auto", "bf16", "csr", "bitmask", "nm")
@@ -63,8 +64,10 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "bf
         label = type(packed).__name__
         chosen[label] = chosen.get(label, 0) + 1
         model.set_linear(name, packed)
-    if fmt != "dense" and head == "bf16":
-        model.head = kernels.pack(model.head.to_dense(), None, "bf16")
+    if fmt != "dense":
+        consolidate(model)  # the packed arrays onto huge pages, as npsparse.load does (arena)
+        if head == "bf16":
+            model.head = kernels.pack(model.head.to_dense(), None, "bf16")
     return {"format": fmt, "seconds": time.perf_counter() - start,
             "weight_bytes": model.weight_bytes(), "formats": chosen,
             "head": type(model.head).__name__}
