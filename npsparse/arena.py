@@ -45,9 +45,8 @@ def consolidate(model) -> int:
     """
     from .linear import DenseLinear
 
-    layers = list(model.linears().items())
     sizes = []
-    for _, layer in layers:
+    for layer in model.linears().values():
         arrays = _layer_arrays(layer) or {}
         sizes += [-(-a.nbytes // ALIGN) * ALIGN for a in arrays.values()]
     total = sum(sizes)
@@ -55,7 +54,9 @@ def consolidate(model) -> int:
         return 0
     buffer = np.empty(total + ALIGN, dtype=np.uint8)
     offset = (-buffer.ctypes.data) % ALIGN
-    for name, layer in layers:
+    # One layer at a time, holding no other: each original is freed as soon as it is replaced.
+    for name in list(model.linears()):
+        layer = model.linears()[name]
         arrays = _layer_arrays(layer)
         if arrays is None:
             continue
@@ -69,4 +70,5 @@ def consolidate(model) -> int:
             model.set_linear(name, DenseLinear(moved["weight"]))
         else:
             layer.arrays.update(moved)
+        del layer, arrays, moved
     return total
