@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from .errors import NpsparseError
 
@@ -83,7 +84,13 @@ def cmd_demo(args) -> None:
     print(f"packed block linears as {info['formats']} in {info['seconds']:.1f} s: "
           f"{info['weight_bytes'] / 1e6:.0f} MB read per token (dense float32: "
           f"{dense.model.weight_bytes() / 1e6:.0f} MB)")
-    for name, llm in (("dense float32", dense), (f"pruned, {args.format} kernels", pruned)):
+    runs = (("dense float32", dense), (f"pruned, {args.format} kernels", pruned))
+    start = time.perf_counter()
+    for _, llm in runs:  # first calls compile the kernels (or load them from Numba's disk cache)
+        llm.generate(args.prompt, 2, chat=True)
+    print(f"kernels ready in {time.perf_counter() - start:.1f} s (first calls: compile or load "
+          "from cache), not counted in the speeds below")
+    for name, llm in runs:
         print(f"\n[{name}] {args.prompt}")
         gen = llm.generate(args.prompt, args.n, chat=True,
                            on_text=lambda text: print(text, end="", flush=True))
