@@ -57,6 +57,7 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
     from safetensors.numpy import save_file
 
     from .kernels import to_arrays
+    from .linear import DenseLinear
 
     model = llm.model
     tensors: dict[str, np.ndarray] = {}
@@ -82,8 +83,7 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
     for name, array in outer.items():
         if name != HEAD_NAME:
             tensors[name] = np.ascontiguousarray(array, dtype=np.float32)
-    head_packed = type(model.head).__name__ != "DenseLinear"
-    if head_packed:
+    if not isinstance(model.head, DenseLinear):
         add_layer(HEAD_NAME, model.head, model.head.shape)
     elif HEAD_NAME in outer:
         tensors[HEAD_NAME] = np.ascontiguousarray(outer[HEAD_NAME], dtype=np.float32)

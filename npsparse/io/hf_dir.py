@@ -83,9 +83,7 @@ class SafetensorsFile:
     def load(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32: a read-only view for F32, a widened copy otherwise."""
         entry = self.entries[name]
-        begin, end = entry["data_offsets"]
-        raw = self._map[self.data_start + begin:self.data_start + end]
-        array = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        array = self.raw(name)
         if entry["dtype"] == "BF16":
             return bf16_to_f32(array)
         return array if array.dtype == np.float32 else array.astype(np.float32)
@@ -204,11 +202,9 @@ class HFDirWriter:
         """Name the shards, write config, tokenizer and extra files, and move into place.
 
         Files written straight into ``self.tmp`` (a packed folder's weights) move along."""
-        if not self.shards:
-            pass
-        elif len(self.shards) == 1:
+        if len(self.shards) == 1:
             (self.tmp / self.shards[0][0]).rename(self.tmp / "model.safetensors")
-        else:
+        elif self.shards:
             weight_map = {}
             total = len(self.shards)
             for i, (name, tensor_names) in enumerate(self.shards):
