@@ -145,6 +145,7 @@ def load(model: str | Path = "smollm2") -> LLM:
     network = build_model(checkpoint.config, checkpoint.weights)
     if getattr(checkpoint, "head", None) is not None:  # a packed folder's head (npsparse.packed)
         network.head = checkpoint.head
-    else:  # a packed folder stays memory-mapped; other weights move onto huge pages (see arena)
-        consolidate(network)
+    # Block weights move onto huge pages and same-input layers stack (see arena); a packed
+    # folder's arrays are copied there as stored, not repacked.
+    consolidate(network)
     return LLM(network, load_tokenizer(checkpoint), checkpoint.path, checkpoint)

@@ -1,4 +1,5 @@
-"""Gather every weight array a decode step reads into one large buffer (huge pages).
+"""Gather every weight array a decode step reads into one large buffer (huge pages), stacking the
+layers that read the same input into one matrix each.
 
 Decode streams all weights once per token. Linux backs memory with 2 MiB pages only where the
 program asks for them (transparent huge pages in ``madvise`` mode, the usual default), and NumPy
@@ -7,15 +8,42 @@ asks only for allocations of 4 MiB and more. SmolLM2's layer matrices are 0.4-3.
 TLB every 4 KiB. Copied into one buffer, they share huge pages. Measured on SmolLM2 (same process,
 best of 5 interleaved greedy runs of 64 tokens): dense float32 decode 63.3 -> 68.6 tok/s.
 
-The copy happens layer by layer and each original is released when its layer is replaced, so peak
-memory grows by about one layer. Arrays start on 64-byte boundaries.
+Layers of one *fusable group* of a block (LLaMA: q/k/v, and gate/up) that share a format are laid
+out back to back, array by array, so that the rows of all of them form one packed matrix: a
+single kernel call then computes the whole group (one thread launch instead of three, and longer
+row runs per thread). The block keeps that *stacked* layer in ``block.fused`` beside the
+individual layers, whose arrays become views into it, so no weight is stored twice. Only the
+stacked ``row_ptr`` (one int64 per row) is extra.
+
+The copy happens layer group by layer group and each original is released when it is replaced, so
+peak memory grows by about one group. Arrays start on 64-byte boundaries, except the parts inside
+a stacked array, which follow each other.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 ALIGN = 64  # bytes
+
+
+@dataclass
+class Fused:
+    """A stacked layer computing several same-input layers at once.
+
+    ``layer(x)`` returns ``[T, sum(rows)]``; columns ``bounds[i]:bounds[i+1]`` are ``parts[i](x)``.
+    The block uses it only while its ``linears`` still hold exactly ``parts`` (any layer replaced
+    since, e.g. by :meth:`~npsparse.models.base.CausalLM.set_linear`, turns it off).
+    """
+
+    layer: object
+    parts: tuple
+    bounds: tuple[int, ...]
+
+    def current(self, layers) -> bool:
+        return all(a is b for a, b in zip(layers, self.parts))
 
 
 def _layer_arrays(layer) -> dict[str, np.ndarray] | None:
@@ -27,11 +55,51 @@ def _layer_arrays(layer) -> dict[str, np.ndarray] | None:
     return None
 
 
+def _signature(layer):
+    """Layers with equal signatures can be stacked row-wise into one layer of their format."""
+    arrays = _layer_arrays(layer)
+    if arrays is None:
+        return None
+    options = tuple(sorted(layer.to_arrays()[1].items())) if hasattr(layer, "to_arrays") else ()
+    options = tuple(item for item in options if item[0] != "shape")
+    return (type(layer), options, layer.shape[1],
+            tuple(sorted((k, a.dtype.str, a.ndim) for k, a in arrays.items())))
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _plan(model) -> list[tuple[object, tuple[str, ...]]]:
+    """(block, layer names) in copy order: each fusable group whose layers can stack, then the
+    remaining layers one by one."""
+    plan = []
+    for block in model.blocks:
+        grouped = set()
+        for names in getattr(block, "fusable_groups", ()):
+            layers = [block.linears[n] for n in names]
+            sig = _signature(layers[0])
+            if sig is not None and all(_signature(layer) == sig for layer in layers[1:]):
+                plan.append((block, tuple(names)))
+                grouped.update(names)
+        plan += [(block, (name,)) for name in block.linears if name not in grouped]
+    return plan
+
+
+def _stacked_row_ptr(parts: list[np.ndarray]) -> np.ndarray:
+    out, base = [parts[0]], parts[0][-1]
+    for ptr in parts[1:]:
+        out.append(ptr[1:] + base)
+        base += ptr[-1]
+    return np.concatenate(out)
+
+
 def consolidate(model) -> int:
-    """Move the arrays of every block linear layer into one buffer.
+    """Move the arrays of every block linear layer into one buffer, stacking fusable groups.
 
     The output head is left alone: it is one large array, already on huge pages (and, when tied,
-    shared with the embedding table, which a copy would duplicate).
+    shared with the embedding table, which a copy would duplicate). Blocks that declare
+    ``fusable_groups`` get a ``fused`` dict (group names -> :class:`Fused`).
 
     Parameters
     ----------
@@ -41,34 +109,77 @@ def consolidate(model) -> int:
     Returns
     -------
     int
-        Bytes moved.
+        Bytes of the buffer.
     """
     from .linear import DenseLinear
 
-    sizes = []
-    for layer in model.linears().values():
-        arrays = _layer_arrays(layer) or {}
-        sizes += [-(-a.nbytes // ALIGN) * ALIGN for a in arrays.values()]
-    total = sum(sizes)
+    plan = _plan(model)
+    total = 0
+    for block, names in plan:
+        arrays = [_layer_arrays(block.linears[n]) for n in names]
+        if arrays[0] is None:
+            continue
+        for key in arrays[0]:
+            if len(names) == 1:
+                total += _aligned(arrays[0][key].nbytes)
+            else:
+                total += _aligned(sum(a[key].nbytes for a in arrays))
+                if key == "row_ptr":  # each part keeps its own row_ptr as well
+                    total += sum(_aligned(a[key].nbytes) for a in arrays)
     if total == 0:
         return 0
     buffer = np.empty(total + ALIGN, dtype=np.uint8)
     offset = (-buffer.ctypes.data) % ALIGN
-    # One layer at a time, holding no other: each original is freed as soon as it is replaced.
-    for name in list(model.linears()):
-        layer = model.linears()[name]
-        arrays = _layer_arrays(layer)
-        if arrays is None:
+
+    def place(array):
+        nonlocal offset
+        view = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
+        view[...] = array
+        offset += _aligned(array.nbytes)
+        return view
+
+    for block in model.blocks:
+        if hasattr(block, "fusable_groups"):
+            block.fused = {}
+    # One group at a time, holding no other: each original is freed as soon as it is replaced.
+    for block, names in plan:
+        layers = [block.linears[n] for n in names]
+        arrays = [_layer_arrays(layer) for layer in layers]
+        if arrays[0] is None:
             continue
-        moved = {}
-        for key, array in arrays.items():
-            view = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
-            view[...] = array
-            moved[key] = view
-            offset += -(-array.nbytes // ALIGN) * ALIGN
-        if isinstance(layer, DenseLinear):
-            model.set_linear(name, DenseLinear(moved["weight"]))
-        else:
-            layer.arrays.update(moved)
-        del layer, arrays, moved
+        moved = [{} for _ in layers]
+        stacked = {}
+        for key in arrays[0]:
+            if len(layers) == 1:
+                moved[0][key] = place(arrays[0][key])
+                continue
+            if key == "row_ptr":
+                stacked[key] = place(_stacked_row_ptr([a[key] for a in arrays]))
+                for i, a in enumerate(arrays):
+                    moved[i][key] = place(a[key])
+                continue
+            whole = place(np.concatenate([a[key] for a in arrays]))  # rows (or nonzeros) in order
+            stacked[key] = whole
+            start = 0
+            for i, a in enumerate(arrays):
+                moved[i][key] = whole[start:start + len(a[key])]
+                start += len(a[key])
+        new_layers = []
+        for layer, name, arr in zip(layers, names, moved):
+            if isinstance(layer, DenseLinear):
+                layer = DenseLinear(arr["weight"])
+                block.linears[name] = layer
+            else:
+                layer.arrays.update(arr)
+            new_layers.append(layer)
+        if len(layers) > 1:
+            rows = np.cumsum([0] + [layer.shape[0] for layer in new_layers])
+            first = new_layers[0]
+            if isinstance(first, DenseLinear):
+                fused = DenseLinear(stacked["weight"])
+            else:
+                metadata = dict(first.to_arrays()[1], shape=f"{rows[-1]},{first.shape[1]}")
+                fused = type(first).from_arrays(stacked, metadata)
+            block.fused[names] = Fused(fused, tuple(new_layers), tuple(int(r) for r in rows))
+        del layers, arrays, moved, stacked, new_layers
     return total

@@ -18,6 +18,8 @@ LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 # Linear layers that read the same input (calibration statistics are collected once per group).
 INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
@@ -53,20 +55,29 @@ class LlamaBlock:
     """One decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
     input_groups = INPUT_GROUPS
+    fusable_groups = (QKV, GATE_UP)  # stacked into one product each by npsparse.arena
 
     def __init__(self, cfg: ModelConfig, tensors: dict, rope: RopeTables):
         self.cfg = cfg
+        self.fused = {}  # group names -> npsparse.arena.Fused, filled by consolidate()
         self.rope = rope  # cos/sin by position, shared by all blocks
         self.attn_norm = tensors["input_layernorm.weight"]  # [D]
         self.mlp_norm = tensors["post_attention_layernorm.weight"]  # [D]
         self.linears = {name: as_linear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
         self.bias = {name: tensors.get(f"self_attn.{name}_proj.bias") for name in "qkv"}
 
+    def products(self, names: tuple[str, ...], h: np.ndarray) -> list[np.ndarray]:
+        """``[layer(h) for layer in names]``, as one stacked product when the arena built one."""
+        fused = self.fused.get(names)
+        if fused is None or not fused.current([self.linears[n] for n in names]):
+            return [self.linears[n](h) for n in names]
+        y = fused.layer(h)  # [T, sum of rows]
+        b = fused.bounds
+        return [y[:, b[i]:b[i + 1]] for i in range(len(names))]
+
     def attention(self, h: np.ndarray, start: int, cache_k, cache_v) -> np.ndarray:
         cfg, lin = self.cfg, self.linears
-        q = lin["self_attn.q_proj"](h)  # [T, H*hd]
-        k = lin["self_attn.k_proj"](h)  # [T, KV*hd]
-        v = lin["self_attn.v_proj"](h)  # [T, KV*hd]
+        q, k, v = self.products(QKV, h)  # [T, H*hd], [T, KV*hd], [T, KV*hd]
         if cfg.qkv_bias:
             q, k, v = q + self.bias["q"], k + self.bias["k"], v + self.bias["v"]
         rope = self.rope(start, h.shape[0])  # cos, sin [T, hd]
@@ -75,9 +86,8 @@ class LlamaBlock:
         return lin["self_attn.o_proj"](out)  # [T, D]
 
     def mlp(self, h: np.ndarray) -> np.ndarray:
-        lin = self.linears
-        gate = silu(lin["mlp.gate_proj"](h))  # [T, F]
-        return lin["mlp.down_proj"](gate * lin["mlp.up_proj"](h))  # [T, D]
+        gate, up = self.products(GATE_UP, h)  # [T, F] each
+        return self.linears["mlp.down_proj"](silu(gate) * up)  # [T, D]
 
     def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
         eps = self.cfg.norm_eps
