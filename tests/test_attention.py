@@ -1,11 +1,13 @@
-"""The compiled decode attention equals the NumPy reference; the shared RoPE table equals rope_tables."""
+"""Compiled decode steps equal their NumPy references: attention, RMSNorm, the shared RoPE table."""
 
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
 from npsparse.kernels.attention import decode_attention
-from npsparse.models.layers import RopeTables, causal_attention, rope_inv_freq, rope_tables
+from npsparse.kernels.rowops import rms_norm_rows
+from npsparse.models.layers import (RopeTables, causal_attention, rms_norm, rope_inv_freq,
+                                    rope_tables)
 
 
 @given(kv=st.integers(1, 3), group=st.integers(1, 4), head_dim=st.sampled_from([1, 2, 8, 64]),
@@ -66,3 +68,14 @@ def test_decode_step_equals_prefill_path(kv, group, half, position, rotate, seed
     np.testing.assert_allclose(got_k[:, :position + 1], ref_k[:, :position + 1], rtol=1e-6,
                                atol=1e-6)
     np.testing.assert_array_equal(got_v, ref_v)
+
+
+@given(rows=st.integers(1, 3), dim=st.integers(1, 700), seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), eps=st.sampled_from([1e-6, 1e-5]))
+def test_compiled_rms_norm_equals_numpy(rows, dim, seed, scale, eps):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.standard_normal((rows, dim))).astype(np.float32)
+    weight = rng.standard_normal(dim).astype(np.float32)
+    got = rms_norm_rows(x, weight, eps)
+    assert got.shape == x.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, rms_norm(x, weight, eps), rtol=1e-5, atol=1e-6)

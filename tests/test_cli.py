@@ -94,3 +94,5 @@ def test_bench_decode_and_kernels_run(tiny_dir):
               "--no-scipy", "--cold-bytes", 2**20)
     assert out.returncode == 0, out.stderr
     assert "bitmask-bf16" in out.stdout and "Command: npsparse bench kernels" in out.stdout
+    out = run("bench", "kernels", "--shapes", "64x64", "--sparsities", "0.5")
+    assert out.returncode == 2 and "did you mean 50?" in out.stderr

@@ -321,12 +321,29 @@ def plot(rows, path, bandwidth):
     fig.savefig(path, dpi=110)
 
 
+def sparsity_arg(text: str) -> str:
+    """A ``--sparsities`` entry: percent pruned as in "50", or "N:M"; "0.5" is refused."""
+    if ":" in text:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a percentage nor N:M") from None
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"sparsity {text} is outside 0-99 (percent pruned)")
+    if 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"sparsity {text} is in percent: did you mean "
+                                         f"{value * 100:g}?")
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["smollm2", "llama7b"],
                         help="NxK shapes or presets: " + ", ".join(SHAPES))
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
-    parser.add_argument("--sparsities", nargs="+", default=SPARSITIES)
+    parser.add_argument("--sparsities", nargs="+", default=SPARSITIES, type=sparsity_arg,
+                        help="percent pruned (0-99) or an N:M pattern such as 2:4")
     parser.add_argument("--tokens", nargs="*", type=int, default=[8, 32],
                         help="GEMM batch sizes T (besides T=1 GEMV)")
     parser.add_argument("--threads", type=int, default=None)

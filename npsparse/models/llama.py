@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
+from ..kernels.rowops import rms_norm_rows
 from ..linear import DenseLinear, as_linear
 from .base import CausalLM
 from .layers import RopeTables, multi_head_attention, rms_norm, rope_inv_freq, silu
@@ -51,6 +52,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return shapes
 
 
+def _norm_for(x: np.ndarray):
+    """RMSNorm for ``x``: the compiled one-call form for a single token (decode), else NumPy's."""
+    return rms_norm_rows if x.shape[0] == 1 else rms_norm
+
+
 class LlamaBlock:
     """One decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
@@ -91,8 +97,9 @@ class LlamaBlock:
 
     def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
         eps = self.cfg.norm_eps
-        x = x + self.attention(rms_norm(x, self.attn_norm, eps), start, cache_k, cache_v)
-        return x + self.mlp(rms_norm(x, self.mlp_norm, eps))  # [T, D]
+        norm = _norm_for(x)
+        x = x + self.attention(norm(x, self.attn_norm, eps), start, cache_k, cache_v)
+        return x + self.mlp(norm(x, self.mlp_norm, eps))  # [T, D]
 
     def state(self) -> dict:
         out = {"input_layernorm.weight": self.attn_norm,
@@ -142,7 +149,7 @@ class LlamaModel(CausalLM):
         return np.array(self.embed_tokens[ids], dtype=np.float32)  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
-        return self.head(rms_norm(x, self.norm, self.config.norm_eps))  # [T, V]
+        return self.head(_norm_for(x)(x, self.norm, self.config.norm_eps))  # [T, V]
 
     def outer_state(self) -> dict[str, np.ndarray]:
         out = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
