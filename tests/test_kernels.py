@@ -355,3 +355,15 @@ def test_lossless_conversions_are_accepted():
     assert layer(np.ones((1, 4)))[0, 0] == 1.5
 
 
+
+
+@pytest.mark.parametrize("k_cols", [64, 128, 576, 1536])
+@given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(1, 40),
+       density=st.sampled_from([0.0, 0.3, 1.0]), n_tokens=st.sampled_from([1, 3]))
+def test_nm24_blend_gemv_equals_naive(k_cols, seed, n_rows, density, n_tokens):
+    """2:4 bf16 GEMVs with K % 64 == 0 take the blend kernel (nm24_dot); it must equal the rest."""
+    weight, keep = random_problem(seed, n_rows, k_cols, density, (2, 4))
+    layer = nk.pack(weight, keep, "nm", pattern="2:4")
+    assert layer._blend_gemv == (_simd.HAS_PERMUTE and _simd.HAS_BMI2)
+    x = np.random.default_rng(seed + 1).standard_normal((n_tokens, k_cols)).astype(np.float32)
+    assert_product(layer, x, layer.to_dense())

@@ -334,3 +334,81 @@ HAS_PERMUTE = _HOST_AVX512  # nm_dot needs vpermi2ps; elsewhere N:M uses the sca
 nm_dot1 = _make_nm_dot(1)  # GEMV
 nm_dot4 = _make_nm_dot(4)  # GEMM, four tokens per pass over the row
 NM_OVERREAD_BYTES = 8  # index bytes nm_dot may read past a row's last chunk
+
+
+# ---- 2:4 with bf16 values: blends instead of permutes -----------------------------------------
+#
+# Sixty-four columns hold 16 groups of 4 and 32 kept values: exactly one 64-byte load of bf16
+# values. Viewed as 16 dwords, dword j holds group j's two values (the group's first in the low
+# half, its second in the high half), so ``dword << 16`` and ``dword & 0xffff0000`` give both as
+# float32 with lane j = group j, with no widening shuffle. The activations are rearranged once per
+# call into four *phase* vectors per 64 columns, ``phase[p][j] = x[64 b + 4 j + p]``, and each
+# value picks its activation with the two bits of its index: three mask blends (``vblendmps``),
+# the masks taken straight from the index word with ``pext``. No permute, no cross-lane shuffle.
+# In cache this is 10-25% faster than ``nm_dot`` on SmolLM2's shapes (576 x 576: 9.4 vs 12.8 us).
+
+_SELECT_BITS = (0x1111111111111111, 0x2222222222222222, 0x4444444444444444, 0x8888888888888888)
+
+
+@intrinsic
+def nm24_dot(typingctx, vals, voff, idx, ioff, phases, nblocks):
+    """sum over 64*nblocks columns of one 2:4 bf16 row times x (given as ``phases``); float32.
+
+    ``vals[voff:]``: the row's 32*nblocks bf16 values (uint16); ``idx[ioff:]``: its 2-bit
+    positions, LSB first (8 bytes per 64 columns); ``phases``: x rearranged, 64 floats per block.
+    Reads exactly the row's bytes (no over-read).
+    """
+    sig = types.float32(vals, types.intp, idx, types.intp, phases, types.intp)
+
+    def codegen(context, builder, signature, args):
+        vals_a, voff_, idx_a, ioff_, ph_a, count = args
+        vptr = _data_ptr(context, builder, signature.args[0], vals_a, voff_)
+        iptr = _data_ptr(context, builder, signature.args[2], idx_a, ioff_)
+        pptr = _data_ptr(context, builder, signature.args[4], ph_a, ir.Constant(_I64, 0))
+        fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
+        pext = _fn(builder, "llvm.x86.bmi.pext.64", _I64, [_I64, _I64])
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(4)]
+        v32 = ir.VectorType(ir.IntType(16), 32)
+
+        def block(b, slot):
+            src = builder.gep(vptr, [builder.mul(b, ir.Constant(_I64, 32))])
+            words = builder.bitcast(builder.load(builder.bitcast(src, v32.as_pointer()), align=2),
+                                    _V16I32)
+            first = builder.bitcast(builder.shl(words, ir.Constant(_V16I32, [16] * 16)), _V16F)
+            second = builder.bitcast(builder.and_(words, ir.Constant(_V16I32, [-65536] * 16)),
+                                     _V16F)
+            ibytes = builder.gep(builder.bitcast(iptr, ir.IntType(8).as_pointer()),
+                                 [builder.mul(b, ir.Constant(_I64, 8))])
+            word = builder.load(builder.bitcast(ibytes, _I64.as_pointer()), align=1)
+            masks = [builder.bitcast(builder.trunc(builder.call(pext, [word, ir.Constant(
+                _I64, bits)]), ir.IntType(16)), _V16I1) for bits in _SELECT_BITS]
+            base = builder.mul(b, ir.Constant(_I64, 64))
+            ph = [_load16(builder, pptr, builder.add(base, ir.Constant(_I64, 16 * p)))
+                  for p in range(4)]
+
+            def pick(bit0, bit1):  # phase[2 bit1 + bit0], lane by lane
+                low = builder.select(bit0, ph[1], ph[0])
+                high = builder.select(bit0, ph[3], ph[2])
+                return builder.select(bit1, high, low)
+
+            for value, xv, acc in ((first, pick(masks[0], masks[1]), accs[2 * slot]),
+                                   (second, pick(masks[2], masks[3]), accs[2 * slot + 1])):
+                builder.store(builder.call(fma, [value, xv, builder.load(acc)]), acc)
+
+        pairs = builder.sdiv(count, ir.Constant(_I64, 2))
+        with cgutils.for_range(builder, pairs) as loop:
+            first_block = builder.mul(loop.index, ir.Constant(_I64, 2))
+            block(first_block, 0)
+            block(builder.add(first_block, ir.Constant(_I64, 1)), 1)
+        done = builder.mul(pairs, ir.Constant(_I64, 2))
+        with cgutils.for_range(builder, builder.sub(count, done)) as loop:
+            block(builder.add(done, loop.index), 0)
+        total = builder.load(accs[0])
+        for acc in accs[1:]:
+            total = builder.fadd(total, builder.load(acc))
+        return _hsum16(builder, total)
+
+    return sig, codegen
+
+
+HAS_BMI2 = "+bmi2" in llvm_binding.get_host_cpu_features().flatten()  # pext, for nm24_dot

@@ -24,7 +24,8 @@ import numpy as np
 from ..errors import NpsparseError
 from ._layer import PackedLinear, check_arrays, check_weight_mask
 from ._numba import row_block, jit, pjit
-from ._simd import HAS_PERMUTE, NM_OVERREAD_BYTES, nm_dot1, nm_dot4, value_at
+from ._simd import (HAS_BMI2, HAS_PERMUTE, NM_OVERREAD_BYTES, nm24_dot, nm_dot1, nm_dot4,
+                    value_at)
 from .bf16 import from_bf16, to_bf16
 from .bitmask import VALUE_TYPES, quantize_rows
 
@@ -141,9 +142,11 @@ def _gemv(values, indices, scales, m, kept, lanes, chunk_bytes, field, x):  # x 
     n_chunks = x.shape[1] // 32
     y = np.empty((1, n_rows), dtype=np.float32)
     rows_per = row_block(n_rows)
-    for task in numba.prange((n_rows + rows_per - 1) // rows_per):
-        token_offsets = np.zeros(1, dtype=np.int64)
-        result = np.empty(1, dtype=np.float32)
+    n_tasks = (n_rows + rows_per - 1) // rows_per
+    token_offsets = np.zeros(1, dtype=np.int64)  # read-only: shared by every task
+    results = np.empty(n_tasks, dtype=np.float32)  # one slot per task: no allocation per task
+    for task in numba.prange(n_tasks):
+        result = results[task:task + 1]
         for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
             if (n + 1) * row_bytes + NM_OVERREAD_BYTES <= indices.size:
                 nm_dot1(values, n * n_values, indices, n * row_bytes, chunk_bytes, x,
@@ -152,6 +155,32 @@ def _gemv(values, indices, scales, m, kept, lanes, chunk_bytes, field, x):  # x 
             else:  # the last row: its 8-byte index loads could run past the array
                 acc = _row_dot_naive(values, indices, m, kept, n, x, 0)
             y[0, n] = acc * scales[n] if scales.shape[0] else acc
+    return y
+
+
+@jit
+def x_phases(x, t):
+    """x[t] rearranged for ``nm24_dot``: ``phases[64 b + 16 p + j] = x[t, 64 b + 4 j + p]``."""
+    k_cols = x.shape[1]
+    phases = np.empty(k_cols, dtype=np.float32)
+    for b in range(k_cols // 64):
+        for j in range(16):
+            for p in range(4):
+                phases[64 * b + 16 * p + j] = x[t, 64 * b + 4 * j + p]
+    return phases
+
+
+@pjit
+def _gemv24(values, indices, x):  # 2:4, bf16 values, K % 64 == 0: x [1, K] -> y [1, N]
+    n_rows, n_values = values.shape
+    row_bytes = indices.shape[1]
+    phases = x_phases(x, 0)
+    n_blocks = x.shape[1] // 64
+    y = np.empty((1, n_rows), dtype=np.float32)
+    rows_per = row_block(n_rows)
+    for task in numba.prange((n_rows + rows_per - 1) // rows_per):
+        for n in range(task * rows_per, min(n_rows, (task + 1) * rows_per)):
+            y[0, n] = nm24_dot(values, n * n_values, indices, n * row_bytes, phases, n_blocks)
     return y
 
 
@@ -228,6 +257,9 @@ class NMLinear(PackedLinear):
         self.n, self.m = n, m
         self.values_type = "bf16" if arrays["values"].dtype == np.uint16 else "int8"
         self._no_scales = np.zeros(0, dtype=np.float32)
+        # GEMV through _simd.nm24_dot (blends, no permutes): 2:4, bf16 values, 64-column blocks
+        self._blend_gemv = (HAS_PERMUTE and HAS_BMI2 and (n, m) == (2, 4)
+                            and self.values_type == "bf16" and self.shape[1] % 64 == 0)
 
     def _options(self):
         return {"pattern": f"{self.n}:{self.m}", "values": self.values_type}
@@ -237,6 +269,8 @@ class NMLinear(PackedLinear):
         return a["values"], a["indices"], a.get("scales", self._no_scales)
 
     def _matmul(self, x):
+        if x.shape[0] == 1 and self._blend_gemv:
+            return _gemv24(self.arrays["values"], self.arrays["indices"], x)
         plan = _fast_plan(self.n, self.m, self.shape[1])
         if plan is None:
             return self.matmul_naive(x)
