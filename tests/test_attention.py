@@ -1,12 +1,12 @@
-"""Compiled decode steps equal their NumPy references: attention, RMSNorm, the shared RoPE table."""
+"""Compiled decode steps equal their NumPy references: attention, RMSNorm, SwiGLU, RoPE tables."""
 
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
 from npsparse.kernels.attention import decode_attention
-from npsparse.kernels.rowops import rms_norm_rows
-from npsparse.models.layers import (RopeTables, causal_attention, rms_norm, rope_inv_freq,
+from npsparse.kernels.rowops import add_rms_norm, rms_norm_rows, silu_mul
+from npsparse.models.layers import (RopeTables, causal_attention, rms_norm, rope_inv_freq, silu,
                                     rope_tables)
 
 
@@ -79,3 +79,24 @@ def test_compiled_rms_norm_equals_numpy(rows, dim, seed, scale, eps):
     got = rms_norm_rows(x, weight, eps)
     assert got.shape == x.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, rms_norm(x, weight, eps), rtol=1e-5, atol=1e-6)
+
+
+@given(rows=st.integers(1, 3), dim=st.integers(1, 700), seed=st.integers(0, 2**32 - 1))
+def test_compiled_residual_norm_equals_numpy(rows, dim, seed):
+    rng = np.random.default_rng(seed)
+    x, delta = rng.standard_normal((2, rows, dim)).astype(np.float32)
+    weight = rng.standard_normal(dim).astype(np.float32)
+    total, normed = add_rms_norm(x, delta, weight, 1e-5)
+    np.testing.assert_array_equal(total, x + delta)
+    np.testing.assert_allclose(normed, rms_norm(x + delta, weight, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@given(width=st.integers(1, 2000), seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 40.0, 1e4]))
+def test_swiglu_equals_numpy_without_overflow_warnings(width, seed, scale):
+    rng = np.random.default_rng(seed)
+    gate = (scale * rng.standard_normal((1, width))).astype(np.float32)
+    up = rng.standard_normal((1, width)).astype(np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # not even for g = -1e4
+        got = silu_mul(gate, up)
+    np.testing.assert_allclose(got, silu(gate) * up, rtol=2e-6, atol=1e-30)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
-from ..kernels.rowops import rms_norm_rows
+from ..kernels.rowops import add_rms_norm, rms_norm_rows, silu_mul
 from ..linear import DenseLinear, as_linear
 from .base import CausalLM
 from .layers import RopeTables, multi_head_attention, rms_norm, rope_inv_freq, silu
@@ -97,9 +97,13 @@ class LlamaBlock:
 
     def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
         eps = self.cfg.norm_eps
-        norm = _norm_for(x)
-        x = x + self.attention(norm(x, self.attn_norm, eps), start, cache_k, cache_v)
-        return x + self.mlp(norm(x, self.mlp_norm, eps))  # [T, D]
+        if x.shape[0] == 1:  # decode: the same steps, fewer calls (npsparse.kernels.rowops)
+            attn = self.attention(rms_norm_rows(x, self.attn_norm, eps), start, cache_k, cache_v)
+            x, h = add_rms_norm(x, attn, self.mlp_norm, eps)
+            gate, up = self.products(GATE_UP, h)  # [1, F] each
+            return x + self.linears["mlp.down_proj"](silu_mul(gate, up))  # [1, D]
+        x = x + self.attention(rms_norm(x, self.attn_norm, eps), start, cache_k, cache_v)
+        return x + self.mlp(rms_norm(x, self.mlp_norm, eps))  # [T, D]
 
     def state(self) -> dict:
         out = {"input_layernorm.weight": self.attn_norm,
