@@ -44,6 +44,7 @@ class LLM:
 
     @property
     def config(self):
+        """The model's :class:`~npsparse.config.ModelConfig` (architecture and sizes)."""
         return self.model.config
 
     def __repr__(self) -> str:
@@ -52,24 +53,68 @@ class LLM:
                 f"vocab {cfg.vocab_size})")
 
     def encode(self, text: str, *, special: bool = False) -> np.ndarray:
-        """Token ids ``[T]`` int64 of ``text`` (no BOS). See :meth:`Tokenizer.encode`."""
+        """Tokenize ``text`` (no BOS is added).
+
+        Parameters
+        ----------
+        text : str
+        special : bool
+            Parse special-token strings (``<|im_start|>`` ...) as their ids, as chat prompts need.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T]`` int64 token ids. See :meth:`npsparse.tokenizer.Tokenizer.encode`.
+        """
         return self.tokenizer.encode(text, special=special)
 
     def decode(self, ids) -> str:
-        """Text of token ids."""
+        """The text of token ids.
+
+        Parameters
+        ----------
+        ids : array-like of int
+            ``[T]`` token ids.
+
+        Returns
+        -------
+        str
+        """
         return self.tokenizer.decode(ids)
 
     def logits(self, ids) -> np.ndarray:
-        """Logits ``[T, V]`` float32 of a fresh sequence of token ids ``[T]``."""
+        """Next-token logits at every position of a fresh sequence (no KV cache).
+
+        Parameters
+        ----------
+        ids : array-like of int
+            ``[T]`` token ids, each below the vocabulary size ``V``.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, V]`` float32; row ``t`` scores the token after ``ids[t]``.
+        """
         return self.model.forward(np.asarray(ids))
 
     def eval_windows(self, data: str | Path = "pydoc", seqlen: int = 512,
                      windows: int | None = None) -> np.ndarray:
-        """The token windows :meth:`perplexity` evaluates: ``[W, seqlen]`` int64.
+        """The token windows :meth:`perplexity` evaluates.
 
-        ``data="pydoc"`` is the eval part of the default text (see :mod:`npsparse.data`); a path is a
-        UTF-8 text file, tokenized whole. ``windows=None`` means the first 40 for pydoc and every
-        whole window of a file.
+        Parameters
+        ----------
+        data : str or Path
+            ``"pydoc"``: the eval part of the default text (see :mod:`npsparse.data`); otherwise a
+            UTF-8 text file, tokenized whole.
+        seqlen : int
+            Tokens per window; windows do not overlap and a partial last window is dropped.
+        windows : int, optional
+            Keep the first ``windows``; ``None`` means 40 for pydoc and all of a file's.
+
+        Returns
+        -------
+        np.ndarray
+            ``[W, seqlen]`` int64 token ids.
         """
         ids = self.encode(read_text(data, part="eval"))
         if windows is None and str(data) == "pydoc":
@@ -80,13 +125,33 @@ class LLM:
                    windows: int | None = None, *, progress: bool = False) -> PerplexityResult:
         """Perplexity on the first ``windows`` non-overlapping ``seqlen``-token windows of ``data``.
 
-        See :meth:`eval_windows` for the windows and :func:`npsparse.evaluate.perplexity` for the
-        formula.
+        Parameters
+        ----------
+        data, seqlen, windows
+            As :meth:`eval_windows`.
+        progress : bool
+            Show a tqdm progress bar over the windows.
+
+        Returns
+        -------
+        PerplexityResult
+            ``exp`` of the mean next-token NLL over ``W * (seqlen - 1)`` predictions (no BOS; see
+            :func:`npsparse.evaluate.perplexity`).
         """
         return perplexity(self.model, self.eval_windows(data, seqlen, windows), progress=progress)
 
     def chat_prompt(self, prompt: str) -> str:
-        """``prompt`` wrapped as one user turn in the model's chat template."""
+        """``prompt`` wrapped as one user turn in the model's chat template.
+
+        Parameters
+        ----------
+        prompt : str
+
+        Returns
+        -------
+        str
+            The rendered template, ending where the assistant's answer starts.
+        """
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
 
     def generate(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,

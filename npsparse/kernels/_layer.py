@@ -16,7 +16,25 @@ SCHEMA_VERSION = 1
 
 
 def as_float32(a, what: str) -> np.ndarray:
-    """``a`` as float32, refusing conversions that would change a value (float64 0.1, say)."""
+    """``a`` as float32, refusing conversions that would change a value (float64 0.1, say).
+
+    Parameters
+    ----------
+    a : array-like
+        Float, integer or boolean values.
+    what : str
+        Name used in the error message.
+
+    Returns
+    -------
+    np.ndarray
+        float32 (``a`` itself when it already is).
+
+    Raises
+    ------
+    NpsparseError
+        For non-numeric dtypes, or values float32 cannot hold exactly.
+    """
     a = np.asarray(a)
     if a.dtype == np.float32:
         return a
@@ -35,7 +53,22 @@ def as_float32(a, what: str) -> np.ndarray:
 
 
 def check_weight_mask(weight, mask) -> tuple[np.ndarray, np.ndarray]:
-    """Validated ``(W [N, K] float32, keep [N, K] bool)``; ``mask=None`` keeps the nonzeros."""
+    """Validate a weight and its keep mask for packing.
+
+    Parameters
+    ----------
+    weight : array-like
+        ``[N, K]``, float32 or exactly convertible to it.
+    mask : array-like or None
+        ``[N, K]`` bool or 0/1, True = kept; ``None`` keeps the nonzeros of ``weight``.
+
+    Returns
+    -------
+    weight : np.ndarray
+        ``[N, K]`` float32, C-contiguous.
+    keep : np.ndarray
+        ``[N, K]`` bool, C-contiguous.
+    """
     weight = as_float32(weight, "weight")
     if weight.ndim != 2:
         raise NpsparseError(f"weight must be 2-D [N, K], got shape {weight.shape}")
@@ -57,7 +90,20 @@ def check_weight_mask(weight, mask) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_x(x, k: int) -> np.ndarray:
-    """``x [T, K]`` (or ``[K]``, treated as T=1) as a C-contiguous float32 2-D array."""
+    """Validate the activations of a product.
+
+    Parameters
+    ----------
+    x : array-like
+        ``[T, K]``, or ``[K]`` (one token).
+    k : int
+        The layer's input width ``K``.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, K]`` float32, C-contiguous.
+    """
     x = as_float32(x, "x")
     if x.ndim == 1:
         x = x[None, :]
@@ -67,7 +113,20 @@ def check_x(x, k: int) -> np.ndarray:
 
 
 def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
-    """``x [T, K]`` zero-padded on the right to ``[T, width]`` (no copy if already that wide)."""
+    """Zero-pad activations on the right to a kernel's column multiple.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[T, K]`` float32.
+    width : int
+        ``>= K``.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, width]`` float32; ``x`` itself if ``width == K``.
+    """
     if x.shape[1] == width:
         return x
     padded = np.zeros((x.shape[0], width), dtype=np.float32)
@@ -76,7 +135,21 @@ def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
 
 
 def check_arrays(arrays: dict, expected: dict[str, tuple[np.dtype, int]], fmt: str) -> None:
-    """One-line error unless every array named in ``expected`` exists with that dtype and ndim."""
+    """Check a packed layer's arrays before rebuilding it.
+
+    Parameters
+    ----------
+    arrays : dict of str to np.ndarray
+    expected : dict of str to (dtype, int)
+        Required array names with their dtype and number of dimensions.
+    fmt : str
+        Format name for the error message.
+
+    Raises
+    ------
+    NpsparseError
+        One line naming the first missing or mistyped array.
+    """
     for name, (dtype, ndim) in expected.items():
         if name not in arrays:
             raise NpsparseError(f"{fmt} layer needs array {name!r}; got {sorted(arrays)}")
@@ -107,13 +180,35 @@ class PackedLinear:
         return self._matmul(x)
 
     def matmul_naive(self, x: np.ndarray) -> np.ndarray:
-        """Same product as ``__call__`` with the plain reference kernel."""
+        """The same product as ``__call__``, computed by the plain reference kernel.
+
+        A scalar loop over the stored format, written to be read, not to be fast: the oracle
+        the fast kernels are tested against, and their fallback for shapes they do not take.
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, K]`` float32.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, N]`` float32.
+        """
         raise NotImplementedError
 
     def _matmul(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def to_dense(self) -> np.ndarray:
+        """The weight this layer multiplies by, unpacked.
+
+        Returns
+        -------
+        np.ndarray
+            ``W [N, K]`` float32, zeros where nothing is stored; values as stored (bf16 values
+            widened exactly, int8 values times their row scale).
+        """
         raise NotImplementedError
 
     def _options(self) -> dict[str, str]:
@@ -126,6 +221,7 @@ class PackedLinear:
 
     @property
     def nnz(self) -> int:
+        """Number of stored values (kept weights, plus N:M fillers where a group keeps fewer)."""
         raise NotImplementedError
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -145,6 +241,24 @@ class PackedLinear:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], metadata: dict[str, str]):
+        """Rebuild a layer from :meth:`to_arrays` output, without copying or repacking.
+
+        Parameters
+        ----------
+        arrays : dict of str to np.ndarray
+            The format's arrays (read-only, memory-mapped arrays are fine).
+        metadata : dict of str to str
+            At least ``shape`` (``"N,K"``) and the format's options.
+
+        Returns
+        -------
+        PackedLinear
+
+        Raises
+        ------
+        NpsparseError
+            If an array is missing or has the wrong dtype or rank, or an option is unknown.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
