@@ -13,8 +13,9 @@
 Loading DIR (``npsparse.load(DIR)``, any CLI command) memory-maps that file and rebuilds each layer
 with :func:`npsparse.kernels.from_arrays` over views of it: nothing is repacked and no dense copy is
 made. :func:`npsparse.load` then copies the block layers' arrays, as stored, into the decode arena
-(:mod:`npsparse.arena`: huge pages, q/k/v and gate/up stacked). Writing is atomic (temporary folder, then rename). transformers cannot read such a folder;
-pruned models for other tools are the plain folders ``npsparse prune`` writes.
+(:mod:`npsparse.arena`: huge pages, q/k/v and gate/up stacked). Writing is atomic (temporary
+folder, then rename). transformers cannot read such a folder; pruned models for other tools are
+the plain folders ``npsparse prune`` writes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npsparse.kernels.attention import decode_attention
+from npsparse.kernels.attention import SPLIT_MIN_KEYS, decode_attention, decode_attention_split
 from npsparse.kernels.rowops import add_rms_norm, rms_norm_rows, silu_mul
 from npsparse.models.layers import (RopeTables, causal_attention, rms_norm, rope_inv_freq, silu,
                                     rope_tables)
@@ -28,6 +28,22 @@ def test_decode_attention_equals_reference(kv, group, head_dim, n_keys, spare, s
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@given(kv=st.integers(1, 3), group=st.integers(1, 3), head_dim=st.sampled_from([1, 8, 64]),
+       n_keys=st.integers(1, 80), n_parts=st.integers(1, 5), seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 30.0]))
+def test_split_attention_equals_single_pass(kv, group, head_dim, n_keys, n_parts, seed, scale):
+    """Ranges attended separately and merged (flash-decoding) == one pass over all keys."""
+    rng = np.random.default_rng(seed)
+    q = (scale * rng.standard_normal((kv * group, head_dim))).astype(np.float32)
+    cache_k = rng.standard_normal((kv, n_keys + 3, head_dim)).astype(np.float32)
+    cache_v = rng.standard_normal((kv, n_keys + 3, head_dim)).astype(np.float32)
+    cache_k[:, n_keys:] = np.nan  # positions past n_keys must not be read
+    cache_v[:, n_keys:] = np.nan
+    got = decode_attention_split(q, cache_k, cache_v, n_keys, n_parts)
+    np.testing.assert_allclose(got, decode_attention(q, cache_k, cache_v, n_keys), rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_rope_table_equals_rope_tables():
     inv_freq = rope_inv_freq(64, 10000.0, None)
     table = RopeTables(inv_freq)
@@ -39,9 +55,11 @@ def test_rope_table_equals_rope_tables():
 
 
 @given(kv=st.integers(1, 3), group=st.integers(1, 3), half=st.sampled_from([1, 4, 32]),
-       position=st.integers(0, 30), rotate=st.booleans(), seed=st.integers(0, 2**32 - 1))
+       position=st.one_of(st.integers(0, 30), st.integers(SPLIT_MIN_KEYS - 3, 300)),
+       rotate=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_decode_step_equals_prefill_path(kv, group, half, position, rotate, seed):
-    """One token through decode_step == the NumPy path (RoPE, cache append, attention)."""
+    """One token through decode_step == the NumPy path (RoPE, cache append, attention); from
+    SPLIT_MIN_KEYS positions on, with the test's 2+ threads, through the split attention."""
     from npsparse.models.layers import multi_head_attention
 
     rng = np.random.default_rng(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from scipy.special import expit
 
@@ -191,7 +192,7 @@ def multi_head_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: i
         cos, sin = rope if rope is not None else (_NO_ROPE, _NO_ROPE)
         return decode_step(q.reshape(n_heads, head_dim), k.reshape(n_kv, head_dim),
                            v.reshape(n_kv, head_dim), cos[0], sin[0], cache_k, cache_v, start,
-                           rope is not None)  # [1, H*hd]
+                           rope is not None, numba.get_num_threads())  # [1, H*hd]
     q = q.reshape(n_tok, n_heads, head_dim).transpose(1, 0, 2)  # [H, T, hd]
     k = k.reshape(n_tok, n_kv, head_dim).transpose(1, 0, 2)  # [KV, T, hd]
     v = v.reshape(n_tok, n_kv, head_dim).transpose(1, 0, 2)  # [KV, T, hd]
