@@ -111,7 +111,20 @@ class BF16Linear(PackedLinear):
 
     @classmethod
     def pack(cls, weight, mask=None):
-        """Pack ``W [N, K]`` (times ``mask``, if given) with bf16 rounding."""
+        """Store ``W [N, K]`` (times ``mask``, if given) as bf16 bits.
+
+        Parameters
+        ----------
+        weight : array-like
+            ``[N, K]`` float32 (or exactly convertible).
+        mask : array-like, optional
+            ``[N, K]`` bool, True = kept; pruned positions are stored as zeros.
+
+        Returns
+        -------
+        BF16Linear
+            ``bits [N, K] uint16``: each value rounded to the nearest bf16, ties to even.
+        """
         weight, keep = check_weight_mask(weight, mask)
         return cls({"bits": to_bf16(np.where(keep, weight, np.float32(0.0)))}, weight.shape)
 

@@ -139,7 +139,28 @@ class BitmaskLinear(PackedLinear):
 
     @classmethod
     def pack(cls, weight, mask=None, values="bf16"):
-        """Pack ``W [N, K]`` keeping positions where ``mask`` is True (default: the nonzeros)."""
+        """Pack ``W [N, K]``: one bit per position, plus the kept values row by row.
+
+        Parameters
+        ----------
+        weight : array-like
+            ``[N, K]`` float32 (or exactly convertible).
+        mask : array-like, optional
+            ``[N, K]`` bool, True = kept; default: the nonzeros of ``weight``.
+        values : {"bf16", "int8"}
+            bf16 (nearest, ties to even), or int8 with one float32 scale per row
+            (``max |kept w| / 127``; lossy, at most half a step per weight).
+
+        Returns
+        -------
+        BitmaskLinear
+            1/8 + 2d bytes per weight at density d (bf16), or 1/8 + d (int8).
+
+        Raises
+        ------
+        NpsparseError
+            Unknown ``values``, or a weight/mask shape or dtype problem.
+        """
         if values not in VALUE_TYPES:
             raise NpsparseError(f"bitmask values must be one of {sorted(VALUE_TYPES)}, "
                                 f"got {values!r}")

@@ -97,7 +97,27 @@ class CSRLinear(PackedLinear):
 
     @classmethod
     def pack(cls, weight, mask=None, values="bf16"):
-        """Pack ``W [N, K]`` keeping positions where ``mask`` is True (default: the nonzeros)."""
+        """Pack ``W [N, K]`` as compressed sparse rows.
+
+        Parameters
+        ----------
+        weight : array-like
+            ``[N, K]`` float32 (or exactly convertible).
+        mask : array-like, optional
+            ``[N, K]`` bool, True = kept; default: the nonzeros of ``weight``.
+        values : {"bf16", "fp32"}
+            Value storage; fp32 keeps the weights exactly.
+
+        Returns
+        -------
+        CSRLinear
+            Column indices are uint16 when ``K <= 65536``, else int32 (:func:`index_dtype`).
+
+        Raises
+        ------
+        NpsparseError
+            Unknown ``values``, or a weight/mask shape or dtype problem.
+        """
         if values not in VALUE_TYPES:
             raise NpsparseError(f"csr values must be one of {sorted(VALUE_TYPES)}, got {values!r}")
         weight, keep = check_weight_mask(weight, mask)

@@ -221,7 +221,30 @@ class NMLinear(PackedLinear):
 
     @classmethod
     def pack(cls, weight, mask=None, pattern="2:4", values="bf16"):
-        """Pack ``W [N, K]``; ``mask`` must prune at least N of every M (default: the zeros)."""
+        """Pack ``W [N, K]`` in an N:M pattern: ``M - N`` values and their positions per group.
+
+        Parameters
+        ----------
+        weight : array-like
+            ``[N, K]`` float32 (or exactly convertible); ``K`` must be a multiple of ``M``.
+        mask : array-like, optional
+            ``[N, K]`` bool, True = kept; every group of ``M`` consecutive columns may keep at
+            most ``M - N`` (default: the nonzeros). Groups keeping fewer store zero fillers.
+        pattern : str or (int, int)
+            ``"2:4"`` (N pruned of every M), ``"4:8"``, ...
+        values : {"bf16", "int8"}
+            bf16, or int8 with one float32 scale per row (lossy).
+
+        Returns
+        -------
+        NMLinear
+            2:4 with bf16 values: 1.125 bytes per weight; 4:8: 1.1875.
+
+        Raises
+        ------
+        NpsparseError
+            A malformed pattern, ``K`` not a multiple of ``M``, or a group keeping too many.
+        """
         n, m = parse_pattern(pattern)
         if values not in VALUE_TYPES:
             raise NpsparseError(f"nm values must be one of {sorted(VALUE_TYPES)}, got {values!r}")
