@@ -43,6 +43,7 @@ class Fused:
     bounds: tuple[int, ...]
 
     def current(self, layers) -> bool:
+        """Whether ``layers`` (the block's layers of this group, in order) are still ``parts``."""
         return all(a is b for a, b in zip(layers, self.parts))
 
 

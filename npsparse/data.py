@@ -23,7 +23,19 @@ PYDOC_SPLIT_KEY = "specialnames"
 
 
 def pydoc_text(part: str = "all") -> str:
-    """The default text: ``"all"``, ``"eval"`` or ``"calib"`` part of ``pydoc_data.topics``."""
+    """The default text: the Python standard library's own documentation.
+
+    Parameters
+    ----------
+    part : {"all", "eval", "calib"}
+        ``pydoc_data.topics`` joined with ``"\\n\\n"`` in sorted key order (``"all"``), or the
+        topics whose key sorts before ``specialnames`` (``"eval"``) or from it on (``"calib"``):
+        two disjoint parts, so calibration never sees evaluation text.
+
+    Returns
+    -------
+    str
+    """
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
@@ -37,7 +49,24 @@ def pydoc_text(part: str = "all") -> str:
 
 
 def read_text(source: str | Path, part: str = "eval") -> str:
-    """Text of ``source``: ``"pydoc"`` (the given part of the default text) or a UTF-8 file."""
+    """The text to evaluate or calibrate on.
+
+    Parameters
+    ----------
+    source : str or Path
+        ``"pydoc"`` (the default text, see :func:`pydoc_text`) or a UTF-8 text file.
+    part : {"eval", "calib", "all"}
+        The part of the default text; ignored for a file.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    NpsparseError
+        A missing, unreadable, non-UTF-8 or empty file.
+    """
     if str(source) == "pydoc":
         return pydoc_text(part)
     path = Path(source)
@@ -82,6 +111,17 @@ def windows(tokens: np.ndarray, seqlen: int, count: int | None = None) -> np.nda
 
 
 def token_hash(tokens: np.ndarray) -> str:
-    """SHA-256 of token ids (as little-endian int64), to pin down exactly what was evaluated."""
+    """SHA-256 of token ids, to pin down exactly what was evaluated.
+
+    Parameters
+    ----------
+    tokens : np.ndarray
+        Integer token ids of any shape (hashed as little-endian int64, C order).
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
     data = np.ascontiguousarray(tokens, dtype="<i8").tobytes()
     return hashlib.sha256(data).hexdigest()

@@ -52,6 +52,7 @@ class PerplexityResult:
     window_nll: list = field(default_factory=list)  # mean NLL of each window
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict, for ``--json`` output."""
         return asdict(self)
 
     def __str__(self) -> str:

@@ -12,7 +12,22 @@ from .errors import NpsparseError
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise a one-line error for impossible sampling settings."""
+    """Check sampling settings before any work is done.
+
+    Parameters
+    ----------
+    temperature : float
+        ``>= 0``; 0 means greedy.
+    top_k : int
+        ``>= 0``; 0 means no top-k cut.
+    top_p : float
+        In ``(0, 1]``; 1 means no nucleus cut.
+
+    Raises
+    ------
+    NpsparseError
+        One line naming the impossible setting.
+    """
     if not np.isfinite(temperature) or temperature < 0:
         raise NpsparseError(f"temperature {temperature} is invalid: it must be >= 0 (0 = greedy)")
     if top_k < 0:
@@ -84,6 +99,7 @@ class GenerationResult:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
     def to_dict(self) -> dict:
+        """The fields plus ``prefill_tok_s`` and ``decode_tok_s``, for ``--json`` output."""
         out = asdict(self)
         out.update(prefill_tok_s=self.prefill_tok_s, decode_tok_s=self.decode_tok_s)
         return out

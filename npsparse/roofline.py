@@ -15,7 +15,8 @@ import numpy as np
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def parallel_sum(rows):  # rows [C, n] float32 -> sum, one row per task
+def parallel_sum(rows):
+    """Sum of ``rows [C, n]`` float32, one row per parallel task: the bandwidth probe's read."""
     partial = np.zeros(rows.shape[0], dtype=np.float32)
     for c in numba.prange(rows.shape[0]):
         acc = np.float32(0.0)

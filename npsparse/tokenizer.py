@@ -68,13 +68,31 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of token ids, added (special) tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     # -- construction --------------------------------------------------------------------
 
     @classmethod
     def from_file(cls, path: str | Path, chat_template=None, bos_token_id=None, eos_token_id=None):
-        """Load a ``tokenizer.json``."""
+        """Load a Hugging Face ``tokenizer.json``.
+
+        Parameters
+        ----------
+        path : str or Path
+        chat_template : str, optional
+            Jinja template (from ``tokenizer_config.json``).
+        bos_token_id, eos_token_id : int, optional
+
+        Returns
+        -------
+        Tokenizer
+
+        Raises
+        ------
+        NpsparseError
+            If the file is not a valid ``tokenizer.json``.
+        """
         from tokenizers import Tokenizer as Backend
 
         try:
@@ -85,7 +103,24 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, checkpoint) -> "Tokenizer":
-        """Build the byte-level BPE tokenizer described by a GGUF file's metadata."""
+        """Build the byte-level BPE tokenizer described by a GGUF file's metadata.
+
+        Parameters
+        ----------
+        checkpoint : GGUFCheckpoint
+            Its ``tokenizer.ggml.*`` fields: vocabulary, merges, token types, pre-tokenizer
+            (``gpt2``/``default``, ``smollm``, ``llama3``/``llama-bpe`` or ``qwen2``), BOS/EOS
+            and chat template.
+
+        Returns
+        -------
+        Tokenizer
+
+        Raises
+        ------
+        NpsparseError
+            For tokenizer models other than byte-level BPE, or unknown pre-tokenizers.
+        """
         from tokenizers import AddedToken, decoders, models
         from tokenizers import Tokenizer as Backend
 
@@ -144,7 +179,18 @@ class Tokenizer:
         return np.asarray(ids, dtype=np.int64)
 
     def decode(self, ids, *, skip_special: bool = False) -> str:
-        """Text of token ids."""
+        """The text of token ids.
+
+        Parameters
+        ----------
+        ids : array-like of int
+        skip_special : bool
+            Leave out special tokens (``<|im_end|>`` ...).
+
+        Returns
+        -------
+        str
+        """
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def stream_decoder(self):
@@ -159,7 +205,24 @@ class Tokenizer:
         return step
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` (``{"role", "content"}`` dicts) with the model's chat template."""
+        """Render a conversation with the model's chat template (in a sandboxed Jinja).
+
+        Parameters
+        ----------
+        messages : list of dict
+            ``{"role": "system" | "user" | "assistant", "content": str}`` in order.
+        add_generation_prompt : bool
+            End with the opening of an assistant turn.
+
+        Returns
+        -------
+        str
+
+        Raises
+        ------
+        NpsparseError
+            If the model has no chat template or it fails to render.
+        """
         if not self.chat_template:
             raise NpsparseError("this model has no chat template; run without --chat")
         import jinja2
@@ -188,7 +251,24 @@ class Tokenizer:
 
 
 def load_tokenizer(checkpoint) -> Tokenizer:
-    """The tokenizer that belongs to an opened checkpoint (GGUF metadata or ``tokenizer.json``)."""
+    """The tokenizer that belongs to an opened checkpoint.
+
+    Parameters
+    ----------
+    checkpoint : GGUFCheckpoint or HFCheckpoint
+        From :func:`npsparse.open_checkpoint`.
+
+    Returns
+    -------
+    Tokenizer
+        From the GGUF metadata, or the folder's ``tokenizer.json`` (with the chat template of
+        ``tokenizer_config.json`` and the BOS/EOS ids of ``config.json``).
+
+    Raises
+    ------
+    NpsparseError
+        If a folder has no ``tokenizer.json``.
+    """
     from .io import GGUFCheckpoint
 
     if isinstance(checkpoint, GGUFCheckpoint):

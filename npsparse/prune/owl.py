@@ -13,7 +13,20 @@ import numpy as np
 
 
 def outlier_ratio(scores: list[np.ndarray], m: float = 5.0) -> float:
-    """Fraction of all entries of ``scores`` (one block's Wanda scores) above ``m`` x their mean."""
+    """OWL's layerwise outlier ratio.
+
+    Parameters
+    ----------
+    scores : list of np.ndarray
+        One block's Wanda scores ``|W| * ||X||``, one array per linear layer.
+    m : float
+        Outlier threshold, as a multiple of the mean score (OWL's M, default 5).
+
+    Returns
+    -------
+    float
+        Fraction of all entries above ``m`` times their mean, in ``[0, 1]``.
+    """
     flat = np.concatenate([np.ravel(s) for s in scores])
     return float(np.mean(flat > m * flat.mean()))
 

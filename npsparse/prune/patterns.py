@@ -154,7 +154,21 @@ def nm_mask(score: np.ndarray, n: int, m: int) -> np.ndarray:
 
 
 def pattern_mask(score: np.ndarray, pattern: Pattern) -> np.ndarray:
-    """Per-row unstructured or N:M mask from a score (higher = more important)."""
+    """The keep mask that a score gives under a sparsity pattern.
+
+    Parameters
+    ----------
+    score : np.ndarray
+        ``[N, K]``; higher = more important.
+    pattern : Pattern
+        Unstructured (per-row fraction pruned) or N:M.
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, K]`` bool, True = kept: each row keeps its top scores (unstructured), or each
+        aligned group of M columns keeps its top ``M - N``.
+    """
     if pattern.structured:
         pattern.check_width(score.shape[1])
         return nm_mask(score, pattern.n, pattern.m)
@@ -162,6 +176,19 @@ def pattern_mask(score: np.ndarray, pattern: Pattern) -> np.ndarray:
 
 
 def check_nm(mask: np.ndarray, n: int, m: int) -> bool:
-    """True if every aligned group of ``m`` columns has exactly ``m - n`` kept entries."""
+    """Whether a mask follows an N:M pattern exactly.
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        ``[N, K]`` bool, True = kept.
+    n, m : int
+        N pruned of every M.
+
+    Returns
+    -------
+    bool
+        True if ``K % m == 0`` and every aligned group of ``m`` columns keeps exactly ``m - n``.
+    """
     rows, cols = mask.shape
     return cols % m == 0 and bool(np.all(mask.reshape(rows, cols // m, m).sum(axis=2) == m - n))

@@ -8,7 +8,21 @@ from .patterns import Pattern, pattern_mask
 
 
 def wanda_score(weight: np.ndarray, sq_norm: np.ndarray) -> np.ndarray:
-    """``|W_ij| * sqrt(a_j)`` [N, K] float64, with ``a_j`` the mean squared input of column j."""
+    """Wanda's importance score ``|W_ij| * ||X_j||``.
+
+    Parameters
+    ----------
+    weight : np.ndarray
+        ``[N, K]`` float32.
+    sq_norm : np.ndarray
+        ``[K]`` float64: the mean squared calibration input of each column (the norm's scale
+        does not change any per-row ranking).
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, K]`` float64, ``|W_ij| * sqrt(sq_norm_j)``.
+    """
     return np.abs(weight.astype(np.float64)) * np.sqrt(sq_norm)[None, :]
 
 
