@@ -86,13 +86,42 @@ class ModelConfig:
         return "llama" if self.arch in LLAMA_FAMILY else self.arch
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (the config itself is frozen).
+
+        Parameters
+        ----------
+        **changes
+            Field names and their new values.
+
+        Returns
+        -------
+        ModelConfig
+        """
         return dataclasses.replace(self, **changes)
 
     # -- Hugging Face config.json ------------------------------------------------------------
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
-        """Build from a parsed Hugging Face ``config.json``."""
+        """Build from a parsed Hugging Face ``config.json``.
+
+        Parameters
+        ----------
+        hf : dict
+            The parsed file.
+        source : str
+            Where it came from, for error messages.
+
+        Returns
+        -------
+        ModelConfig
+
+        Raises
+        ------
+        NpsparseError
+            For an unsupported ``model_type``, activation or RoPE scaling, a missing key, or
+            head counts that do not divide.
+        """
         model_type = hf.get("model_type")
         if model_type not in ARCHITECTURES:
             raise NpsparseError(
@@ -249,6 +278,7 @@ class ModelConfig:
         }
 
     def to_json(self) -> str:
+        """This config as Hugging Face ``config.json`` text (:meth:`to_hf`, sorted keys)."""
         return json.dumps(self.to_hf(), indent=2, sort_keys=True)
 
 

@@ -22,7 +22,8 @@ class Linear(Protocol):
     def __call__(self, x: np.ndarray) -> np.ndarray:  # x [T, K] float32 -> [T, N] float32
         ...
 
-    def to_dense(self) -> np.ndarray:  # -> W [N, K] float32
+    def to_dense(self) -> np.ndarray:
+        """The weight ``W [N, K]`` float32 this layer multiplies by."""
         ...
 
 
@@ -52,6 +53,7 @@ class DenseLinear:
         return x @ self.weight.T  # [T, K] @ [K, N] -> [T, N]
 
     def to_dense(self) -> np.ndarray:
+        """The weight ``W [N, K]`` float32 itself (not a copy)."""
         return self.weight
 
     @property

@@ -25,6 +25,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the keys and values of all layers (the whole capacity)."""
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
 
@@ -42,10 +43,36 @@ class CausalLM:
     blocks: list
     head: Linear
 
-    def embed(self, ids: np.ndarray, start: int) -> np.ndarray:  # ids [T] -> x [T, D]
+    def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Input embeddings of the new tokens.
+
+        Parameters
+        ----------
+        ids : np.ndarray
+            ``[T]`` int64 token ids.
+        start : int
+            Position of the first token (models with learned positions add them).
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, D]`` float32.
+        """
         raise NotImplementedError
 
-    def final(self, x: np.ndarray) -> np.ndarray:  # x [T, D] -> logits [T, V]
+    def final(self, x: np.ndarray) -> np.ndarray:
+        """Final norm and output head.
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, D]`` float32, the last block's output.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, V]`` float32 logits.
+        """
         raise NotImplementedError
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
@@ -109,6 +136,7 @@ class CausalLM:
         return out
 
     def block_prefix(self, i: int) -> str:
+        """Checkpoint name prefix of block ``i`` (``model.layers.3``, ``transformer.h.3`` ...)."""
         raise NotImplementedError
 
     def load_block(self, i: int):
