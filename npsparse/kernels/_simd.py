@@ -124,6 +124,29 @@ def _hsum16(builder, vec):
     return builder.extract_element(vec, ir.Constant(_I32, 0))
 
 
+def _unrolled(builder, count, ways, step):
+    """Call ``step(i, slot)`` for ``i`` in ``0 .. count-1``: ``ways`` steps per iteration, step
+    ``k`` of an iteration with ``slot = k`` (so each slot can own an accumulator and the FMA
+    chains run side by side), then the remainder one by one with ``slot = 0``."""
+    n = ir.Constant(_I64, ways)
+    groups = builder.sdiv(count, n)
+    with cgutils.for_range(builder, groups) as loop:
+        first = builder.mul(loop.index, n)
+        for slot in range(ways):
+            step(builder.add(first, ir.Constant(_I64, slot)), slot)
+    done = builder.mul(groups, n)
+    with cgutils.for_range(builder, builder.sub(count, done)) as loop:
+        step(builder.add(done, loop.index), 0)
+
+
+def _reduce(builder, accs):
+    """The float32 sum of every lane of the accumulators ``accs`` (allocas of <16 x float>)."""
+    total = builder.load(accs[0])
+    for acc in accs[1:]:
+        total = builder.fadd(total, builder.load(acc))
+    return _hsum16(builder, total)
+
+
 def _load16(builder, ptr, index):
     return builder.load(builder.bitcast(builder.gep(ptr, [index]), _V16F.as_pointer()), align=4)
 
@@ -169,18 +192,8 @@ def _make_expand_dot(x86):
                 for half, xv, acc in ((lo, x_lo, accs[2 * slot]), (hi, x_hi, accs[2 * slot + 1])):
                     builder.store(builder.call(fma, [half, xv, builder.load(acc)]), acc)
 
-            pairs = builder.sdiv(count, ir.Constant(_I64, 2))
-            with cgutils.for_range(builder, pairs) as loop:
-                first = builder.mul(loop.index, ir.Constant(_I64, 2))
-                chunk(first, 0)
-                chunk(builder.add(first, ir.Constant(_I64, 1)), 1)
-            done = builder.mul(pairs, ir.Constant(_I64, 2))
-            with cgutils.for_range(builder, builder.sub(count, done)) as loop:
-                chunk(builder.add(done, loop.index), 0)
-            total = builder.load(accs[0])
-            for acc in accs[1:]:
-                total = builder.fadd(total, builder.load(acc))
-            return _hsum16(builder, total)
+            _unrolled(builder, count, 2, chunk)
+            return _reduce(builder, accs)
 
         return sig, codegen
 
@@ -310,19 +323,10 @@ def _make_nm_dot(slots):
                     builder.store(builder.call(fma, [w, picked, builder.load(acc)]), acc)
 
             # ``chains`` chunks per iteration, each into its own accumulator, hide FMA latency.
-            groups = builder.sdiv(count, ir.Constant(_I64, chains))
-            with cgutils.for_range(builder, groups) as loop:
-                first = builder.mul(loop.index, ir.Constant(_I64, chains))
-                for parity in range(chains):
-                    chunk(builder.add(first, ir.Constant(_I64, parity)), parity)
-            done = builder.mul(groups, ir.Constant(_I64, chains))
-            with cgutils.for_range(builder, builder.sub(count, done)) as loop:
-                chunk(builder.add(done, loop.index), 0)
+            _unrolled(builder, count, chains, chunk)
             for s, token_accs in enumerate(accs):
-                total = builder.load(token_accs[0])
-                for acc in token_accs[1:]:
-                    total = builder.fadd(total, builder.load(acc))
-                builder.store(_hsum16(builder, total), builder.gep(rptr, [ir.Constant(_I64, s)]))
+                slot = builder.gep(rptr, [ir.Constant(_I64, s)])
+                builder.store(_reduce(builder, token_accs), slot)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -395,18 +399,8 @@ def nm24_dot(typingctx, vals, voff, idx, ioff, phases, nblocks):
                                    (second, pick(masks[2], masks[3]), accs[2 * slot + 1])):
                 builder.store(builder.call(fma, [value, xv, builder.load(acc)]), acc)
 
-        pairs = builder.sdiv(count, ir.Constant(_I64, 2))
-        with cgutils.for_range(builder, pairs) as loop:
-            first_block = builder.mul(loop.index, ir.Constant(_I64, 2))
-            block(first_block, 0)
-            block(builder.add(first_block, ir.Constant(_I64, 1)), 1)
-        done = builder.mul(pairs, ir.Constant(_I64, 2))
-        with cgutils.for_range(builder, builder.sub(count, done)) as loop:
-            block(builder.add(done, loop.index), 0)
-        total = builder.load(accs[0])
-        for acc in accs[1:]:
-            total = builder.fadd(total, builder.load(acc))
-        return _hsum16(builder, total)
+        _unrolled(builder, count, 2, block)
+        return _reduce(builder, accs)
 
     return sig, codegen
 
