@@ -134,6 +134,27 @@ def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
     return padded
 
 
+def check_option(value, allowed, what: str) -> None:
+    """One-line error unless ``value`` is a key of ``allowed`` (a format's option table).
+
+    Parameters
+    ----------
+    value
+        The option given (``values="int8"``, say).
+    allowed : dict or set
+        The accepted settings.
+    what : str
+        Its name in the message (``"bitmask values"``).
+
+    Raises
+    ------
+    NpsparseError
+        ``"<what> must be one of [...], got <value>"``.
+    """
+    if value not in allowed:
+        raise NpsparseError(f"{what} must be one of {sorted(allowed)}, got {value!r}")
+
+
 def check_arrays(arrays: dict, expected: dict[str, tuple[np.dtype, int]], fmt: str) -> None:
     """Check a packed layer's arrays before rebuilding it.
 

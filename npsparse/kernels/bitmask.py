@@ -15,8 +15,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..errors import NpsparseError
-from ._layer import PackedLinear, check_arrays, check_weight_mask, pad_columns
+from ._layer import (PackedLinear, check_arrays, check_option, check_weight_mask,
+                     pad_columns)
 from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import OVERREAD, expand_dot, expand_row, value_at
 from ._tile import TILE_ROWS, tile_matmul
@@ -161,9 +161,7 @@ class BitmaskLinear(PackedLinear):
         NpsparseError
             Unknown ``values``, or a weight/mask shape or dtype problem.
         """
-        if values not in VALUE_TYPES:
-            raise NpsparseError(f"bitmask values must be one of {sorted(VALUE_TYPES)}, "
-                                f"got {values!r}")
+        check_option(values, VALUE_TYPES, "bitmask values")
         weight, keep = check_weight_mask(weight, mask)
         arrays = {"masks": pack_bits(keep)}
         if values == "bf16":
@@ -178,9 +176,7 @@ class BitmaskLinear(PackedLinear):
     @classmethod
     def from_arrays(cls, arrays, metadata):
         values = metadata.get("values", "bf16")
-        if values not in VALUE_TYPES:
-            raise NpsparseError(f"bitmask values must be one of {sorted(VALUE_TYPES)}, "
-                                f"got {values!r}")
+        check_option(values, VALUE_TYPES, "bitmask values")
         expected = {"masks": (np.uint32, 2), "values": (VALUE_TYPES[values], 1),
                     "row_ptr": (np.int64, 1)}
         if values == "int8":

@@ -14,8 +14,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..errors import NpsparseError
-from ._layer import PackedLinear, check_arrays, check_weight_mask
+from ._layer import PackedLinear, check_arrays, check_option, check_weight_mask
 from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import value_at
 from ._tile import TILE_ROWS, tile_matmul
@@ -118,8 +117,7 @@ class CSRLinear(PackedLinear):
         NpsparseError
             Unknown ``values``, or a weight/mask shape or dtype problem.
         """
-        if values not in VALUE_TYPES:
-            raise NpsparseError(f"csr values must be one of {sorted(VALUE_TYPES)}, got {values!r}")
+        check_option(values, VALUE_TYPES, "csr values")
         weight, keep = check_weight_mask(weight, mask)
         rows, cols = np.nonzero(keep)  # row-major: rows ascending, columns ascending per row
         kept = weight[rows, cols]
@@ -134,8 +132,7 @@ class CSRLinear(PackedLinear):
     @classmethod
     def from_arrays(cls, arrays, metadata):
         values = metadata.get("values", "bf16")
-        if values not in VALUE_TYPES:
-            raise NpsparseError(f"csr values must be one of {sorted(VALUE_TYPES)}, got {values!r}")
+        check_option(values, VALUE_TYPES, "csr values")
         shape = tuple(int(s) for s in metadata["shape"].split(","))
         expected = {"values": (VALUE_TYPES[values], 1), "cols": (index_dtype(shape[1]), 1),
                     "row_ptr": (np.int64, 1)}

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from ..errors import NpsparseError
-from ._layer import PackedLinear, check_arrays, check_weight_mask
+from ._layer import PackedLinear, check_arrays, check_option, check_weight_mask
 from ._numba import row_block, jit, pjit
 from ._simd import (HAS_BMI2, HAS_PERMUTE, NM_OVERREAD_BYTES, nm24_dot, nm_dot1, nm_dot4,
                     value_at)
@@ -246,8 +246,7 @@ class NMLinear(PackedLinear):
             A malformed pattern, ``K`` not a multiple of ``M``, or a group keeping too many.
         """
         n, m = parse_pattern(pattern)
-        if values not in VALUE_TYPES:
-            raise NpsparseError(f"nm values must be one of {sorted(VALUE_TYPES)}, got {values!r}")
+        check_option(values, VALUE_TYPES, "nm values")
         weight, keep = check_weight_mask(weight, mask)
         positions = group_positions(keep, n, m)  # [N, G, S]
         rows, k_cols = weight.shape
@@ -266,8 +265,7 @@ class NMLinear(PackedLinear):
     def from_arrays(cls, arrays, metadata):
         n, m = parse_pattern(metadata.get("pattern", ""))
         values = metadata.get("values", "bf16")
-        if values not in VALUE_TYPES:
-            raise NpsparseError(f"nm values must be one of {sorted(VALUE_TYPES)}, got {values!r}")
+        check_option(values, VALUE_TYPES, "nm values")
         expected = {"values": (VALUE_TYPES[values], 2), "indices": (np.uint8, 2)}
         if values == "int8":
             expected["scales"] = (np.float32, 1)
