@@ -102,8 +102,11 @@ def check_x(x, k: int) -> np.ndarray:
     Returns
     -------
     np.ndarray
-        ``[T, K]`` float32, C-contiguous.
+        ``[T, K]`` float32, C-contiguous (``x`` itself when it already is).
     """
+    if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == k
+            and x.flags.c_contiguous):  # the usual case, once per product in decode: no work
+        return x
     x = as_float32(x, "x")
     if x.ndim == 1:
         x = x[None, :]
@@ -195,10 +198,7 @@ class PackedLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``y [T, N] = x [T, K] @ W.T`` in float32 with the fast kernels."""
-        if not (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2
-                and x.shape[1] == self.shape[1] and x.flags.c_contiguous):  # decode: skip copies
-            x = check_x(x, self.shape[1])
-        return self._matmul(x)
+        return self._matmul(check_x(x, self.shape[1]))
 
     def matmul_naive(self, x: np.ndarray) -> np.ndarray:
         """The same product as ``__call__``, computed by the plain reference kernel.

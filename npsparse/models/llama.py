@@ -93,15 +93,15 @@ class LlamaBlock:
 
     def mlp(self, h: np.ndarray) -> np.ndarray:
         gate, up = self.products(GATE_UP, h)  # [T, F] each
-        return self.linears["mlp.down_proj"](silu(gate) * up)  # [T, D]
+        act = silu_mul(gate, up) if h.shape[0] == 1 else silu(gate) * up  # one token: in place
+        return self.linears["mlp.down_proj"](act)  # [T, D]
 
     def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
         eps = self.cfg.norm_eps
         if x.shape[0] == 1:  # decode: the same steps, fewer calls (npsparse.kernels.rowops)
             attn = self.attention(rms_norm_rows(x, self.attn_norm, eps), start, cache_k, cache_v)
             x, h = add_rms_norm(x, attn, self.mlp_norm, eps)
-            gate, up = self.products(GATE_UP, h)  # [1, F] each
-            return x + self.linears["mlp.down_proj"](silu_mul(gate, up))  # [1, D]
+            return x + self.mlp(h)  # [1, D]
         x = x + self.attention(rms_norm(x, self.attn_norm, eps), start, cache_k, cache_v)
         return x + self.mlp(rms_norm(x, self.mlp_norm, eps))  # [T, D]
 
