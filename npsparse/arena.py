@@ -43,7 +43,19 @@ class Fused:
     bounds: tuple[int, ...]
 
     def current(self, layers) -> bool:
-        """Whether ``layers`` (the block's layers of this group, in order) are still ``parts``."""
+        """Whether ``layers`` (the block's layers of this group, in order) are still ``parts``.
+
+        Parameters
+        ----------
+        layers : sequence of Linear
+            The block's current layers of this group, in the order of ``parts``.
+
+        Returns
+        -------
+        bool
+            True if each one is the very object that was stacked (identity, not equal values),
+            so that ``layer`` may compute the group in their place.
+        """
         return all(a is b for a, b in zip(layers, self.parts))
 
 

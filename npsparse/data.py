@@ -86,10 +86,24 @@ def read_text(source: str | Path, part: str = "eval") -> str:
 def windows(tokens: np.ndarray, seqlen: int, count: int | None = None) -> np.ndarray:
     """The first ``count`` non-overlapping ``seqlen``-token windows of ``tokens`` (tail dropped).
 
+    Parameters
+    ----------
+    tokens : np.ndarray
+        ``[n]`` token ids.
+    seqlen : int
+        Window length, at least 2.
+    count : int, optional
+        How many windows; default: as many as fit.
+
     Returns
     -------
     np.ndarray
         ``[count, seqlen]`` int64.
+
+    Raises
+    ------
+    NpsparseError
+        ``seqlen < 2``, or the text holds less than one window.
     """
     if seqlen < 2:
         raise NpsparseError(f"window length {seqlen} is too short: it must be at least 2")

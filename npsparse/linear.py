@@ -66,9 +66,21 @@ class DenseLinear:
 
 
 def as_linear(weight, *, transpose: bool = False):
-    """The seam object for a checkpoint tensor: :class:`DenseLinear` over an array (``weight.T``
-    with ``transpose``, for GPT-2's Conv1D ``[K, N]`` storage), or the layer itself if it already is
-    one (a packed folder's layers, see :mod:`npsparse.packed`, are stored as ``[N, K]``)."""
+    """The seam object for a checkpoint tensor.
+
+    Parameters
+    ----------
+    weight : np.ndarray or layer
+        ``[N, K]`` float32 array, or a layer object already (a packed folder's layers, see
+        :mod:`npsparse.packed`, are stored as ``[N, K]``), returned as it is.
+    transpose : bool
+        The array is stored ``[K, N]`` (GPT-2's Conv1D): wrap ``weight.T``.
+
+    Returns
+    -------
+    DenseLinear or layer
+        Callable ``x [T, K] -> [T, N]`` float32.
+    """
     if isinstance(weight, np.ndarray):
         return DenseLinear(weight.T if transpose else weight)
     return weight

@@ -36,7 +36,18 @@ HEAD_NAME = "lm_head.weight"
 
 
 def is_packed_dir(path: str | Path) -> bool:
-    """True if ``path`` is a folder written by :func:`save_packed`."""
+    """True if ``path`` is a folder written by :func:`save_packed`.
+
+    Parameters
+    ----------
+    path : str or Path
+        Any path; a plain file or a missing path gives False.
+
+    Returns
+    -------
+    bool
+        Whether ``path`` holds ``npsparse-packed.safetensors`` (its contents are not checked).
+    """
     return (Path(path) / PACKED_FILE).is_file()
 
 
@@ -130,7 +141,26 @@ class PackedWeights(Weights):
         return self.handle.load(name)
 
     def layer(self, name: str):
-        """The packed layer stored under tensor name ``name``, over memory-mapped arrays."""
+        """The packed layer stored under tensor name ``name``, over memory-mapped arrays.
+
+        Parameters
+        ----------
+        name : str
+            A key of :attr:`layers`, e.g. ``"model.layers.0.mlp.up_proj.weight"``.
+
+        Returns
+        -------
+        Linear
+            A kernel-format layer of shape ``[N, K]`` rebuilt by
+            :func:`npsparse.kernels.from_arrays` over read-only views of the file: nothing is
+            repacked or copied.
+
+        Raises
+        ------
+        NpsparseError
+            If the stored arrays and metadata do not make a valid layer (unknown format or
+            schema, wrong shape); the message names the folder and ``name``.
+        """
         from .kernels import from_arrays
 
         meta = self.layers[name]
@@ -144,6 +174,28 @@ class PackedWeights(Weights):
             raise NpsparseError(f"{self.source}: {name}: {err}") from None
 
     def get_checked(self, name: str, shape: tuple):
+        """The packed layer or float32 tensor ``name``, after checking the shape it had.
+
+        Parameters
+        ----------
+        name : str
+            Hugging Face tensor name.
+        shape : tuple of int
+            Expected shape of the checkpoint tensor, e.g. ``(N, K)``; for a packed layer it is
+            compared with the stored ``hf_shape``.
+
+        Returns
+        -------
+        Linear or np.ndarray
+            For a packed name the layer (see :meth:`layer`); otherwise the float32 array, as
+            :meth:`Weights.get_checked` returns it.
+
+        Raises
+        ------
+        NpsparseError
+            If a packed layer's shape differs, or as :meth:`layer` and
+            :meth:`Weights.get_checked` raise.
+        """
         if name in self.layers:
             have = tuple(self.layers[name]["hf_shape"])
             if have != tuple(shape):

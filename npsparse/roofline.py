@@ -16,7 +16,20 @@ import numpy as np
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def parallel_sum(rows):
-    """Sum of ``rows [C, n]`` float32, one row per parallel task: the bandwidth probe's read."""
+    """Sum of ``rows [C, n]`` float32, one row per parallel task: the bandwidth probe's read.
+
+    Parameters
+    ----------
+    rows : np.ndarray
+        ``[C, n]`` float32; each of the ``C`` rows is summed by one ``prange`` task, so ``C``
+        should be at least the number of threads.
+
+    Returns
+    -------
+    float
+        The sum of all elements, accumulated in float32 with ``fastmath`` (reassociated, so not
+        bit-reproducible). Only the read matters to the probe, not the value.
+    """
     partial = np.zeros(rows.shape[0], dtype=np.float32)
     for c in numba.prange(rows.shape[0]):
         acc = np.float32(0.0)

@@ -69,8 +69,25 @@ class _Recorder:
 
 
 def collect_block_stats(block, inputs: np.ndarray, needs) -> tuple[dict, np.ndarray]:
-    """Run ``block`` on each window of ``inputs`` [S, L, D], accumulating its linear layers' input
-    statistics. Layers in one ``block.input_groups`` entry share one statistics object."""
+    """Run ``block`` on each window of ``inputs``, accumulating its linear layers' input statistics.
+
+    Layers in one ``block.input_groups`` entry share one statistics object. The block's layers are
+    restored afterwards, also on error.
+
+    Parameters
+    ----------
+    block : LlamaBlock, GPT2Block or OPTBlock
+    inputs : np.ndarray
+        ``[S, L, D]`` float32, the block's input for each calibration window.
+    needs : collection of str
+        Statistics to keep (see :class:`npsparse.prune.stats.InputStats`), e.g. ``{"hessian"}``.
+
+    Returns
+    -------
+    (dict, np.ndarray)
+        Layer name -> :class:`~npsparse.prune.stats.InputStats`, and the block's outputs
+        ``[S, L, D]`` float32.
+    """
     original = dict(block.linears)
     stats = {}
     for group in block.input_groups:

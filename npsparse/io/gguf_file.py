@@ -40,7 +40,19 @@ _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None if npsparse does not use it."""
+    """The Hugging Face name of a GGUF tensor, or None if npsparse does not use it.
+
+    Parameters
+    ----------
+    gguf_name : str
+        Tensor name as the GGUF file stores it, e.g. ``"blk.3.attn_q.weight"``.
+
+    Returns
+    -------
+    str or None
+        E.g. ``"model.layers.3.self_attn.q_proj.weight"``; None for a name outside the
+        translation table (such as ``rope_freqs.weight``).
+    """
     match = _BLOCK.match(gguf_name)
     if match:
         key = "blk.{i}." + match.group(2)
@@ -56,6 +68,19 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     Hugging Face's "first half / second half" RoPE layout to interleaved pairs, so that its RoPE
     rotates adjacent elements. Viewing each head's rows as ``[2, hd/2]`` and swapping the axes is
     the permutation; the inverse views them as ``[hd/2, 2]`` and swaps back.
+
+    Parameters
+    ----------
+    w : np.ndarray
+        ``[H*hd, K]`` Q or K weight as llama.cpp stores it (a bias as ``[H*hd, 1]``), ``H`` the
+        query or key/value head count.
+    n_heads : int
+        ``H``: the number of heads ``w``'s rows belong to.
+
+    Returns
+    -------
+    np.ndarray
+        ``[H*hd, K]``, same dtype, rows in Hugging Face (rotate-half) order.
     """
     rows, cols = w.shape  # [H*hd, K]
     hd = rows // n_heads
@@ -110,7 +135,22 @@ class GGUFCheckpoint:
         return meta
 
     def field(self, key: str):
-        """One metadata value (including the large tokenizer arrays), or None."""
+        """One metadata value (including the large tokenizer arrays), or None.
+
+        Unlike :attr:`metadata`, which skips the tokenizer's vocabulary, merges, scores and
+        token types, this reads any key, on each call.
+
+        Parameters
+        ----------
+        key : str
+            GGUF metadata key, e.g. ``"tokenizer.ggml.tokens"``.
+
+        Returns
+        -------
+        object or None
+            The value as the ``gguf`` package decodes it (``ReaderField.contents()``: an int,
+            float, bool or str, or a list of them for an array); None if the file has no ``key``.
+        """
         field = self.reader.fields.get(key)
         return None if field is None else field.contents()
 

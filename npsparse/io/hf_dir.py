@@ -29,7 +29,18 @@ _RAW_DTYPES = {**_DTYPES, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16"
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """Widen bfloat16 stored as ``uint16`` to float32 (exact: bf16 is float32's top half)."""
+    """Widen bfloat16 stored as ``uint16`` to float32 (exact: bf16 is float32's top half).
+
+    Parameters
+    ----------
+    bits : np.ndarray
+        uint16 of any shape: bfloat16 bit patterns, as :meth:`SafetensorsFile.raw` returns them.
+
+    Returns
+    -------
+    np.ndarray
+        float32 of the same shape, a new array.
+    """
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
@@ -71,17 +82,52 @@ class SafetensorsFile:
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if header else None
 
     def shape(self, name: str) -> tuple:
+        """Shape of tensor ``name`` as the header lists it, without reading the data.
+
+        Parameters
+        ----------
+        name : str
+            A key of :attr:`entries` (a ``KeyError`` otherwise).
+
+        Returns
+        -------
+        tuple of int
+        """
         return tuple(self.entries[name]["shape"])
 
     def raw(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as stored: a read-only view of the mapped file (BF16 as uint16 bits)."""
+        """Tensor ``name`` as stored: a read-only view of the mapped file (BF16 as uint16 bits).
+
+        Parameters
+        ----------
+        name : str
+            A key of :attr:`entries` (a ``KeyError`` otherwise).
+
+        Returns
+        -------
+        np.ndarray
+            The header's shape, in the stored dtype (float32, float16 or float64; uint16 for BF16;
+            the integer dtypes of a file opened with ``raw=True``). Nothing is copied.
+        """
         entry = self.entries[name]
         begin, end = entry["data_offsets"]
         raw = self._map[self.data_start + begin:self.data_start + end]
         return raw.view(_RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def load(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as float32: a read-only view for F32, a widened copy otherwise."""
+        """Tensor ``name`` as float32: a read-only view for F32, a widened copy otherwise.
+
+        Parameters
+        ----------
+        name : str
+            A key of :attr:`entries` (a ``KeyError`` otherwise).
+
+        Returns
+        -------
+        np.ndarray
+            float32 of the header's shape; BF16 is widened exactly (:func:`bf16_to_f32`), F16 and
+            F64 are converted with :meth:`numpy.ndarray.astype`.
+        """
         entry = self.entries[name]
         array = self.raw(name)
         if entry["dtype"] == "BF16":
@@ -147,11 +193,16 @@ class HFCheckpoint:
 
     @property
     def tokenizer_path(self) -> Path | None:
+        """The folder's ``tokenizer.json`` (Path), or None if it has none."""
         path = self.path / "tokenizer.json"
         return path if path.is_file() else None
 
     @property
     def chat_template(self) -> str | None:
+        """The ``chat_template`` (str) of the folder's ``tokenizer_config.json``, or None.
+
+        None also when that file is missing, has no such key or is not valid JSON.
+        """
         config = self.path / "tokenizer_config.json"
         if config.is_file():
             try:
@@ -189,7 +240,18 @@ class HFDirWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def add_shard(self, tensors: dict) -> None:
-        """Write one safetensors shard now (so its arrays can be freed)."""
+        """Write one safetensors shard now (so its arrays can be freed).
+
+        The shard goes into the temporary folder as ``shard-0000i.safetensors``; :meth:`finish`
+        renames it (``model.safetensors`` if it is the only one, else
+        ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``).
+
+        Parameters
+        ----------
+        tensors : dict of str -> np.ndarray
+            Hugging Face names to arrays of any shape; written as contiguous float32 (converted
+            if needed).
+        """
         from safetensors.numpy import save_file
 
         name = f"shard-{len(self.shards):05d}.safetensors"
@@ -201,7 +263,24 @@ class HFDirWriter:
                extra_files: dict | None = None, chat_template: str | None = None) -> Path:
         """Name the shards, write config, tokenizer and extra files, and move into place.
 
-        Files written straight into ``self.tmp`` (a packed folder's weights) move along."""
+        Files written straight into ``self.tmp`` (a packed folder's weights) move along.
+
+        Parameters
+        ----------
+        config : ModelConfig
+            Written as ``config.json``.
+        tokenizer_json : str or None
+            Serialized ``tokenizers`` tokenizer, written as ``tokenizer.json`` unless None.
+        extra_files : dict of str -> str, optional
+            Further text files by name (e.g. ``pruning.json``, ``packed.json``).
+        chat_template : str, optional
+            Stored in ``tokenizer_config.json``, which is always written.
+
+        Returns
+        -------
+        Path
+            ``out``, now complete (an existing ``out`` has been replaced).
+        """
         if len(self.shards) == 1:
             (self.tmp / self.shards[0][0]).rename(self.tmp / "model.safetensors")
         elif self.shards:

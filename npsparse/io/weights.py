@@ -51,7 +51,29 @@ class Weights(Mapping):
         return name in self._set
 
     def get_checked(self, name: str, shape: tuple) -> np.ndarray:
-        """The tensor ``name``, after checking it exists and has ``shape``."""
+        """The tensor ``name``, after checking it exists and has ``shape``.
+
+        The values are checked too (all finite), which reads the whole tensor.
+
+        Parameters
+        ----------
+        name : str
+            Hugging Face tensor name.
+        shape : tuple of int
+            Expected shape, e.g. ``(N, K)`` for a linear weight or ``(V, D)`` for the embedding
+            table.
+
+        Returns
+        -------
+        np.ndarray
+            float32 of ``shape``, as the loader gives it (possibly a read-only memory-mapped
+            view).
+
+        Raises
+        ------
+        NpsparseError
+            If the tensor is missing, has another shape, or holds NaN or infinite values.
+        """
         if name not in self._set:
             raise NpsparseError(f"{self.source}: tensor {name} is missing")
         have = tuple(self.shapes[name])

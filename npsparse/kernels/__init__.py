@@ -77,7 +77,30 @@ def pack(weight, mask=None, format: str = "auto", **options):
 
 
 def packed_nbytes(weight, mask=None) -> dict[tuple[str, str], int]:
-    """Bytes each lossless-to-bf16 candidate format would read, keyed (format, pattern or "")."""
+    """Bytes each lossless-to-bf16 candidate format would read, keyed (format, pattern or "").
+
+    Every candidate stores bf16 values, so all of them give the same product; only the bytes
+    differ. Row pointers count 8 bytes per row plus one.
+
+    Parameters
+    ----------
+    weight : array-like
+        ``W [N, K]`` float32 (or exactly convertible).
+    mask : array-like or None
+        ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros of ``weight``.
+
+    Returns
+    -------
+    dict of (str, str) to int
+        ``("bf16", "")`` (dense, ignores the mask), ``("csr", "")`` and ``("bitmask", "")``
+        always; ``("nm", pattern)`` for each pattern of :data:`NM_PATTERNS` whose ``M`` divides
+        ``K`` and that the mask fits (no group of ``M`` keeps more than ``M - N``).
+
+    Raises
+    ------
+    NpsparseError
+        A weight/mask shape or dtype problem.
+    """
     weight, keep = check_weight_mask(weight, mask)
     rows, k_cols = weight.shape
     nnz = int(keep.sum())

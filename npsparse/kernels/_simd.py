@@ -40,7 +40,22 @@ _V16I1 = ir.VectorType(ir.IntType(1), 16)
 
 @intrinsic
 def bits_to_f32(typingctx, bits):
-    """Reinterpret a uint32 bit pattern as float32 (bf16 bits shifted left 16 give the value)."""
+    """Reinterpret a uint32 bit pattern as float32 (bf16 bits shifted left 16 give the value).
+
+    A Numba intrinsic: callable only from jitted code, as ``bits_to_f32(bits)``.
+
+    Parameters
+    ----------
+    typingctx : numba typing context
+        Supplied by Numba, not by the caller.
+    bits : uint32
+        The float32 bit pattern, e.g. ``np.uint32(bf16_bits) << 16``.
+
+    Returns
+    -------
+    float32
+        The same 32 bits read as a float (no conversion, one bitcast).
+    """
     sig = types.float32(types.uint32)
 
     def codegen(context, builder, signature, args):
@@ -238,7 +253,23 @@ OVERREAD = 32
 
 
 def value_at(values, p):
-    """Packed value ``values[p]`` as float32: bf16 bits (uint16), int8 (unscaled) or float32."""
+    """Packed value ``values[p]`` as float32: bf16 bits (uint16), int8 (unscaled) or float32.
+
+    Callable only from jitted code (the Numba overload below supplies the body; from Python it
+    raises NotImplementedError). The kernels use it so that one loop serves every value dtype.
+
+    Parameters
+    ----------
+    values : np.ndarray
+        1-D packed values: ``uint16`` (bf16 bits, widened exactly), ``int8`` (converted; the
+        caller applies any row scale) or ``float32`` (as is).
+    p : int
+        Index into ``values``.
+
+    Returns
+    -------
+    float32
+    """
     raise NotImplementedError  # only callable from jitted code, via the overload below
 
 
@@ -360,7 +391,31 @@ def nm24_dot(typingctx, vals, voff, idx, ioff, phases, nblocks):
 
     ``vals[voff:]``: the row's 32*nblocks bf16 values (uint16); ``idx[ioff:]``: its 2-bit
     positions, LSB first (8 bytes per 64 columns); ``phases``: x rearranged, 64 floats per block.
-    Reads exactly the row's bytes (no over-read).
+    Reads exactly the row's bytes (no over-read). A Numba intrinsic: callable only from jitted
+    code, as ``nm24_dot(vals, voff, idx, ioff, phases, nblocks)``, and used only where the host
+    has AVX-512 and BMI2 (``pext``).
+
+    Parameters
+    ----------
+    typingctx : numba typing context
+        Supplied by Numba, not by the caller.
+    vals : np.ndarray
+        ``uint16`` bf16 bits, C-contiguous (the layer's ``values [N, K/2]``).
+    voff : int
+        Element offset of the row's first value in ``vals`` (``n * K/2`` for row ``n``).
+    idx : np.ndarray
+        ``uint8`` index bytes, C-contiguous (the layer's ``indices [N, K/8]``).
+    ioff : int
+        Byte offset of the row's first index byte in ``idx``.
+    phases : np.ndarray
+        ``[K]`` float32, one token's activations from :func:`npsparse.kernels.nm.x_phases`.
+    nblocks : int
+        Number of 64-column blocks, ``K / 64``.
+
+    Returns
+    -------
+    float32
+        The row's dot product with the token.
     """
     sig = types.float32(vals, types.intp, idx, types.intp, phases, types.intp)
 

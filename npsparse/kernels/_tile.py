@@ -24,7 +24,22 @@ def _dot(a, b):  # a [K], b [K] float32 -> float32
 
 @jit
 def tile_matmul(tile, rows, x, y, n0):
-    """y[:, n0:n0+rows] = x [T, Kp] @ tile[:rows, :Kp].T, float32; ``Kp = x.shape[1]``."""
+    """y[:, n0:n0+rows] = x [T, Kp] @ tile[:rows, :Kp].T, float32; ``Kp = x.shape[1]``.
+
+    Parameters
+    ----------
+    tile : np.ndarray
+        ``[TILE_ROWS, >= Kp]`` float32: weight rows ``n0 .. n0+rows-1`` decoded to float32
+        (columns past ``Kp`` are ignored).
+    rows : int
+        Rows of ``tile`` in use, ``<= TILE_ROWS`` (fewer for the last tile of a weight).
+    x : np.ndarray
+        ``[T, Kp]`` float32 activations, zero-padded to the tile's width where the format needs.
+    y : np.ndarray
+        ``[T, N]`` float32 output; only columns ``n0 .. n0+rows-1`` are written, in place.
+    n0 : int
+        Weight row (output column) that ``tile[0]`` holds.
+    """
     n_tokens, width = x.shape
     r = 0
     while r + 2 <= rows:

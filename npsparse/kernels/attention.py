@@ -35,7 +35,19 @@ def attend_range(q, cache_k, cache_v, first, stop, top_out, total_out, acc_out):
     ``exp(score - top)``, ``acc_out[h]`` = the sum of ``exp(score - top) * value`` ([hd]). The
     softmax-weighted output is ``acc / total``; partial results over disjoint ranges merge
     exactly by rescaling with ``exp(top_i - max top)`` (see :func:`decode_attention_split`).
-    Requires ``stop > first``.
+
+    Parameters
+    ----------
+    q : np.ndarray
+        ``[H, hd]`` float32 rotated queries of the new position.
+    cache_k, cache_v : np.ndarray
+        ``[KV, capacity, hd]`` float32; query head ``h`` reads head ``h // (H // KV)``.
+    first, stop : int
+        The cached positions attended to, ``first <= i < stop``; requires ``stop > first``.
+    top_out, total_out : np.ndarray
+        ``[H]`` float32, written: the largest scaled score and the sum of ``exp(score - top)``.
+    acc_out : np.ndarray
+        ``[H, hd]`` float32, written: the sum of ``exp(score - top) * value``.
     """
     n_heads, head_dim = q.shape
     n_kv = cache_k.shape[0]
@@ -106,8 +118,20 @@ def decode_attention_split(q, cache_k, cache_v, n_keys, n_parts):
     threads attend to in parallel (as flash-decoding does), then merged.
 
     Worth it for long contexts only (a parallel launch costs a few µs): :func:`decode_step` uses it
-    from :data:`SPLIT_MIN_KEYS` positions on. Same arguments and result as
-    :func:`decode_attention`, up to float32 rounding (the sums run in another order).
+    from :data:`SPLIT_MIN_KEYS` positions on.
+
+    Parameters
+    ----------
+    q, cache_k, cache_v, n_keys
+        As for :func:`decode_attention`.
+    n_parts : int
+        Number of position ranges (one per thread); clipped to ``1 .. n_keys``.
+
+    Returns
+    -------
+    np.ndarray
+        ``[1, H*hd]`` float32, as :func:`decode_attention` gives up to float32 rounding (the sums
+        run in another order).
     """
     n_heads, head_dim = q.shape
     n_parts = max(1, min(n_parts, n_keys))

@@ -64,7 +64,25 @@ def from_bf16(bits) -> np.ndarray:
 
 
 def bf16_round(a) -> np.ndarray:
-    """float32 values rounded to the nearest bf16 (ties to even), returned as float32."""
+    """float32 values rounded to the nearest bf16 (ties to even), returned as float32.
+
+    What a bf16 format stores, seen as float32: ``from_bf16(to_bf16(a))``.
+
+    Parameters
+    ----------
+    a : array_like
+        float32 values (any shape; other dtypes only if float32 holds them exactly).
+
+    Returns
+    -------
+    np.ndarray
+        float32, same shape as ``a``; NaN stays NaN.
+
+    Raises
+    ------
+    NpsparseError
+        A non-numeric dtype, or values float32 cannot hold exactly.
+    """
     return from_bf16(to_bf16(a))
 
 
@@ -130,6 +148,24 @@ class BF16Linear(PackedLinear):
 
     @classmethod
     def from_arrays(cls, arrays, metadata):
+        """Wrap a stored ``bits`` array as a layer (no copy); the shape is the array's.
+
+        Parameters
+        ----------
+        arrays : dict of str to np.ndarray
+            ``bits [N, K] uint16``; other entries are ignored.
+        metadata : dict of str to str
+            Not read: the format has no options.
+
+        Returns
+        -------
+        BF16Linear
+
+        Raises
+        ------
+        NpsparseError
+            ``bits`` missing, or not a 2-D ``uint16`` array.
+        """
         check_arrays(arrays, {"bits": (np.uint16, 2)}, cls.FORMAT)
         return cls({"bits": arrays["bits"]}, arrays["bits"].shape)
 
@@ -139,11 +175,31 @@ class BF16Linear(PackedLinear):
         return _gemm(self.arrays["bits"], x, gemm_tasks())
 
     def matmul_naive(self, x):
+        """``x @ W.T`` by a scalar loop that widens each bf16 weight as it goes.
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, K]`` float32.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, N]`` float32.
+        """
         return _matmul_naive(self.arrays["bits"], np.ascontiguousarray(x, dtype=np.float32))
 
     def to_dense(self):
+        """The stored weight, every bf16 value widened exactly to float32.
+
+        Returns
+        -------
+        np.ndarray
+            ``W [N, K]`` float32 (a new array); pruned positions are the zeros stored there.
+        """
         return from_bf16(self.arrays["bits"])
 
     @property
     def nnz(self) -> int:
+        """int: stored weights that are not zero (+0 or -0); every position is stored here."""
         return int(np.count_nonzero(self.arrays["bits"] & np.uint16(0x7FFF)))

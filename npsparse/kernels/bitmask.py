@@ -26,7 +26,18 @@ VALUE_TYPES = {"bf16": np.uint16, "int8": np.int8}
 
 
 def pack_bits(keep: np.ndarray) -> np.ndarray:
-    """keep [N, K] bool -> words [N, ceil(K/32)] uint32; bit j of word c is column 32c + j."""
+    """keep [N, K] bool -> words [N, ceil(K/32)] uint32; bit j of word c is column 32c + j.
+
+    Parameters
+    ----------
+    keep : np.ndarray
+        ``[N, K]`` bool, True = kept.
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, ceil(K/32)]`` uint32; the bits past column ``K - 1`` of the last word are 0.
+    """
     n_rows, k_cols = keep.shape
     n_words = (k_cols + 31) // 32
     padded = np.zeros((n_rows, n_words * 32), dtype=np.bool_)
@@ -36,13 +47,44 @@ def pack_bits(keep: np.ndarray) -> np.ndarray:
 
 
 def unpack_bits(words: np.ndarray, k_cols: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: words [N, ceil(K/32)] uint32 -> keep [N, K] bool."""
+    """Inverse of :func:`pack_bits`: words [N, ceil(K/32)] uint32 -> keep [N, K] bool.
+
+    Parameters
+    ----------
+    words : np.ndarray
+        ``[N, ceil(K/32)]`` uint32 mask words.
+    k_cols : int
+        ``K``; bits past it in the last word are ignored.
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, K]`` bool, True where the bit is set.
+    """
     as_bytes = np.ascontiguousarray(words.astype("<u4")).view(np.uint8)
     return np.unpackbits(as_bytes, axis=1, bitorder="little", count=k_cols).astype(np.bool_)
 
 
 def quantize_rows(weight: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row: (q [N, K] int8, scales [N] float32); q = round(w / scale)."""
+    """Symmetric int8 per row: (q [N, K] int8, scales [N] float32); q = round(w / scale).
+
+    ``scale = max |kept w| / 127`` per row (1.0 for a row with no nonzero kept weight), so
+    ``q * scale`` is within ``scale / 2`` of every kept weight; ties round to even.
+
+    Parameters
+    ----------
+    weight : np.ndarray
+        ``[N, K]`` float32.
+    keep : np.ndarray
+        ``[N, K]`` bool, True = kept; the other positions quantise to 0 and do not set the scale.
+
+    Returns
+    -------
+    q : np.ndarray
+        ``[N, K]`` int8 in ``-127 .. 127``, 0 where ``keep`` is False.
+    scales : np.ndarray
+        ``[N]`` float32.
+    """
     kept = np.where(keep, weight, np.float32(0.0))
     peak = np.abs(kept).max(axis=1) if kept.size else np.zeros(kept.shape[0], np.float32)
     scales = np.where(peak > 0, peak / np.float32(127.0), np.float32(1.0)).astype(np.float32)
@@ -175,6 +217,28 @@ class BitmaskLinear(PackedLinear):
 
     @classmethod
     def from_arrays(cls, arrays, metadata):
+        """Wrap stored bitmask arrays as a layer, without copying them.
+
+        Only names, dtypes and ranks are checked, not that ``row_ptr`` agrees with the masks.
+
+        Parameters
+        ----------
+        arrays : dict of str to np.ndarray
+            ``masks [N, ceil(K/32)] uint32``, ``values [nnz] uint16`` (bf16 bits) or ``int8``,
+            ``row_ptr [N+1] int64``, and for int8 ``scales [N] float32``; others are ignored.
+        metadata : dict of str to str
+            ``shape`` (``"N,K"``, required) and ``values`` (``"bf16"``, the default, or
+            ``"int8"``).
+
+        Returns
+        -------
+        BitmaskLinear
+
+        Raises
+        ------
+        NpsparseError
+            An unknown ``values``, or an array missing or of the wrong dtype or rank.
+        """
         values = metadata.get("values", "bf16")
         check_option(values, VALUE_TYPES, "bitmask values")
         expected = {"masks": (np.uint32, 2), "values": (VALUE_TYPES[values], 1),
@@ -204,6 +268,21 @@ class BitmaskLinear(PackedLinear):
         return _gemm(*self._kernel_args(), x, gemm_tasks())
 
     def matmul_naive(self, x):
+        """``x @ W.T`` by a scalar loop over each row's mask bits.
+
+        Every set bit, in column order, takes the row's next packed value; int8 rows are then
+        multiplied by their scale.
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, K]`` float32 (not padded).
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, N]`` float32.
+        """
         return _matmul_naive(*self._kernel_args(), np.ascontiguousarray(x, dtype=np.float32))
 
     def keep_mask(self) -> np.ndarray:
@@ -211,6 +290,14 @@ class BitmaskLinear(PackedLinear):
         return unpack_bits(self.arrays["masks"], self.shape[1])
 
     def to_dense(self):
+        """The packed values put back at their mask positions.
+
+        Returns
+        -------
+        np.ndarray
+            ``W [N, K]`` float32: bf16 values widened exactly, or int8 values times their row
+            scale; zeros where the mask bit is clear.
+        """
         dense = np.zeros(self.shape, dtype=np.float32)
         values = self.arrays["values"]
         if self.values_type == "bf16":
@@ -222,4 +309,5 @@ class BitmaskLinear(PackedLinear):
 
     @property
     def nnz(self) -> int:
+        """int: packed values, one per set mask bit (kept weights, including kept zeros)."""
         return int(self.arrays["values"].shape[0])

@@ -24,7 +24,18 @@ VALUE_TYPES = {"fp32": np.float32, "bf16": np.uint16}
 
 
 def index_dtype(k_cols: int) -> type:
-    """uint16 column indices if every column < 65536 fits, else int32."""
+    """uint16 column indices if every column index fits (``K <= 65536``), else int32.
+
+    Parameters
+    ----------
+    k_cols : int
+        The weight's width ``K``.
+
+    Returns
+    -------
+    type
+        ``np.uint16`` or ``np.int32``.
+    """
     return np.uint16 if k_cols <= 65536 else np.int32
 
 
@@ -131,6 +142,28 @@ class CSRLinear(PackedLinear):
 
     @classmethod
     def from_arrays(cls, arrays, metadata):
+        """Wrap stored CSR arrays as a layer, without copying them.
+
+        Only names, dtypes and ranks are checked, not that indices are sorted or in range.
+
+        Parameters
+        ----------
+        arrays : dict of str to np.ndarray
+            ``values [nnz]`` (``uint16`` bf16 bits, or ``float32``), ``cols [nnz]`` of
+            :func:`index_dtype` for ``K``, and ``row_ptr [N+1] int64``; others are ignored.
+        metadata : dict of str to str
+            ``shape`` (``"N,K"``, required) and ``values`` (``"bf16"``, the default, or
+            ``"fp32"``).
+
+        Returns
+        -------
+        CSRLinear
+
+        Raises
+        ------
+        NpsparseError
+            An unknown ``values``, or an array missing or of the wrong dtype or rank.
+        """
         values = metadata.get("values", "bf16")
         check_option(values, VALUE_TYPES, "csr values")
         shape = tuple(int(s) for s in metadata["shape"].split(","))
@@ -155,9 +188,29 @@ class CSRLinear(PackedLinear):
         return _gemm(*self._kernel_args(), x, gemm_tasks())
 
     def matmul_naive(self, x):
+        """``x @ W.T`` by a scalar loop: per row, ``sum values[p] * x[t, cols[p]]``.
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, K]`` float32.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, N]`` float32.
+        """
         return _matmul_naive(*self._kernel_args(), np.ascontiguousarray(x, dtype=np.float32))
 
     def to_dense(self):
+        """The stored values scattered to ``(row, cols[p])``.
+
+        Returns
+        -------
+        np.ndarray
+            ``W [N, K]`` float32: bf16 values widened exactly, float32 as stored; zeros
+            elsewhere.
+        """
         values = self.arrays["values"]
         row_ptr = self.arrays["row_ptr"]
         rows = np.repeat(np.arange(self.shape[0]), np.diff(row_ptr))
@@ -168,4 +221,5 @@ class CSRLinear(PackedLinear):
 
     @property
     def nnz(self) -> int:
+        """int: stored entries, the length of ``values`` (kept weights, including kept zeros)."""
         return int(self.arrays["values"].shape[0])

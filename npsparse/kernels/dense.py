@@ -20,6 +20,20 @@ from ._simd import value_at
 
 @pjit
 def gemv_dense(weight, x):  # weight [N, K] float32 or uint16 (bf16 bits), x [1, K] -> y [1, N]
+    """One token times a dense weight, ``y = x @ W.T``, parallel over blocks of output rows.
+
+    Parameters
+    ----------
+    weight : np.ndarray
+        ``W [N, K]``, float32 or ``uint16`` (bf16 bits, widened exactly).
+    x : np.ndarray
+        ``[1, K]`` float32; only the first row is read.
+
+    Returns
+    -------
+    np.ndarray
+        ``[1, N]`` float32.
+    """
     n_rows, k_cols = weight.shape
     y = np.empty((1, n_rows), dtype=np.float32)
     rows_per = row_block(n_rows)

@@ -31,7 +31,22 @@ from .bitmask import VALUE_TYPES, quantize_rows
 
 
 def parse_pattern(pattern) -> tuple[int, int]:
-    """"2:4" or (2, 4) -> (n_pruned, m), checked: 1 <= n < m <= 32."""
+    """"2:4" or (2, 4) -> (n_pruned, m), checked: 1 <= n < m <= 32.
+
+    Parameters
+    ----------
+    pattern : str or (int, int)
+        ``"N:M"`` or a pair, ``N`` pruned of every ``M`` consecutive input columns.
+
+    Returns
+    -------
+    (n, m) : tuple of int
+
+    Raises
+    ------
+    NpsparseError
+        Not of the form ``"N:M"`` / a pair of integers, or not ``1 <= N < M <= 32``.
+    """
     try:
         if isinstance(pattern, str):
             n, m = (int(part) for part in pattern.split(":"))
@@ -45,7 +60,18 @@ def parse_pattern(pattern) -> tuple[int, int]:
 
 
 def index_bits(m: int) -> int:
-    """Bits per in-group position: ceil(log2 M)."""
+    """Bits per in-group position: ceil(log2 M).
+
+    Parameters
+    ----------
+    m : int
+        Group size ``M >= 2``.
+
+    Returns
+    -------
+    int
+        ``b``: 1 for M=2, 2 for M=4, 3 for M=8 (at least 1).
+    """
     return max(1, (m - 1).bit_length())
 
 
@@ -53,6 +79,26 @@ def group_positions(keep: np.ndarray, n: int, m: int) -> np.ndarray:
     """keep [N, K] bool -> kept in-group positions [N, K/M, M-N] uint8, ascending per group.
 
     Groups keeping fewer than ``M - N`` are filled with their lowest pruned positions.
+
+    Parameters
+    ----------
+    keep : np.ndarray
+        ``[N, K]`` bool, True = kept.
+    n : int
+        Weights pruned per group (``N`` of the pattern, not the row count).
+    m : int
+        Group size ``M``; must divide ``K``.
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, K/M, M-N]`` uint8, positions ``0 .. M-1`` within each group, ascending.
+
+    Raises
+    ------
+    NpsparseError
+        ``K`` not a multiple of ``M``, or a group keeping more than ``M - N`` (the message
+        names the first such row and columns).
     """
     rows, k_cols = keep.shape
     if k_cols % m:
@@ -70,7 +116,23 @@ def group_positions(keep: np.ndarray, n: int, m: int) -> np.ndarray:
 
 
 def pack_indices(positions: np.ndarray, m: int) -> np.ndarray:
-    """positions [N, G, S] (< M) -> bit stream [N, ceil(G*S*b/8)] uint8, b bits each, LSB first."""
+    """positions [N, G, S] (< M) -> bit stream [N, ceil(G*S*b/8)] uint8, b bits each, LSB first.
+
+    Parameters
+    ----------
+    positions : np.ndarray
+        ``[N, G, S]`` uint8 in-group positions, each ``< M`` (``G = K/M`` groups, ``S = M - N``
+        kept per group), as :func:`group_positions` returns.
+    m : int
+        Group size ``M``; sets ``b = index_bits(M)``.
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, ceil(G*S*b/8)]`` uint8: each row's positions in order, position ``e`` in bits
+        ``e*b .. e*b + b - 1`` of the row's stream (bit ``i`` of byte ``j`` = stream bit
+        ``8 j + i``); the last byte is zero-padded.
+    """
     rows = positions.shape[0]
     b = index_bits(m)
     bits = (positions.reshape(rows, -1)[:, :, None] >> np.arange(b, dtype=np.uint8)) & 1
@@ -78,7 +140,24 @@ def pack_indices(positions: np.ndarray, m: int) -> np.ndarray:
 
 
 def unpack_indices(stream: np.ndarray, m: int, groups: int, kept: int) -> np.ndarray:
-    """Inverse of :func:`pack_indices`: -> positions [N, G, S] uint8."""
+    """Inverse of :func:`pack_indices`: -> positions [N, G, S] uint8.
+
+    Parameters
+    ----------
+    stream : np.ndarray
+        ``[N, bytes]`` uint8, as :func:`pack_indices` returns.
+    m : int
+        Group size ``M``; sets ``b = index_bits(M)``.
+    groups : int
+        ``G = K/M``, groups per row.
+    kept : int
+        ``S = M - N``, positions stored per group.
+
+    Returns
+    -------
+    np.ndarray
+        ``[N, G, S]`` uint8 in-group positions.
+    """
     rows = stream.shape[0]
     b = index_bits(m)
     bits = np.unpackbits(stream, axis=1, bitorder="little", count=groups * kept * b)
@@ -160,7 +239,22 @@ def _gemv(values, indices, scales, m, kept, lanes, chunk_bytes, field, x):  # x 
 
 @jit
 def x_phases(x, t):
-    """x[t] rearranged for ``nm24_dot``: ``phases[64 b + 16 p + j] = x[t, 64 b + 4 j + p]``."""
+    """x[t] rearranged for ``nm24_dot``: ``phases[64 b + 16 p + j] = x[t, 64 b + 4 j + p]``.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[T, K]`` float32 with ``K`` a multiple of 64 (entries past the last whole 64-column
+        block are left unset).
+    t : int
+        The token (row of ``x``) to rearrange.
+
+    Returns
+    -------
+    np.ndarray
+        ``[K]`` float32: per 64-column block, four runs of 16, run ``p`` holding column
+        ``4 j + p`` of every group ``j``.
+    """
     k_cols = x.shape[1]
     phases = np.empty(k_cols, dtype=np.float32)
     for b in range(k_cols // 64):
@@ -263,6 +357,29 @@ class NMLinear(PackedLinear):
 
     @classmethod
     def from_arrays(cls, arrays, metadata):
+        """Wrap stored N:M arrays as a layer, without copying them.
+
+        Only names, dtypes and ranks are checked, not that the sizes agree with the pattern.
+
+        Parameters
+        ----------
+        arrays : dict of str to np.ndarray
+            ``values [N, K/M*(M-N)] uint16`` (bf16 bits) or ``int8``, ``indices [N, bytes]
+            uint8``, and for int8 ``scales [N] float32``; others are ignored.
+        metadata : dict of str to str
+            ``pattern`` (``"N:M"``, required), ``shape`` (``"N,K"``, required) and ``values``
+            (``"bf16"``, the default, or ``"int8"``).
+
+        Returns
+        -------
+        NMLinear
+
+        Raises
+        ------
+        NpsparseError
+            A missing or malformed ``pattern``, an unknown ``values``, or an array missing or of
+            the wrong dtype or rank.
+        """
         n, m = parse_pattern(metadata.get("pattern", ""))
         values = metadata.get("values", "bf16")
         check_option(values, VALUE_TYPES, "nm values")
@@ -299,6 +416,23 @@ class NMLinear(PackedLinear):
         return kernel(*self._kernel_args(), self.m, self.m - self.n, *plan, x)
 
     def matmul_naive(self, x):
+        """``x @ W.T`` by a scalar loop over each row's values.
+
+        Value ``e`` of a row reads its ``b``-bit position from the index stream and meets
+        ``x[t, (e // (M-N)) * M + position]``; int8 rows are then multiplied by their scale.
+        Also the fast path's fallback for patterns other than 50%, ``K`` not a multiple of 32,
+        and hosts without AVX-512.
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, K]`` float32.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, N]`` float32.
+        """
         x = np.ascontiguousarray(x, dtype=np.float32)
         return _matmul_naive(*self._kernel_args(), self.m, self.m - self.n, x)
 
@@ -315,6 +449,14 @@ class NMLinear(PackedLinear):
         return keep.reshape(rows, k_cols)
 
     def to_dense(self):
+        """The stored values put back at their in-group positions.
+
+        Returns
+        -------
+        np.ndarray
+            ``W [N, K]`` float32: bf16 values widened exactly, or int8 values times their row
+            scale; zeros at the pruned positions (and the zero fillers where they were stored).
+        """
         rows, k_cols = self.shape
         values = self.arrays["values"]
         if self.values_type == "bf16":
@@ -328,4 +470,5 @@ class NMLinear(PackedLinear):
 
     @property
     def nnz(self) -> int:
+        """int: stored values, ``N * K/M * (M-N)``, including zero fillers of sparser groups."""
         return int(self.arrays["values"].size)

@@ -19,7 +19,22 @@ from ._numba import jit
 
 @jit
 def rms_norm_rows(x, weight, eps):
-    """``x / sqrt(mean(x^2) + eps) * weight`` per row; x [T, D] float32, weight [D]."""
+    """``x / sqrt(mean(x^2) + eps) * weight`` per row; x [T, D] float32, weight [D].
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[T, D]`` float32.
+    weight : np.ndarray
+        ``[D]`` float32, the norm's gain.
+    eps : float
+        Added to the mean square (taken as float32).
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, D]`` float32, a new array.
+    """
     n_rows, dim = x.shape
     out = np.empty_like(x)
     for t in range(n_rows):
@@ -34,7 +49,26 @@ def rms_norm_rows(x, weight, eps):
 
 @jit
 def add_rms_norm(x, delta, weight, eps):
-    """The residual step of decode: ``(x + delta, rms_norm(x + delta))`` in one call; [T, D]."""
+    """The residual step of decode: ``(x + delta, rms_norm(x + delta))`` in one call; [T, D].
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[T, D]`` float32, the residual stream.
+    delta : np.ndarray
+        ``[T, D]`` float32, what the block adds to it (attention or MLP output).
+    weight : np.ndarray
+        ``[D]`` float32, the next norm's gain.
+    eps : float
+        As in :func:`rms_norm_rows`.
+
+    Returns
+    -------
+    total : np.ndarray
+        ``[T, D]`` float32, ``x + delta`` (a new array; ``x`` is not changed).
+    normed : np.ndarray
+        ``[T, D]`` float32, ``total`` RMS-normalised and scaled by ``weight``.
+    """
     total = x + delta
     return total, rms_norm_rows(total, weight, eps)
 
@@ -46,6 +80,18 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     4.5 µs for a Numba loop, whose scalar ``exp`` does not vectorise, and 5.1 µs for
     ``scipy.special.expit(gate) * up``). ``-g`` is capped at 88 so that ``exp`` cannot overflow;
     where the cap acts, ``silu(g)`` is below 1e-36 in magnitude either way.
+
+    Parameters
+    ----------
+    gate : np.ndarray
+        ``[T, F]`` float32, the gate projection.
+    up : np.ndarray
+        ``[T, F]`` float32, the up projection.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, F]`` float32, a new array (``gate`` and ``up`` are not changed).
     """
     out = np.negative(gate)
     np.minimum(out, np.float32(88.0), out=out)

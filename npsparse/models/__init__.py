@@ -39,7 +39,23 @@ def build_model(config: ModelConfig, weights: Mapping, load_blocks: bool = True)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
-    """Every tensor a checkpoint of ``config.arch`` must hold, by Hugging Face name, with shape."""
+    """Every tensor a checkpoint of ``config.arch`` must hold, by Hugging Face name, with shape.
+
+    Dispatches on ``config.family`` to the architecture module's own ``expected_shapes``
+    (:mod:`.llama`, :mod:`.gpt2` or :mod:`.opt`), with that module's default name prefix.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        The model's configuration; ``dim``, ``n_layers``, ``vocab_size`` and the head and FFN
+        sizes fix the shapes.
+
+    Returns
+    -------
+    dict of str -> tuple of int
+        Tensor name -> shape as the checkpoint stores it (GPT-2's Conv1D weights as ``[K, N]``,
+        every other weight as ``[N, K]``).
+    """
     from . import gpt2, llama, opt
 
     module = {"llama": llama, "gpt2": gpt2, "opt": opt}[config.family]

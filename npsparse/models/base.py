@@ -76,7 +76,18 @@ class CausalLM:
         raise NotImplementedError
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
-        """An empty KV cache for up to ``capacity`` positions (default: the model's maximum)."""
+        """An empty KV cache for up to ``capacity`` positions (default: the model's maximum).
+
+        Parameters
+        ----------
+        capacity : int, optional
+            Positions to preallocate per layer. None (or 0) means ``config.max_position``.
+
+        Returns
+        -------
+        KVCache
+            ``length`` 0, with ``[KV, capacity, hd]`` float32 zero buffers for every layer.
+        """
         return KVCache(self.config, capacity or self.config.max_position)
 
     def forward(self, ids: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
@@ -136,11 +147,44 @@ class CausalLM:
         return out
 
     def block_prefix(self, i: int) -> str:
-        """Checkpoint name prefix of block ``i`` (``model.layers.3``, ``transformer.h.3`` ...)."""
+        """Checkpoint name prefix of block ``i`` (``model.layers.3``, ``transformer.h.3`` ...).
+
+        Parameters
+        ----------
+        i : int
+            Block index, ``0 <= i < config.n_layers``.
+
+        Returns
+        -------
+        str
+            The prefix without a trailing dot; a block tensor's full name is
+            ``f"{prefix}.{name}"``.
+        """
         raise NotImplementedError
 
     def load_block(self, i: int):
-        """Build block ``i`` from the checkpoint's weights (pruning streams blocks this way)."""
+        """Build block ``i`` from the checkpoint's weights (pruning streams blocks this way).
+
+        The block is returned, not stored in ``self.blocks``; a model built with
+        ``load_blocks=False`` can so hold one block at a time.
+
+        Parameters
+        ----------
+        i : int
+            Block index, ``0 <= i < config.n_layers``.
+
+        Returns
+        -------
+        block
+            The architecture's block object, with its ``linears`` dict and
+            ``__call__(x, start, cache_k, cache_v)`` mapping ``[T, D]`` float32 to ``[T, D]``.
+
+        Raises
+        ------
+        NpsparseError
+            A tensor of the block is missing, has the wrong shape, or holds NaN or infinite
+            values.
+        """
         raise NotImplementedError
 
     def outer_state(self) -> dict[str, np.ndarray]:
@@ -148,7 +192,22 @@ class CausalLM:
         raise NotImplementedError
 
     def block_state(self, i: int, block=None) -> dict[str, np.ndarray]:
-        """Block ``i``'s tensors under their checkpoint names (``block`` defaults to the model's)."""
+        """Block ``i``'s tensors under checkpoint names (``block`` defaults to the model's).
+
+        Parameters
+        ----------
+        i : int
+            Block index; gives the name prefix (:meth:`block_prefix`).
+        block : optional
+            A block to read instead of ``self.blocks[i]``, e.g. one built by :meth:`load_block`
+            and pruned while ``self.blocks`` is empty.
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            Full checkpoint name -> dense float32 tensor, in the shape the checkpoint stores it
+            (linear layers densified with ``to_dense()``).
+        """
         block = self.blocks[i] if block is None else block
         return {f"{self.block_prefix(i)}.{k}": v for k, v in block.state().items()}
 
@@ -160,7 +219,21 @@ class CausalLM:
         return out
 
     def set_linear(self, name: str, layer: Linear) -> None:
-        """Replace the linear layer ``name`` (a key of :meth:`linears`) by ``layer``."""
+        """Replace the linear layer ``name`` (a key of :meth:`linears`) by ``layer``.
+
+        Parameters
+        ----------
+        name : str
+            Full Hugging Face module name, e.g. ``model.layers.3.mlp.down_proj``.
+        layer : Linear
+            The replacement seam object (dense or a sparse format), of the same ``(N, K)``
+            shape as the layer it replaces.
+
+        Raises
+        ------
+        NpsparseError
+            No linear layer is called ``name``, or ``layer`` has a different shape.
+        """
         for i, block in enumerate(self.blocks):
             prefix = self.block_prefix(i) + "."
             if name.startswith(prefix) and name[len(prefix):] in block.linears:
@@ -178,4 +251,17 @@ class CausalLM:
 
 
 def dense(weight: np.ndarray) -> DenseLinear:
+    """Wrap a weight matrix as a dense seam object.
+
+    Parameters
+    ----------
+    weight : np.ndarray
+        ``[N, K]`` weight, stored as float32 (copied only if it is not already float32 and
+        C-contiguous).
+
+    Returns
+    -------
+    DenseLinear
+        Computes ``x @ weight.T``: ``[T, K]`` float32 in, ``[T, N]`` float32 out.
+    """
     return DenseLinear(weight)

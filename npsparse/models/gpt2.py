@@ -29,7 +29,24 @@ def _block_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 
 
 def expected_shapes(cfg: ModelConfig, prefix: str = "transformer.") -> dict[str, tuple]:
-    """Every tensor a GPT-2 checkpoint must have, with its shape (Conv1D weights as [in, out])."""
+    """Every tensor a GPT-2 checkpoint must have, with its shape (Conv1D weights as [in, out]).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        A GPT-2 configuration.
+    prefix : str
+        Prefix of every name: ``"transformer."`` (Hugging Face) or ``""`` (the original OpenAI
+        conversion).
+
+    Returns
+    -------
+    dict of str -> tuple of int
+        Name -> stored shape: ``wte`` ``(V, D)``, ``wpe`` ``(max_position, D)``, ``ln_f`` and
+        per block ``ln_1``/``ln_2`` ``(D,)``, ``c_attn`` ``(D, 3D)``, ``attn.c_proj`` ``(D, D)``,
+        ``c_fc`` ``(D, F)``, ``mlp.c_proj`` ``(F, D)`` and their biases. ``lm_head`` is
+        not required: GPT-2 ties the head to ``wte``.
+    """
     d = cfg.dim
     out = {prefix + "wte.weight": (cfg.vocab_size, d), prefix + "wpe.weight": (cfg.max_position, d),
            prefix + "ln_f.weight": (d,), prefix + "ln_f.bias": (d,)}
@@ -64,6 +81,15 @@ class GPT2Block:
         return x + lin["mlp.c_proj"](h) + bias["mlp.c_proj"]  # [T, D]
 
     def state(self) -> dict:
+        """The block's tensors under their names inside the block, as the checkpoint stores them.
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            float32 ``ln_1``/``ln_2`` weights and biases ``[D]``; every Conv1D weight densified and
+            transposed back to the stored ``[K, N]`` (``c_attn`` ``[D, 3D]``, ``c_fc``
+            ``[D, F]`` ...), and its bias ``[N]``.
+        """
         out = dict(self.norms)
         for name in _CONV1D:
             out[name + ".weight"] = np.ascontiguousarray(self.linears[name].to_dense().T)
@@ -98,20 +124,84 @@ class GPT2Model(CausalLM):
             self.head = as_linear(get("lm_head.weight", (config.vocab_size, d)))
 
     def block_prefix(self, i: int) -> str:
+        """GPT-2 names block ``i`` ``transformer.h.{i}`` (``h.{i}`` without the prefix).
+
+        Parameters
+        ----------
+        i : int
+            Block index.
+
+        Returns
+        -------
+        str
+            The prefix, without a trailing dot.
+        """
         return f"{self.prefix}h.{i}"
 
     def load_block(self, i: int) -> GPT2Block:
+        """Read block ``i``'s twelve tensors and build it (Conv1D weights are transposed once).
+
+        Parameters
+        ----------
+        i : int
+            Block index.
+
+        Returns
+        -------
+        GPT2Block
+
+        Raises
+        ------
+        NpsparseError
+            A block tensor is missing, has the wrong shape, or holds NaN or infinite values.
+        """
         get, prefix = self.weights.get_checked, self.block_prefix(i)
         return GPT2Block(self.config, {k: get(f"{prefix}.{k}", shape)
                                        for k, shape in _block_shapes(self.config).items()})
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Token embeddings plus learned position embeddings of positions ``start .. start+T-1``.
+
+        Parameters
+        ----------
+        ids : np.ndarray
+            ``[T]`` int64 token ids.
+        start : int
+            Position of the first token; ``start + T`` must not exceed ``config.max_position``
+            (:meth:`forward` checks this).
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, D]`` float32, a new array.
+        """
         return self.wte[ids] + self.wpe[start:start + len(ids)]  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
+        """LayerNorm ``ln_f``, then the head (tied to ``wte`` unless ``lm_head`` is stored).
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, D]`` float32, the last block's output.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, V]`` float32 logits.
+        """
         return self.head(layer_norm(x, *self.ln_f, self.config.norm_eps))  # [T, V]
 
     def outer_state(self) -> dict[str, np.ndarray]:
+        """``wte``, ``wpe`` and ``ln_f`` under the checkpoint's prefix; ``lm_head`` if untied.
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            float32 ``wte.weight`` ``[V, D]``, ``wpe.weight`` ``[max_position, D]``,
+            ``ln_f.weight``/``ln_f.bias`` ``[D]``, and ``lm_head.weight`` ``[V, D]`` only when the
+            head is not tied to ``wte``.
+        """
         p = self.prefix
         out = {p + "wte.weight": self.wte, p + "wpe.weight": self.wpe,
                p + "ln_f.weight": self.ln_f[0], p + "ln_f.bias": self.ln_f[1]}

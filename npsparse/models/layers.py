@@ -13,13 +13,43 @@ from ..kernels.attention import decode_step
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight``. x [T, D]."""
+    """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight``. x [T, D].
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[T, D]`` float32.
+    weight : np.ndarray
+        ``[D]`` float32 scale.
+    eps : float
+        Added to the mean square before the square root.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, D]`` float32, a new array.
+    """
     variance = (x * x).sum(axis=-1, keepdims=True) / np.float32(x.shape[-1])  # [T, 1] (= np.mean)
     return (x / np.sqrt(variance + np.float32(eps))) * weight  # [T, D]
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    """LayerNorm over the last axis (biased variance, as PyTorch). x [T, D]."""
+    """LayerNorm over the last axis (biased variance, as PyTorch). x [T, D].
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[T, D]`` float32.
+    weight, bias : np.ndarray
+        ``[D]`` float32 scale and shift.
+    eps : float
+        Added to the variance before the square root.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, D]`` float32, a new array.
+    """
     mean = np.mean(x, axis=-1, keepdims=True)  # [T, 1]
     centered = x - mean  # [T, D]
     variance = np.mean(centered * centered, axis=-1, keepdims=True)  # [T, 1]
@@ -27,24 +57,73 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """``x * sigmoid(x)``; ``expit`` does not overflow for large negative x."""
+    """``x * sigmoid(x)``; ``expit`` does not overflow for large negative x.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        float32, any shape (``[T, F]`` in the MLP).
+
+    Returns
+    -------
+    np.ndarray
+        float32, the shape of ``x``.
+    """
     return x * expit(x)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU with the tanh approximation (GPT-2's ``gelu_new``)."""
+    """GELU with the tanh approximation (GPT-2's ``gelu_new``).
+
+    ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))``, in float32 arithmetic.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        float32, any shape (``[T, F]`` in the MLP).
+
+    Returns
+    -------
+    np.ndarray
+        float32, the shape of ``x``.
+    """
     c = np.float32(math.sqrt(2.0 / math.pi))
     return np.float32(0.5) * x * (1.0 + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
 
 
 def gelu_erf(x: np.ndarray) -> np.ndarray:
-    """Exact GELU, ``x * Phi(x)``."""
+    """Exact GELU, ``x * Phi(x)``.
+
+    ``Phi`` is the standard normal CDF, computed as ``0.5 * (1 + erf(x / sqrt(2)))``.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        float32, any shape (``[T, F]`` in the MLP).
+
+    Returns
+    -------
+    np.ndarray
+        float32, the shape of ``x``.
+    """
     from scipy.special import erf
 
     return (np.float32(0.5) * x * (1.0 + erf(x / np.float32(math.sqrt(2.0))))).astype(np.float32)
 
 
 def relu(x: np.ndarray) -> np.ndarray:
+    """``max(x, 0)`` elementwise (OPT's activation).
+
+    Parameters
+    ----------
+    x : np.ndarray
+        float32, any shape (``[T, F]`` in the MLP).
+
+    Returns
+    -------
+    np.ndarray
+        float32, the shape of ``x``, a new array.
+    """
     return np.maximum(x, np.float32(0.0))
 
 
@@ -57,6 +136,23 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndar
     Follows Hugging Face's ``_compute_default_rope_parameters`` (float32 arithmetic) and
     ``_compute_llama3_parameters``: long wavelengths are divided by ``factor``, short ones kept,
     and the band between is interpolated smoothly.
+
+    Parameters
+    ----------
+    head_dim : int
+        ``hd``; one frequency per pair of dimensions.
+    theta : float
+        RoPE base (``rope_theta``).
+    scaling : tuple of (key, value) pairs or None
+        Hugging Face ``rope_scaling`` as items (``ModelConfig.rope_scaling``). ``rope_type``
+        (or ``type``) ``"linear"`` divides every frequency by ``factor``; any other type is read
+        as ``"llama3"`` and needs ``factor``, ``low_freq_factor``, ``high_freq_factor`` and
+        ``original_max_position_embeddings``. None: no scaling.
+
+    Returns
+    -------
+    np.ndarray
+        ``[hd/2]`` float32.
     """
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)  # [hd/2]
@@ -99,20 +195,66 @@ class RopeTables:
 
 
 def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [T, hd] for the given positions, in the rotate-half layout."""
+    """cos and sin [T, hd] for the given positions, in the rotate-half layout.
+
+    Column ``j`` and column ``j + hd/2`` hold the same angle ``position * inv_freq[j]``, as
+    Hugging Face's ``rotate_half`` convention expects.
+
+    Parameters
+    ----------
+    positions : np.ndarray
+        ``[T]`` integer positions (converted to float32 before multiplying).
+    inv_freq : np.ndarray
+        ``[hd/2]`` float32 inverse frequencies, from :func:`rope_inv_freq`.
+
+    Returns
+    -------
+    cos, sin : np.ndarray
+        ``[T, hd]`` float32 each.
+    """
     angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
     angles = np.concatenate([angles, angles], axis=-1)  # [T, hd]
     return np.cos(angles), np.sin(angles)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate pairs (i, i + hd/2) of every head. x [heads, T, hd], cos/sin [T, hd]."""
+    """Rotate pairs (i, i + hd/2) of every head. x [heads, T, hd], cos/sin [T, hd].
+
+    Computes ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, where
+    ``x1``, ``x2`` are the first and second halves of the last axis.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[H, T, hd]`` (queries) or ``[KV, T, hd]`` (keys) float32.
+    cos, sin : np.ndarray
+        ``[T, hd]`` float32 tables of the tokens' positions (:func:`rope_tables`).
+
+    Returns
+    -------
+    np.ndarray
+        float32, the shape of ``x``, a new array.
+    """
     half = x.shape[-1] // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # [heads, T, hd]
     return x * cos + rotated * sin
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Softmax along ``axis``, after subtracting the maximum so ``exp`` cannot overflow.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        float32 scores, any shape (``[KV, g, T, S]`` in attention); not modified.
+    axis : int
+        Axis to normalise over.
+
+    Returns
+    -------
+    np.ndarray
+        A new array of the shape and dtype of ``x``, summing to 1 along ``axis``.
+    """
     x = x - np.max(x, axis=axis, keepdims=True)
     np.exp(x, out=x)
     x /= np.sum(x, axis=axis, keepdims=True)
@@ -120,7 +262,18 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    """log softmax over the last axis, in float64 for an exact sum of many NLL terms."""
+    """log softmax over the last axis, in float64 for an exact sum of many NLL terms.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[T, V]`` logits (float32); not modified.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, V]`` float64 log-probabilities.
+    """
     x = x.astype(np.float64)
     x -= np.max(x, axis=-1, keepdims=True)
     return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))

@@ -24,7 +24,21 @@ GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """Every tensor a LLaMA-family checkpoint must have, with its shape."""
+    """Every tensor a LLaMA-family checkpoint must have, with its shape.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        A LLaMA-family configuration (Llama, Mistral, Qwen2).
+
+    Returns
+    -------
+    dict of str -> tuple of int
+        Hugging Face name -> ``(N, K)`` or ``(D,)``: ``embed_tokens`` ``(V, D)``, norms ``(D,)``,
+        ``q_proj`` ``(H*hd, D)``, ``k_proj``/``v_proj`` ``(KV*hd, D)``, ``o_proj`` ``(D, H*hd)``,
+        ``gate_proj``/``up_proj`` ``(F, D)``, ``down_proj`` ``(D, F)``; ``lm_head`` ``(V, D)``
+        only without tied embeddings, q/k/v biases only with ``cfg.qkv_bias``.
+    """
     d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
     q_rows, kv_rows = cfg.n_heads * hd, cfg.n_kv_heads * hd
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
@@ -73,7 +87,26 @@ class LlamaBlock:
         self.bias = {name: tensors.get(f"self_attn.{name}_proj.bias") for name in "qkv"}
 
     def products(self, names: tuple[str, ...], h: np.ndarray) -> list[np.ndarray]:
-        """``[layer(h) for layer in names]``, as one stacked product when the arena built one."""
+        """``[layer(h) for layer in names]``, as one stacked product when the arena built one.
+
+        The stacked product (``self.fused[names]``, from :mod:`npsparse.arena`) is used only while
+        the block still holds exactly the layers it was stacked from; otherwise each layer runs
+        on its own.
+
+        Parameters
+        ----------
+        names : tuple of str
+            Names of linear layers that read the same input, e.g. :data:`QKV` or
+            :data:`GATE_UP`.
+        h : np.ndarray
+            ``[T, K]`` float32, their common input.
+
+        Returns
+        -------
+        list of np.ndarray
+            One ``[T, N_i]`` float32 output per name, in order (column views of one array when
+            stacked).
+        """
         fused = self.fused.get(names)
         if fused is None or not fused.current([self.linears[n] for n in names]):
             return [self.linears[n](h) for n in names]
@@ -82,6 +115,23 @@ class LlamaBlock:
         return [y[:, b[i]:b[i + 1]] for i in range(len(names))]
 
     def attention(self, h: np.ndarray, start: int, cache_k, cache_v) -> np.ndarray:
+        """Self-attention: q/k/v projections (+ bias), RoPE, grouped-query attention, ``o_proj``.
+
+        Parameters
+        ----------
+        h : np.ndarray
+            ``[T, D]`` float32, the block input after ``input_layernorm``.
+        start : int
+            Position of the first token.
+        cache_k, cache_v : np.ndarray or None
+            This layer's ``[KV, capacity, hd]`` float32 cache; positions ``start .. start+T-1``
+            are written. None attends over the new tokens only.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, D]`` float32, before the residual is added.
+        """
         cfg, lin = self.cfg, self.linears
         q, k, v = self.products(QKV, h)  # [T, H*hd], [T, KV*hd], [T, KV*hd]
         if cfg.qkv_bias:
@@ -92,6 +142,19 @@ class LlamaBlock:
         return lin["self_attn.o_proj"](out)  # [T, D]
 
     def mlp(self, h: np.ndarray) -> np.ndarray:
+        """SwiGLU MLP: ``down_proj(silu(gate_proj(h)) * up_proj(h))``.
+
+        Parameters
+        ----------
+        h : np.ndarray
+            ``[T, D]`` float32, the residual stream after ``post_attention_layernorm``.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, D]`` float32, before the residual is added (the ``[T, F]`` hidden activation
+            is internal).
+        """
         gate, up = self.products(GATE_UP, h)  # [T, F] each
         act = silu_mul(gate, up) if h.shape[0] == 1 else silu(gate) * up  # one token: in place
         return self.linears["mlp.down_proj"](act)  # [T, D]
@@ -106,6 +169,14 @@ class LlamaBlock:
         return x + self.mlp(rms_norm(x, self.mlp_norm, eps))  # [T, D]
 
     def state(self) -> dict:
+        """The block's tensors under their names inside the block (``mlp.up_proj.weight`` ...).
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            float32 norm weights ``[D]``, every linear weight densified to ``[N, K]``, and the
+            q/k/v biases ``[N]`` when the model has them.
+        """
         out = {"input_layernorm.weight": self.attn_norm,
                "post_attention_layernorm.weight": self.mlp_norm}
         out.update({name + ".weight": layer.to_dense() for name, layer in self.linears.items()})
@@ -141,21 +212,85 @@ class LlamaModel(CausalLM):
             self.head = as_linear(get("lm_head.weight", self.shapes["lm_head.weight"]))
 
     def block_prefix(self, i: int) -> str:
+        """LLaMA-family checkpoints name block ``i`` ``model.layers.{i}``.
+
+        Parameters
+        ----------
+        i : int
+            Block index.
+
+        Returns
+        -------
+        str
+            The prefix, without a trailing dot.
+        """
         return f"model.layers.{i}"
 
     def load_block(self, i: int) -> LlamaBlock:
+        """Read block ``i``'s tensors (those of :attr:`shapes` under its prefix) and build it.
+
+        The block shares the model's RoPE table.
+
+        Parameters
+        ----------
+        i : int
+            Block index.
+
+        Returns
+        -------
+        LlamaBlock
+
+        Raises
+        ------
+        NpsparseError
+            A block tensor is missing, has the wrong shape, or holds NaN or infinite values.
+        """
         prefix = self.block_prefix(i) + "."
         tensors = {name[len(prefix):]: self.weights.get_checked(name, shape)
                    for name, shape in self.shapes.items() if name.startswith(prefix)}
         return LlamaBlock(self.config, tensors, self.rope)
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Rows of ``embed_tokens``; positions enter later through RoPE, so ``start`` is unused.
+
+        Parameters
+        ----------
+        ids : np.ndarray
+            ``[T]`` int64 token ids.
+        start : int
+            Position of the first token (ignored).
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, D]`` float32, a writable copy even when the embeddings are memory-mapped.
+        """
         return np.array(self.embed_tokens[ids], dtype=np.float32)  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
+        """RMSNorm ``model.norm`` (compiled form for one token), then the output head.
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, D]`` float32, the last block's output.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, V]`` float32 logits.
+        """
         return self.head(_norm_for(x)(x, self.norm, self.config.norm_eps))  # [T, V]
 
     def outer_state(self) -> dict[str, np.ndarray]:
+        """``model.embed_tokens`` and ``model.norm``, and ``lm_head`` unless embeddings are tied.
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            float32 ``model.embed_tokens.weight`` ``[V, D]``, ``model.norm.weight`` ``[D]``, and
+            ``lm_head.weight`` ``[V, D]`` (dense) when ``config.tie_embeddings`` is false.
+        """
         out = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
         if not self.config.tie_embeddings:
             out["lm_head.weight"] = self.head.to_dense()

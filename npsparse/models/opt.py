@@ -33,7 +33,24 @@ def _block_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 
 
 def expected_shapes(cfg: ModelConfig, prefix: str = "model.decoder.") -> dict[str, tuple]:
-    """Every tensor an OPT checkpoint must have (with tied head), with its shape."""
+    """Every tensor an OPT checkpoint must have (with tied head), with its shape.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        An OPT configuration.
+    prefix : str
+        Prefix of every name: ``"model.decoder."`` (Hugging Face) or ``"decoder."``.
+
+    Returns
+    -------
+    dict of str -> tuple of int
+        Name -> ``(N, K)`` or ``(D,)``: ``embed_tokens`` ``(V, E)``, ``embed_positions``
+        ``(max_position + 2, D)`` (:data:`POSITION_OFFSET`), ``project_in`` ``(D, E)`` and
+        ``project_out`` ``(E, D)`` only when ``E != D``, ``final_layer_norm`` only for pre-norm
+        models; per block the two LayerNorms ``(D,)``, q/k/v/out projections ``(D, D)``,
+        ``fc1`` ``(F, D)``, ``fc2`` ``(D, F)``, each with its bias ``(N,)``.
+    """
     d, e = cfg.dim, cfg.embed_proj_dim or cfg.dim
     out = {prefix + "embed_tokens.weight": (cfg.vocab_size, e),
            prefix + "embed_positions.weight": (cfg.max_position + POSITION_OFFSET, d)}
@@ -70,12 +87,42 @@ class OPTBlock:
         return self.linears[name](x) + self.bias[name]
 
     def attention(self, h, start, cache_k, cache_v) -> np.ndarray:
+        """Self-attention: q/k/v projections with biases, ``H`` heads, ``out_proj`` with bias.
+
+        Parameters
+        ----------
+        h : np.ndarray
+            ``[T, D]`` float32: the normed input (pre-norm) or the raw block input (post-norm).
+        start : int
+            Position of the first token.
+        cache_k, cache_v : np.ndarray or None
+            This layer's ``[H, capacity, hd]`` float32 cache (OPT has ``KV = H``); positions
+            ``start .. start+T-1`` are written. None attends over the new tokens only.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, D]`` float32, before the residual is added.
+        """
         q, k, v = (self._proj(f"self_attn.{n}_proj", h) for n in "qkv")  # [T, D] each
         n_heads = self.cfg.n_heads
         out = multi_head_attention(q, k, v, n_heads, n_heads, start, cache_k, cache_v)
         return self._proj("self_attn.out_proj", out)  # [T, D]
 
     def mlp(self, h: np.ndarray) -> np.ndarray:
+        """``fc2(act(fc1(h)))`` with biases; ``act`` is ``config.activation`` (ReLU for OPT).
+
+        Parameters
+        ----------
+        h : np.ndarray
+            ``[T, D]`` float32 input (normed for pre-norm models).
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, D]`` float32, before the residual is added (the ``[T, F]`` hidden activation
+            is internal).
+        """
         return self._proj("fc2", self.act(self._proj("fc1", h)))  # [T, D]
 
     def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
@@ -86,6 +133,14 @@ class OPTBlock:
         return self._norm(x + self.mlp(x), "final_layer_norm")
 
     def state(self) -> dict:
+        """The block's tensors under their names inside the block (``fc1.weight`` ...).
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            float32 LayerNorm weights and biases ``[D]``, every linear weight densified to
+            ``[N, K]``, and every linear bias ``[N]``.
+        """
         out = dict(self.norms)
         for name in LINEAR_NAMES:
             out[name + ".weight"] = self.linears[name].to_dense()
@@ -127,14 +182,58 @@ class OPTModel(CausalLM):
         self.head = as_linear(embed if self.tied else get("lm_head.weight", embed.shape))
 
     def block_prefix(self, i: int) -> str:
+        """OPT names block ``i`` ``model.decoder.layers.{i}`` (or ``decoder.layers.{i}``).
+
+        Parameters
+        ----------
+        i : int
+            Block index.
+
+        Returns
+        -------
+        str
+            The prefix, without a trailing dot.
+        """
         return f"{self.prefix}layers.{i}"
 
     def load_block(self, i: int) -> OPTBlock:
+        """Read block ``i``'s two LayerNorms and six biased linear layers and build it.
+
+        Parameters
+        ----------
+        i : int
+            Block index.
+
+        Returns
+        -------
+        OPTBlock
+
+        Raises
+        ------
+        NpsparseError
+            A block tensor is missing, has the wrong shape, or holds NaN or infinite values.
+        """
         get, prefix = self.weights.get_checked, self.block_prefix(i)
         return OPTBlock(self.config, {k: get(f"{prefix}.{k}", shape)
                                       for k, shape in _block_shapes(self.config).items()})
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Token embeddings (projected in to ``D`` if narrower) plus learned positions.
+
+        Position ``p`` reads row ``p + 2`` of ``embed_positions`` (:data:`POSITION_OFFSET`).
+
+        Parameters
+        ----------
+        ids : np.ndarray
+            ``[T]`` int64 token ids.
+        start : int
+            Position of the first token.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, D]`` float32.
+        """
         x = self.tensors["embed_tokens.weight"][ids]  # [T, E]
         if "project_in.weight" in self.tensors:
             x = x @ self.tensors["project_in.weight"].T  # [T, D]
@@ -142,6 +241,18 @@ class OPTModel(CausalLM):
         return x + self.tensors["embed_positions.weight"][rows]  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
+        """Final LayerNorm (pre-norm models only), ``project_out`` to ``E`` if present, then head.
+
+        Parameters
+        ----------
+        x : np.ndarray
+            ``[T, D]`` float32, the last block's output.
+
+        Returns
+        -------
+        np.ndarray
+            ``[T, V]`` float32 logits.
+        """
         t = self.tensors
         if "final_layer_norm.weight" in t:
             x = layer_norm(x, t["final_layer_norm.weight"], t["final_layer_norm.bias"],
@@ -151,6 +262,16 @@ class OPTModel(CausalLM):
         return self.head(x)  # [T, V]
 
     def outer_state(self) -> dict[str, np.ndarray]:
+        """The tensors outside the blocks, under the checkpoint's prefix; ``lm_head`` if untied.
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            float32 ``embed_tokens.weight`` ``[V, E]``, ``embed_positions.weight``
+            ``[max_position + 2, D]``, ``project_in.weight`` ``[D, E]`` and
+            ``project_out.weight`` ``[E, D]`` when present, ``final_layer_norm`` ``[D]`` for
+            pre-norm models, and ``lm_head.weight`` ``[V, E]`` (dense) when the head is not tied.
+        """
         out = {self.prefix + k: v for k, v in self.tensors.items()}
         if not self.tied:
             out["lm_head.weight"] = self.head.to_dense()

@@ -35,6 +35,24 @@ def stats_needed(method: str, base: str | None = None, *, error: bool = True) ->
 
     ``error=True`` adds ``"hessian"`` (``sum x x^T``, ``K x K``) so that :func:`prune_layer` can
     report the reconstruction error; magnitude and Wanda need it for nothing else.
+
+    Parameters
+    ----------
+    method : {"magnitude", "wanda", "sparsegpt", "dsnot"}
+    base : str, optional
+        DSnoT's initial method (one of :data:`BASES`); required for ``"dsnot"``, else ignored.
+    error : bool
+        Also collect ``"hessian"`` for the reconstruction error.
+
+    Returns
+    -------
+    tuple of str
+        Sorted statistic names among ``"hessian"``, ``"sq"``, ``"sum"`` and ``"var"``.
+
+    Raises
+    ------
+    NpsparseError
+        If ``method`` is unknown, or it is ``"dsnot"`` without a valid ``base``.
     """
     needs = {"magnitude": set(), "wanda": {"sq"}, "sparsegpt": {"hessian"},
              "dsnot": {"sq", "sum", "var"}}
@@ -49,6 +67,23 @@ def stats_needed(method: str, base: str | None = None, *, error: bool = True) ->
 
 
 def check_base(base: str | None) -> str:
+    """Check DSnoT's initial method.
+
+    Parameters
+    ----------
+    base : str or None
+        One of :data:`BASES`: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+
+    Returns
+    -------
+    str
+        ``base``, unchanged.
+
+    Raises
+    ------
+    NpsparseError
+        If ``base`` is None or not in :data:`BASES` (the message names the ``--base`` option).
+    """
     if base not in BASES:
         raise NpsparseError(f"DSnoT needs --base, one of {', '.join(BASES)}; got {base!r}")
     return base

@@ -48,16 +48,50 @@ class Pattern:
 
     @property
     def structured(self) -> bool:
+        """True (bool) for an N:M pattern (``m > 0``), False for unstructured sparsity."""
         return self.m > 0
 
     @classmethod
     def nm(cls, n: int, m: int) -> "Pattern":
-        """N:M pattern: ``n`` pruned of every ``m`` consecutive input weights."""
+        """N:M pattern: ``n`` pruned of every ``m`` consecutive input weights.
+
+        Parameters
+        ----------
+        n, m : int
+            Weights pruned per group and group size, ``0 < n < m`` (``nm(0, 0)`` gives the
+            unstructured pattern of sparsity 0).
+
+        Returns
+        -------
+        Pattern
+            With ``sparsity = n / m``.
+
+        Raises
+        ------
+        NpsparseError
+            If the pattern is impossible (not ``0 < n < m``).
+        """
         return cls(n / m if m else 0.0, n, m)
 
     @classmethod
     def parse(cls, text: str | float) -> "Pattern":
-        """Parse ``"0.5"``, ``"50%"`` or ``"2:4"``."""
+        """Parse ``"0.5"``, ``"50%"`` or ``"2:4"``.
+
+        Parameters
+        ----------
+        text : str or float
+            A fraction pruned (``"0.5"`` or the number ``0.5``), a percentage (``"50%"``) or
+            N:M (``"2:4"``: N pruned of every M). Surrounding whitespace is ignored.
+
+        Returns
+        -------
+        Pattern
+
+        Raises
+        ------
+        NpsparseError
+            If ``text`` is none of these, or the pattern is out of range or impossible.
+        """
         if isinstance(text, (int, float)):
             return cls(float(text))
         text = str(text).strip()
@@ -74,7 +108,22 @@ class Pattern:
         return cls(value)
 
     def check_width(self, k: int, name: str = "weight") -> None:
-        """Raise if a matrix with ``k`` input columns cannot take this pattern."""
+        """Raise if a matrix with ``k`` input columns cannot take this pattern.
+
+        N:M needs ``k`` divisible by M; unstructured patterns fit any width.
+
+        Parameters
+        ----------
+        k : int
+            Input columns ``K`` of a weight ``[N, K]``.
+        name : str
+            What the error message calls the matrix (e.g. its tensor name).
+
+        Raises
+        ------
+        NpsparseError
+            If the pattern is N:M and ``k % m != 0``.
+        """
         if self.structured and k % self.m:
             raise NpsparseError(
                 f"{name} has {k} input columns, not divisible by M={self.m} of pattern {self}")

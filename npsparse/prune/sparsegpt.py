@@ -19,11 +19,25 @@ from .patterns import Pattern, lowest_mask
 def inverse_hessian_factor(hessian: np.ndarray, weight: np.ndarray, percdamp: float):
     """Dead columns, dampening and the upper Cholesky factor of ``H^-1``.
 
+    Parameters
+    ----------
+    hessian : np.ndarray
+        ``[K, K]`` ``X^T X`` of the layer's calibration inputs (any float dtype).
+    weight : np.ndarray
+        ``[N, K]`` the layer's weight.
+    percdamp : float
+        Dampening: this fraction of the mean diagonal is added to the diagonal.
+
     Returns
     -------
     (np.ndarray, np.ndarray, np.ndarray)
         ``U`` [K, K] upper triangular with ``U^T U = H_damped^-1``, the weights with dead columns
         zeroed [N, K] float64, and the damped Hessian [K, K].
+
+    Raises
+    ------
+    NpsparseError
+        The damped Hessian is not positive definite.
     """
     h = np.array(hessian, dtype=np.float64)  # [K, K]
     w = np.array(weight, dtype=np.float64)  # [N, K]

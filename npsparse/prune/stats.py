@@ -54,6 +54,11 @@ class InputStats:
 
         Each sequence counts once in the ``1/S`` normalisation, as one ``add_batch`` call per
         calibration sample does in the references.
+
+        Parameters
+        ----------
+        x : array-like
+            ``[T, K]`` or ``[S, T, K]``; accumulated in float64.
         """
         x = np.asarray(x)
         if x.ndim == 2:
