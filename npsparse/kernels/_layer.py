@@ -137,6 +137,17 @@ def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
     return padded
 
 
+def row_pointers(counts: np.ndarray) -> np.ndarray:
+    """Start of each row's entries, and the total: ``[0, c0, c0 + c1, ...]``, [N+1] int64.
+
+    Parameters
+    ----------
+    counts : np.ndarray
+        ``[N]`` integers, the number of stored entries of each row.
+    """
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+
 def check_option(value, allowed, what: str) -> None:
     """One-line error unless ``value`` is a key of ``allowed`` (a format's option table).
 

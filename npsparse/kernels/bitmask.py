@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from ._layer import (PackedLinear, check_arrays, check_option, check_weight_mask,
-                     pad_columns)
+                     pad_columns, row_pointers)
 from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import OVERREAD, expand_dot, expand_row, value_at
 from ._tile import TILE_ROWS, tile_matmul
@@ -211,8 +211,7 @@ class BitmaskLinear(PackedLinear):
         else:
             q, arrays["scales"] = quantize_rows(weight, keep)
             arrays["values"] = q[keep]
-        counts = keep.sum(axis=1, dtype=np.int64)
-        arrays["row_ptr"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        arrays["row_ptr"] = row_pointers(keep.sum(axis=1, dtype=np.int64))
         return cls(arrays, weight.shape)
 
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._layer import PackedLinear, check_arrays, check_option, check_weight_mask
+from ._layer import PackedLinear, check_arrays, check_option, check_weight_mask, row_pointers
 from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import value_at
 from ._tile import TILE_ROWS, tile_matmul
@@ -132,11 +132,10 @@ class CSRLinear(PackedLinear):
         weight, keep = check_weight_mask(weight, mask)
         rows, cols = np.nonzero(keep)  # row-major: rows ascending, columns ascending per row
         kept = weight[rows, cols]
-        counts = np.bincount(rows, minlength=weight.shape[0]).astype(np.int64)
         arrays = {
             "values": to_bf16(kept) if values == "bf16" else kept.astype(np.float32),
             "cols": cols.astype(index_dtype(weight.shape[1])),
-            "row_ptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "row_ptr": row_pointers(np.bincount(rows, minlength=weight.shape[0])),
         }
         return cls(arrays, weight.shape)
 
