@@ -1,6 +1,6 @@
 """Check that transformers loads an npsparse-pruned folder and gives the same perplexity.
 
-    /work/oracle-ref/bin/python tests/oracle/check_pruned_transformers.py DIR WINDOWS.npy
+    /work/oracle/bin/python tests/oracle/check_pruned_transformers.py DIR WINDOWS.npy
 
 ``WINDOWS.npy`` holds the token windows ``[W, L]`` that ``npsparse eval`` used (save them with
 ``npsparse.load(DIR).eval_windows(...)``). Prints one JSON line with transformers' perplexity
