@@ -353,6 +353,10 @@ def plot(rows, path, bandwidth):
 def sparsity_arg(text: str) -> str:
     """A ``--sparsities`` entry: percent pruned as in "50", or "N:M"; "0.5" is refused."""
     if ":" in text:
+        try:
+            nk.parse_pattern(text)
+        except nk.NpsparseError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
         return text
     try:
         value = float(text)
