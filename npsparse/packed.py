@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NpsparseError
-from .io.hf_dir import HFCheckpoint, HFDirWriter, SafetensorsFile
+from .io.hf_dir import HFCheckpoint, HFDirWriter, SafetensorsFile, check_replaceable
 from .io.weights import Weights
 
 PACKED_FILE = "npsparse-packed.safetensors"
@@ -59,7 +59,8 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
     llm : LLM
         A loaded model whose layers are in the formats to save (dense ones are saved float32).
     out : str or Path
-        Destination folder; replaced atomically if it exists.
+        Destination folder; an existing earlier output is replaced atomically, any other
+        existing folder refused (:func:`npsparse.io.hf_dir.check_replaceable`).
     info : dict, optional
         Extra fields for ``packed.json`` (e.g. the ``apply_format`` report).
 
@@ -254,6 +255,7 @@ def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: s
     if fmt == "dense":
         raise NpsparseError("--format dense would save nothing packed; choose auto, bf16, csr, "
                             "bitmask or nm")
+    check_replaceable(Path(out).absolute())
     start = time.perf_counter()
     llm = load(model)
     info = apply_format(llm.model, fmt, head=head)

@@ -29,6 +29,7 @@ from .calibration import calibration_windows
 from .data import token_hash
 from .errors import NpsparseError
 from .io import HFDirWriter, open_checkpoint
+from .io.hf_dir import check_replaceable
 from .linear import DenseLinear
 from .models import build_model
 from .prune import (DSnoTOptions, InputStats, Pattern, outlier_ratio, owl_sparsities, prune_layer,
@@ -128,6 +129,7 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
     if settings.owl and pattern.structured:
         raise NpsparseError("OWL allocates unstructured sparsity; it cannot be combined with N:M")
     dsnot_options = DSnoTOptions(**settings.dsnot)
+    check_replaceable(Path(out).absolute())  # before minutes of work, not after
     started = time.perf_counter()
     checkpoint = open_checkpoint(model_path)
     config = checkpoint.config

@@ -107,6 +107,45 @@ def test_writer_replaces_existing_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_writer_refuses_to_replace_what_it_did_not_write(tmp_path):
+    """Replacing an output deletes it: a folder with anything else in it is refused, untouched."""
+    config = tiny_config("llama")
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("keep me")
+    (project / "config.json").write_text("{}")
+    for target in (project, tmp_path / "project" / "notes.txt"):
+        with pytest.raises(NpsparseError) as info:
+            write_hf_dir(target, config, random_weights(config), tokenizer_json=None)
+        assert "\n" not in str(info.value) and "choose another output path" in str(info.value)
+    assert (project / "notes.txt").read_text() == "keep me" and (project / "src").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temporary folder left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_hf_dir(empty, config, random_weights(config), tokenizer_json=None)
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_prune_and_pack_refuse_a_foreign_output_before_working(tmp_path, monkeypatch):
+    from npsparse import packed, sequential
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("x")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output should have been refused before loading anything")
+
+    monkeypatch.setattr(sequential, "open_checkpoint", no_work)
+    monkeypatch.setattr("npsparse.api.load", no_work)
+    with pytest.raises(NpsparseError, match="thesis.tex"):
+        sequential.prune_model("smollm2", folder,
+                               sequential.PruneSettings(method="magnitude", pattern="0.5"))
+    with pytest.raises(NpsparseError, match="thesis.tex"):
+        packed.pack_model("smollm2", folder, "bitmask")
+    assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
+
+
 def _error(path) -> str:
     with pytest.raises(NpsparseError) as info:
         ck = open_checkpoint(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -212,22 +213,64 @@ class HFCheckpoint:
         return None
 
 
+# Every file name an HFDirWriter output can hold (npsparse.packed adds its own two).
+_WRITTEN = re.compile(r"(config|tokenizer|tokenizer_config|pruning|packed)\.json"
+                      r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+                      r"|npsparse-packed\.safetensors")
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse an output folder that exists and holds anything this writer would not have written.
+
+    Replacing ``out`` deletes it, so only an empty folder or an earlier output (config, weights,
+    tokenizer, ``pruning.json``/``packed.json``; no subfolders) may be replaced: a typo such as
+    ``--out .`` must not delete a project.
+
+    Parameters
+    ----------
+    out : Path
+        Absolute destination path.
+
+    Raises
+    ------
+    NpsparseError
+        ``out`` is a file, or a folder with other contents.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NpsparseError(f"{out}: exists and is not a folder; choose another output path")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not (p.is_file() and _WRITTEN.fullmatch(p.name)))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise NpsparseError(f"{out}: the folder exists and holds what npsparse did not write "
+                            f"({shown}); remove it or choose another output path")
+
+
 class HFDirWriter:
     """Write a Hugging Face model directory shard by shard, atomically.
 
     Everything goes into a temporary sibling folder that is renamed to ``out`` only by
     :meth:`finish`, so an interrupted run leaves no half-written ``out`` behind (use it as a
     context manager: on an exception the temporary folder is removed). An existing ``out`` is
-    replaced.
+    replaced if it is empty or an earlier output (see :func:`check_replaceable`); anything else
+    is refused before any work is done.
 
     Parameters
     ----------
     out : str or Path
         Destination folder.
+
+    Raises
+    ------
+    NpsparseError
+        ``out`` exists and may not be replaced.
     """
 
     def __init__(self, out: str | Path):
-        self.out = Path(out)
+        self.out = Path(out).absolute()
+        check_replaceable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         self.shards: list[tuple[str, list[str]]] = []
@@ -329,7 +372,7 @@ def write_hf_dir(out: str | Path, config: ModelConfig, tensors: dict, *, tokeniz
     Parameters
     ----------
     out : str or Path
-        Destination folder; replaced if it exists.
+        Destination folder; an existing one is replaced if :func:`check_replaceable` allows it.
     config : ModelConfig
         Written as ``config.json``.
     tensors : dict of str -> np.ndarray
