@@ -1,8 +1,10 @@
 """The command line: JSON output, exact windows of a file, and one-line errors without tracebacks."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +85,7 @@ def test_eval_smollm2_first_window(smollm2_path):
     assert np.isfinite(result["ppl"]) and 5 < result["ppl"] < 40
 
 
-def test_bench_decode_and_kernels_run(tiny_dir):
+def test_bench_decode_and_kernels_run(tiny_dir, tmp_path):
     out = run("bench", "decode", f"{tiny_dir}@dense", f"{tiny_dir}@bitmask", "--tokens", 3,
               "--repeats", 1)
     assert out.returncode == 0, out.stderr
@@ -91,10 +93,36 @@ def test_bench_decode_and_kernels_run(tiny_dir):
     assert len(rows) == 2 and "% |" in rows[0]
     out = run("bench", "kernels", "--shapes", "64x64", "--sparsities", "50", "--formats",
               "bitmask-bf16", "--tokens", "--passes", 1, "--calls", 1, "--bw-passes", 1,
-              "--no-scipy", "--cold-bytes", 2**20)
+              "--no-scipy", "--cold-bytes", 2**20, "--out", tmp_path / "t.md",
+              "--plot", tmp_path / "p.png")
     assert out.returncode == 0, out.stderr
     assert "bitmask-bf16" in out.stdout and "Command: npsparse bench kernels" in out.stdout
+    assert "bitmask-bf16" in (tmp_path / "t.md").read_text()
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "t.md"]
     out = run("bench", "kernels", "--shapes", "64x64", "--sparsities", "0.5")
     assert out.returncode == 2 and "did you mean 50?" in out.stderr
     out = run("bench", "kernels", "--shapes", "64x64", "--sparsities", "50", "3:2")
     assert out.returncode == 2 and "argument --sparsities: N:M pattern 3:2" in out.stderr
+
+
+def test_bench_files_are_written_atomically(tmp_path):
+    from npsparse.benchmarks.kernels import write_atomically
+
+    target = tmp_path / "table.md"
+    target.write_text("previous run")
+
+    def interrupted(tmp):
+        with open(tmp, "w") as f:
+            f.write("half a tab")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(str(target), interrupted)
+    assert target.read_text() == "previous run"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    write_atomically(str(target), lambda tmp: Path(tmp).write_text("new run"))
+    assert target.read_text() == "new run" and len(list(tmp_path.iterdir())) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600

@@ -433,11 +433,39 @@ def main(argv=None) -> int:
             row["pct_bw_median"] = row["pct_bw"] * row["us"] / row["us_median"]
     report(rows, args, bandwidth, compile_times, sys.stdout)
     if args.out:
-        with open(args.out, "w") as f:
-            report(rows, args, bandwidth, compile_times, f)
+        def write_table(tmp):
+            with open(tmp, "w") as f:
+                report(rows, args, bandwidth, compile_times, f)
+        write_atomically(args.out, write_table)
     if args.plot:
-        plot(rows, args.plot, bandwidth)
+        write_atomically(args.plot, lambda tmp: plot(rows, tmp, bandwidth))
     return 0
+
+
+def write_atomically(path: str, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``.
+
+    An interrupted run leaves the previous file (or none), never a half-written one.
+
+    Parameters
+    ----------
+    path : str
+        Destination file; its suffix is kept on the temporary name (matplotlib reads it).
+    write : callable
+        ``write(tmp_path)`` writes the whole file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 if __name__ == "__main__":
