@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse
 
 import npsparse.kernels as nk
+from npsparse.io.hf_dir import usual_mode
 from npsparse.roofline import parallel_sum
 
 PROG = "npsparse bench kernels"
@@ -126,12 +127,14 @@ class Roofline:
         self.interleaved = []
         self.best = 0.0
 
-    def add(self, name: str, best: float, median: float, quiet: bool = False):
-        """Add one probe's result; ``quiet`` ones count but are summarised, not listed."""
-        if quiet:
-            self.interleaved.append(best)
-        else:
-            self.notes.append(f"{name}: {best / 1e9:.1f} GB/s best, {median / 1e9:.1f} median")
+    def add(self, name: str, best: float, median: float):
+        """Add one named probe's result (listed in the summary)."""
+        self.notes.append(f"{name}: {best / 1e9:.1f} GB/s best, {median / 1e9:.1f} median")
+        self.best = max(self.best, best)
+
+    def add_interleaved(self, best: float):
+        """Add one probe of the kernels' round robin (counted, and summarised as a range)."""
+        self.interleaved.append(best)
         self.best = max(self.best, best)
 
     def __str__(self):
@@ -213,8 +216,7 @@ def run_shape(shape, sparsities, formats, args, bandwidth, rng, rows_out):
                 times["scipy-csr"] = {"nbytes": nbytes}
             for label, timing in time_round_robin(calls, args.passes, args.calls).items():
                 if label == PROBE:
-                    bandwidth.add(f"probe during {n_rows}x{k_cols} {sparsity}",
-                                  probe_nbytes / timing[0], probe_nbytes / timing[1], quiet=True)
+                    bandwidth.add_interleaved(probe_nbytes / timing[0])
                     continue
                 times[label][n_tokens] = timing
             calls.clear()
@@ -457,11 +459,9 @@ def write_atomically(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give the usual mode
+        os.chmod(tmp, usual_mode(0o666))  # mkstemp's file is private (0600)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

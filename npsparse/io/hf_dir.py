@@ -356,13 +356,32 @@ class HFDirWriter:
         return self.out
 
 
-def _default_permissions(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; give the output the usual umask permissions."""
+def usual_mode(mode: int) -> int:
+    """``mode`` with the process umask applied, as ``open``/``mkdir`` would create it.
+
+    ``tempfile`` makes private (0600/0700) files and folders; outputs renamed from them get this
+    mode instead.
+
+    Parameters
+    ----------
+    mode : int
+        0o666 for a file, 0o777 for a folder.
+
+    Returns
+    -------
+    int
+    """
     umask = os.umask(0)
     os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    return mode & ~umask
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the output the usual umask permissions."""
+    folder.chmod(usual_mode(0o777))
+    file_mode = usual_mode(0o666)
     for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
+        path.chmod(file_mode)
 
 
 def write_hf_dir(out: str | Path, config: ModelConfig, tensors: dict, *, tokenizer_json: str | None,
