@@ -38,17 +38,18 @@ class DenseLinear:
     ----------
     weight : np.ndarray
         ``[N, K]`` float32. May be read-only (memory-mapped); it is not copied if already float32
-        and C-contiguous.
+        and C-contiguous. A float64 weight stays float64 (gradient checks run in float64).
     """
 
     def __init__(self, weight: np.ndarray):
         if weight.ndim != 2:
             raise ValueError(f"DenseLinear needs a 2-D weight, got shape {weight.shape}")
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)  # [N, K]
+        dtype = np.float64 if weight.dtype == np.float64 else np.float32  # float64: grad checks
+        self.weight = np.ascontiguousarray(weight, dtype=dtype)  # [N, K]
         self.shape = self.weight.shape
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] == 1 and x.dtype == np.float32 and x.flags.c_contiguous:
+        if x.shape[0] == 1 and x.dtype == self.weight.dtype == np.float32 and x.flags.c_contiguous:
             return _gemv_dense(self.weight, x)  # [1, N]
         return x @ self.weight.T  # [T, K] @ [K, N] -> [T, N]
 

@@ -88,10 +88,21 @@ class Weights(Mapping):
 
 
 class DictWeights(Weights):
-    """A :class:`Weights` over arrays already in memory (tests, pruned models)."""
+    """A :class:`Weights` over arrays already in memory (tests, pruned models, training).
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], source: str | Path = "<memory>"):
-        arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    Parameters
+    ----------
+    arrays : Mapping of str -> np.ndarray
+        Tensors by Hugging Face name; converted to ``dtype`` (not copied if they already are).
+    source : str or Path
+        Named in error messages.
+    dtype : numpy dtype
+        float32, or float64 for gradient checks.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str | Path = "<memory>",
+                 dtype=np.float32):
+        arrays = {k: np.asarray(v, dtype=dtype) for k, v in arrays.items()}
         super().__init__(
             names=list(arrays),
             loader=arrays.__getitem__,

@@ -42,6 +42,10 @@ class CausalLM:
     config: ModelConfig
     blocks: list
     head: Linear
+    # A one-token path for decode with a cache (``decode_block(block, x, start, cache_k,
+    # cache_v)`` and ``decode_final(model, x)``), or None to run the blocks' own body.
+    decode_block = None
+    decode_final = None
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
         """Input embeddings of the new tokens.
@@ -116,14 +120,18 @@ class CausalLM:
         if cache is not None and end > cache.capacity:
             raise NpsparseError(f"sequence of {end} positions exceeds the cache's {cache.capacity}")
         x = self.embed(ids, start)  # [T, D]
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, start)
+            return self.final(x)  # [T, V]
+        decode = len(ids) == 1 and self.decode_block is not None  # one token: compiled steps
         for i, block in enumerate(self.blocks):
-            if cache is None:
-                x = block(x, start, None, None)
+            if decode:
+                x = self.decode_block(block, x, start, cache.k[i], cache.v[i])
             else:
                 x = block(x, start, cache.k[i], cache.v[i])
-        if cache is not None:
-            cache.length = end
-        return self.final(x)  # [T, V]
+        cache.length = end
+        return self.decode_final(self, x) if decode else self.final(x)  # [T, V]
 
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)

@@ -279,6 +279,96 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
 
 
+def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """``[T, heads*hd]`` -> ``[heads, T, hd]`` (a strided view).
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[T, heads*hd]`` projections.
+    n_heads : int
+        Number of heads.
+
+    Returns
+    -------
+    np.ndarray
+        ``[heads, T, hd]``, a view of ``x``.
+    """
+    n_tok = x.shape[0]
+    return x.reshape(n_tok, n_heads, x.shape[1] // n_heads).transpose(1, 0, 2)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """``[heads, T, hd]`` -> ``[T, heads*hd]``, heads concatenated (the inverse of split_heads).
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[heads, T, hd]``.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, heads*hd]``.
+    """
+    n_heads, n_tok, head_dim = x.shape
+    return x.transpose(1, 0, 2).reshape(n_tok, n_heads * head_dim)
+
+
+def attention_probs(q: np.ndarray, k: np.ndarray, start: int) -> np.ndarray:
+    """Causal softmax attention weights, query heads grouped by the key/value head they read.
+
+    Parameters
+    ----------
+    q : [H, T, hd]
+        Queries for positions ``start .. start+T-1``.
+    k : [KV, S, hd]
+        Keys for positions ``0 .. S-1`` (``S = start + T``); query head ``h`` reads kv head
+        ``h // (H // KV)``.
+    start : int
+        Position of the first query.
+
+    Returns
+    -------
+    np.ndarray
+        ``[KV, g*T, S]`` (``g = H // KV``; row ``i*T + t`` is query head ``kv*g + i`` at token
+        ``t``), each row summing to 1, zero above the causal diagonal.
+    """
+    n_heads, n_tok, head_dim = q.shape
+    n_kv, n_keys, _ = k.shape
+    group = n_heads // n_kv
+    qg = q.reshape(n_kv, group * n_tok, head_dim)  # [KV, g*T, hd]
+    scores = qg @ k.transpose(0, 2, 1)  # [KV, g*T, S]
+    scores *= np.float32(1.0 / math.sqrt(head_dim))
+    scores = scores.reshape(n_kv, group, n_tok, n_keys)  # [KV, g, T, S]
+    if n_tok > 1 or n_keys > start + 1:
+        query_pos = start + np.arange(n_tok)[:, None]  # [T, 1]
+        future = np.arange(n_keys)[None, :] > query_pos  # [T, S]
+        scores[:, :, future] = -np.inf
+    return softmax(scores).reshape(n_kv, group * n_tok, n_keys)  # [KV, g*T, S]
+
+
+def attend(probs: np.ndarray, v: np.ndarray, n_heads: int) -> np.ndarray:
+    """Weighted sum of values: ``probs @ v`` per key/value head, heads merged.
+
+    Parameters
+    ----------
+    probs : [KV, g*T, S]
+        From :func:`attention_probs`.
+    v : [KV, S, hd]
+        Values.
+    n_heads : int
+        H.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, H*hd]``.
+    """
+    out = probs @ v  # [KV, g*T, hd]
+    return merge_heads(out.reshape(n_heads, -1, v.shape[-1]))  # [T, H*hd]
+
+
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
     """Scaled dot-product attention with a causal mask and grouped key/value heads.
 
@@ -297,21 +387,31 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) ->
     np.ndarray
         [T, H*hd] float32, heads concatenated.
     """
-    n_heads, n_tok, head_dim = q.shape
-    n_kv, n_keys, _ = k.shape
-    group = n_heads // n_kv
-    qg = q.reshape(n_kv, group * n_tok, head_dim)  # [KV, g*T, hd]
-    scores = qg @ k.transpose(0, 2, 1)  # [KV, g*T, S]
-    scores *= np.float32(1.0 / math.sqrt(head_dim))
-    scores = scores.reshape(n_kv, group, n_tok, n_keys)  # [KV, g, T, S]
-    if n_tok > 1 or n_keys > start + 1:
-        query_pos = start + np.arange(n_tok)[:, None]  # [T, 1]
-        future = np.arange(n_keys)[None, :] > query_pos  # [T, S]
-        scores[:, :, future] = -np.inf
-    probs = softmax(scores).reshape(n_kv, group * n_tok, n_keys)  # [KV, g*T, S]
-    out = probs @ v  # [KV, g*T, hd]
-    out = out.reshape(n_heads, n_tok, head_dim)  # [H, T, hd]
-    return out.transpose(1, 0, 2).reshape(n_tok, n_heads * head_dim)  # [T, H*hd]
+    return attend(attention_probs(q, k, start), v, q.shape[0])  # [T, H*hd]
+
+
+def append_to_cache(cache_k: np.ndarray, cache_v: np.ndarray, k: np.ndarray, v: np.ndarray,
+                    start: int) -> tuple[np.ndarray, np.ndarray]:
+    """Write new keys/values at positions ``start ..`` and return every cached position.
+
+    Parameters
+    ----------
+    cache_k, cache_v : [KV, capacity, hd]
+        One layer's cache.
+    k, v : [KV, T, hd]
+        The new tokens' keys (rotated) and values.
+    start : int
+        Position of the first new token.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray)
+        Views ``[KV, start+T, hd]`` of the cache.
+    """
+    end = start + k.shape[1]
+    cache_k[:, start:end] = k
+    cache_v[:, start:end] = v
+    return cache_k[:, :end], cache_v[:, :end]
 
 
 _NO_ROPE = np.empty((1, 0), dtype=np.float32)  # decode_step's cos/sin when there is no RoPE
@@ -346,15 +446,10 @@ def multi_head_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: i
         return decode_step(q.reshape(n_heads, head_dim), k.reshape(n_kv, head_dim),
                            v.reshape(n_kv, head_dim), cos[0], sin[0], cache_k, cache_v, start,
                            rope is not None, numba.get_num_threads())  # [1, H*hd]
-    q = q.reshape(n_tok, n_heads, head_dim).transpose(1, 0, 2)  # [H, T, hd]
-    k = k.reshape(n_tok, n_kv, head_dim).transpose(1, 0, 2)  # [KV, T, hd]
-    v = v.reshape(n_tok, n_kv, head_dim).transpose(1, 0, 2)  # [KV, T, hd]
+    q, k, v = split_heads(q, n_heads), split_heads(k, n_kv), split_heads(v, n_kv)  # [heads, T, hd]
     if rope is not None:
         q = apply_rope(q, *rope)
         k = apply_rope(k, *rope)
     if cache_k is not None:
-        cache_k[:, start:start + n_tok] = k
-        cache_v[:, start:start + n_tok] = v
-        k = cache_k[:, :start + n_tok]  # [KV, S, hd]
-        v = cache_v[:, :start + n_tok]
+        k, v = append_to_cache(cache_k, cache_v, k, v, start)  # [KV, S, hd]
     return causal_attention(q, k, v, start)  # [T, H*hd]

@@ -9,10 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
-from ..kernels.rowops import add_rms_norm, rms_norm_rows, silu_mul
+from ..errors import NpsparseError
 from ..linear import DenseLinear, as_linear
+from .backward import attention_backward, rms_norm_backward, rope_backward, swiglu_backward
 from .base import CausalLM
-from .layers import RopeTables, multi_head_attention, rms_norm, rope_inv_freq, silu
+from .layers import (RopeTables, append_to_cache, apply_rope, attend, attention_probs, merge_heads,
+                     rms_norm, rope_inv_freq, silu, split_heads)
+from .llama_decode import decode_block, decode_final
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -66,13 +69,13 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return shapes
 
 
-def _norm_for(x: np.ndarray):
-    """RMSNorm for ``x``: the compiled one-call form for a single token (decode), else NumPy's."""
-    return rms_norm_rows if x.shape[0] == 1 else rms_norm
-
-
 class LlamaBlock:
-    """One decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """One decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    ``__call__`` is the block's one readable body: prefill, perplexity, calibration and training
+    all run it (one-token decode runs the same steps in fewer, compiled calls:
+    :mod:`.llama_decode`). Given a ``tape`` dict it keeps what :meth:`backward` needs.
+    """
 
     input_groups = INPUT_GROUPS
     fusable_groups = (QKV, GATE_UP)  # stacked into one product each by npsparse.arena
@@ -86,87 +89,129 @@ class LlamaBlock:
         self.linears = {name: as_linear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
         self.bias = {name: tensors.get(f"self_attn.{name}_proj.bias") for name in "qkv"}
 
-    def products(self, names: tuple[str, ...], h: np.ndarray) -> list[np.ndarray]:
-        """``[layer(h) for layer in names]``, as one stacked product when the arena built one.
+    def _project(self, name: str, h: np.ndarray) -> np.ndarray:
+        """``h @ W.T (+ b)`` for ``q``, ``k`` or ``v``: [T, D] -> [T, heads*hd]."""
+        y = self.linears[f"self_attn.{name}_proj"](h)
+        return y if self.bias[name] is None else y + self.bias[name]
 
-        The stacked product (``self.fused[names]``, from :mod:`npsparse.arena`) is used only while
-        the block still holds exactly the layers it was stacked from; otherwise each layer runs
-        on its own.
-
-        Parameters
-        ----------
-        names : tuple of str
-            Names of linear layers that read the same input, e.g. :data:`QKV` or
-            :data:`GATE_UP`.
-        h : np.ndarray
-            ``[T, K]`` float32, their common input.
-
-        Returns
-        -------
-        list of np.ndarray
-            One ``[T, N_i]`` float32 output per name, in order (column views of one array when
-            stacked).
-        """
-        fused = self.fused.get(names)
-        if fused is None or not fused.current([self.linears[n] for n in names]):
-            return [self.linears[n](h) for n in names]
-        y = fused.layer(h)  # [T, sum of rows]
-        b = fused.bounds
-        return [y[:, b[i]:b[i + 1]] for i in range(len(names))]
-
-    def attention(self, h: np.ndarray, start: int, cache_k, cache_v) -> np.ndarray:
-        """Self-attention: q/k/v projections (+ bias), RoPE, grouped-query attention, ``o_proj``.
+    def __call__(self, x: np.ndarray, start: int = 0, cache_k=None, cache_v=None,
+                 tape: dict | None = None) -> np.ndarray:
+        """The block on ``x [T, D]`` (positions ``start ..``); returns ``[T, D]``.
 
         Parameters
         ----------
-        h : np.ndarray
-            ``[T, D]`` float32, the block input after ``input_layernorm``.
+        x : np.ndarray
+            ``[T, D]`` residual stream (float32; float64 works too, for gradient checks).
         start : int
             Position of the first token.
         cache_k, cache_v : np.ndarray or None
-            This layer's ``[KV, capacity, hd]`` float32 cache; positions ``start .. start+T-1``
-            are written. None attends over the new tokens only.
+            This layer's ``[KV, capacity, hd]`` cache; positions ``start .. start+T-1`` are
+            written and every cached position is attended to. None: the new tokens only.
+        tape : dict, optional
+            Filled with the intermediate arrays :meth:`backward` reads.
 
         Returns
         -------
         np.ndarray
-            ``[T, D]`` float32, before the residual is added.
+            ``[T, D]``, the block's output.
         """
-        cfg, lin = self.cfg, self.linears
-        q, k, v = self.products(QKV, h)  # [T, H*hd], [T, KV*hd], [T, KV*hd]
-        if cfg.qkv_bias:
-            q, k, v = q + self.bias["q"], k + self.bias["k"], v + self.bias["v"]
-        rope = self.rope(start, h.shape[0])  # cos, sin [T, hd]
-        out = multi_head_attention(q, k, v, cfg.n_heads, cfg.n_kv_heads, start, cache_k, cache_v,
-                                   rope)  # [T, H*hd]
-        return lin["self_attn.o_proj"](out)  # [T, D]
+        cfg, lin, eps = self.cfg, self.linears, self.cfg.norm_eps
+        cos, sin = self.rope(start, x.shape[0])  # [T, hd]
+        # attention
+        h_attn = rms_norm(x, self.attn_norm, eps)  # [T, D]
+        q = split_heads(self._project("q", h_attn), cfg.n_heads)  # [H, T, hd]
+        k = split_heads(self._project("k", h_attn), cfg.n_kv_heads)  # [KV, T, hd]
+        v = split_heads(self._project("v", h_attn), cfg.n_kv_heads)  # [KV, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_k is not None:
+            k, v = append_to_cache(cache_k, cache_v, k, v, start)  # [KV, S, hd]
+        probs = attention_probs(q, k, start)  # [KV, g*T, S]
+        att = attend(probs, v, cfg.n_heads)  # [T, H*hd]
+        x_mid = x + lin["self_attn.o_proj"](att)  # [T, D]
+        # SwiGLU MLP
+        h_mlp = rms_norm(x_mid, self.mlp_norm, eps)  # [T, D]
+        gate = lin["mlp.gate_proj"](h_mlp)  # [T, F]
+        up = lin["mlp.up_proj"](h_mlp)  # [T, F]
+        act = silu(gate) * up  # [T, F]
+        out = x_mid + lin["mlp.down_proj"](act)  # [T, D]
+        if tape is not None:
+            tape.update(x=x, h_attn=h_attn, cos=cos, sin=sin, q=q, k=k, v=v, probs=probs,
+                        att=att, x_mid=x_mid, h_mlp=h_mlp, gate=gate, up=up, act=act)
+        return out
 
-    def mlp(self, h: np.ndarray) -> np.ndarray:
-        """SwiGLU MLP: ``down_proj(silu(gate_proj(h)) * up_proj(h))``.
+    def backward(self, d_out: np.ndarray, tape: dict, trainable=None) -> tuple[np.ndarray, dict]:
+        """Gradients through the block, the forward's steps in reverse.
 
         Parameters
         ----------
-        h : np.ndarray
-            ``[T, D]`` float32, the residual stream after ``post_attention_layernorm``.
+        d_out : np.ndarray
+            ``[T, D]``, the loss's gradient with respect to the block's output.
+        tape : dict
+            What ``__call__(x, tape=tape)`` kept (no cache: training attends within the window).
+        trainable : container of str, optional
+            Names (inside the block, e.g. ``mlp.up_proj.weight``) whose gradients are wanted;
+            None: all. Input gradients are always computed.
 
         Returns
         -------
-        np.ndarray
-            ``[T, D]`` float32, before the residual is added (the ``[T, F]`` hidden activation
-            is internal).
+        (np.ndarray, dict)
+            ``d_x [T, D]`` and the parameter gradients by name, of the parameters' shapes.
+            A linear weight's gradient is the dense ``dY^T X``; masking it is the optimizer's.
         """
-        gate, up = self.products(GATE_UP, h)  # [T, F] each
-        act = silu_mul(gate, up) if h.shape[0] == 1 else silu(gate) * up  # one token: in place
-        return self.linears["mlp.down_proj"](act)  # [T, D]
+        cfg, lin, eps, t = self.cfg, self.linears, self.cfg.norm_eps, tape
+        want = (lambda name: True) if trainable is None else trainable.__contains__
+        grads = {}
 
-    def __call__(self, x: np.ndarray, start: int, cache_k=None, cache_v=None) -> np.ndarray:
-        eps = self.cfg.norm_eps
-        if x.shape[0] == 1:  # decode: the same steps, fewer calls (npsparse.kernels.rowops)
-            attn = self.attention(rms_norm_rows(x, self.attn_norm, eps), start, cache_k, cache_v)
-            x, h = add_rms_norm(x, attn, self.mlp_norm, eps)
-            return x + self.mlp(h)  # [1, D]
-        x = x + self.attention(rms_norm(x, self.attn_norm, eps), start, cache_k, cache_v)
-        return x + self.mlp(rms_norm(x, self.mlp_norm, eps))  # [T, D]
+        def linear(name: str, d_y: np.ndarray, x: np.ndarray) -> np.ndarray:
+            if want(name + ".weight"):
+                grads[name + ".weight"] = d_y.T @ x  # [N, K]
+            return d_y @ lin[name].to_dense()  # [T, K]
+
+        def norm(name: str, d_y: np.ndarray, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+            d_x, d_w = rms_norm_backward(d_y, x, weight, eps)
+            if want(name):
+                grads[name] = d_w
+            return d_x
+
+        # out = x_mid + down(act); act = silu(gate) * up
+        d_act = linear("mlp.down_proj", d_out, t["act"])  # [T, F]
+        d_gate, d_up = swiglu_backward(d_act, t["gate"], t["up"])  # [T, F] each
+        d_h_mlp = (linear("mlp.gate_proj", d_gate, t["h_mlp"])
+                   + linear("mlp.up_proj", d_up, t["h_mlp"]))  # [T, D]
+        d_x_mid = d_out + norm("post_attention_layernorm.weight", d_h_mlp, t["x_mid"],
+                               self.mlp_norm)  # [T, D]
+        # x_mid = x + o_proj(att); att = attention(rope(q), rope(k), v)
+        d_att = linear("self_attn.o_proj", d_x_mid, t["att"])  # [T, H*hd]
+        d_q, d_k, d_v = attention_backward(split_heads(d_att, cfg.n_heads), t["q"], t["k"],
+                                           t["v"], t["probs"])  # [H, T, hd], [KV, T, hd] x2
+        d_q = rope_backward(d_q, t["cos"], t["sin"])
+        d_k = rope_backward(d_k, t["cos"], t["sin"])
+        d_h_attn = 0
+        for name, d_heads in (("q", d_q), ("k", d_k), ("v", d_v)):
+            d_y = merge_heads(d_heads)  # [T, heads*hd]
+            if self.bias[name] is not None and want(f"self_attn.{name}_proj.bias"):
+                grads[f"self_attn.{name}_proj.bias"] = d_y.sum(axis=0)
+            d_h_attn = d_h_attn + linear(f"self_attn.{name}_proj", d_y, t["h_attn"])  # [T, D]
+        d_x = d_x_mid + norm("input_layernorm.weight", d_h_attn, t["x"], self.attn_norm)
+        return d_x, grads
+
+    def parameters(self) -> dict:
+        """The block's own arrays by name inside the block (linears must be dense).
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            The live arrays (not copies): norm gains ``[D]``, linear weights ``[N, K]``, biases.
+        """
+        out = {"input_layernorm.weight": self.attn_norm,
+               "post_attention_layernorm.weight": self.mlp_norm}
+        for name, layer in self.linears.items():
+            if not isinstance(layer, DenseLinear):
+                raise NpsparseError(f"{name} is packed ({type(layer).__name__}); training needs "
+                                    "the unpacked model")
+            out[name + ".weight"] = layer.weight
+        out.update({f"self_attn.{k}_proj.bias": b for k, b in self.bias.items() if b is not None})
+        return out
 
     def state(self) -> dict:
         """The block's tensors under their names inside the block (``mlp.up_proj.weight`` ...).
@@ -187,6 +232,9 @@ class LlamaBlock:
 class LlamaModel(CausalLM):
     """A LLaMA-family causal language model over a flat mapping of float32 weights.
 
+    One-token steps with a cache run :mod:`.llama_decode` (``decode_block``, ``decode_final``),
+    the same arithmetic in compiled calls; everything else runs :class:`LlamaBlock`'s body.
+
     Parameters
     ----------
     config : ModelConfig
@@ -194,6 +242,9 @@ class LlamaModel(CausalLM):
         Hugging Face names (``model.layers.{i}.self_attn.q_proj.weight`` ...), checked against
         :func:`expected_shapes`. A :class:`~npsparse.io.Weights` is read tensor by tensor.
     """
+
+    decode_block = staticmethod(decode_block)
+    decode_final = staticmethod(decode_final)
 
     def __init__(self, config: ModelConfig, weights, load_blocks: bool = True):
         self.config = config
@@ -265,10 +316,10 @@ class LlamaModel(CausalLM):
         np.ndarray
             ``[T, D]`` float32, a writable copy even when the embeddings are memory-mapped.
         """
-        return np.array(self.embed_tokens[ids], dtype=np.float32)  # [T, D]
+        return np.array(self.embed_tokens[ids], dtype=self.embed_tokens.dtype)  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
-        """RMSNorm ``model.norm`` (compiled form for one token), then the output head.
+        """RMSNorm ``model.norm``, then the output head.
 
         Parameters
         ----------
@@ -280,7 +331,7 @@ class LlamaModel(CausalLM):
         np.ndarray
             ``[T, V]`` float32 logits.
         """
-        return self.head(_norm_for(x)(x, self.norm, self.config.norm_eps))  # [T, V]
+        return self.head(rms_norm(x, self.norm, self.config.norm_eps))  # [T, V]
 
     def outer_state(self) -> dict[str, np.ndarray]:
         """``model.embed_tokens`` and ``model.norm``, and ``lm_head`` unless embeddings are tied.
