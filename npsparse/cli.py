@@ -262,6 +262,91 @@ def cmd_bench(args) -> None:
         sys.exit(status)
 
 
+def cmd_finetune(args) -> None:
+    """``npsparse finetune``: train a (pruned) model's kept weights; see :mod:`npsparse.train`."""
+    from .train.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(
+        loss=args.loss, temperature=args.temperature, tokens=args.tokens, steps=args.steps,
+        lr=args.lr, batch=args.batch, seqlen=args.seqlen, warmup=args.warmup, decay=args.decay,
+        weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, data=args.data,
+        val_windows=args.val_windows, val_every=args.val_every, eval_windows=args.eval_windows,
+        train_embeddings=args.train_embeddings, teacher=args.teacher)
+    settings.check()  # before loading anything
+    log = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    report = finetune(args.model, args.out, settings, resume=args.resume,
+                      progress=not args.json, log=log)
+    if "interrupted" in report:
+        raise SystemExit(130)
+    before, after = report["ppl_before"], report["ppl_after"]
+    summary = {"out": str(args.out), "loss": report["loss"], "steps": report["steps"],
+               "tokens": report["tokens"], "ppl_before": before and before["ppl"],
+               "ppl_after": after and after["ppl"], "val_first": report["validation"][0],
+               "val_last": report["validation"][-1],
+               "train_tokens_per_s": report["train_tokens_per_s"],
+               "matmul_fraction": report["matmul_fraction"], "seconds": report["seconds"],
+               "peak_rss_mib": report["peak_rss_mib"], "weights_sha256": report["weights_sha256"]}
+    if args.json:
+        _print_json(summary)
+        return
+    ppl = ""
+    if before and after:
+        ppl = (f"; perplexity {before['ppl']:.4f} -> {after['ppl']:.4f} ({after['windows']} x "
+               f"{after['seqlen']} eval tokens)")
+    print(f"fine-tuned {args.model} with {report['loss']} for {report['steps']} steps "
+          f"({report['tokens']} tokens): validation loss {report['validation'][0]['loss']:.4f} "
+          f"-> {report['validation'][-1]['loss']:.4f}{ppl}; "
+          f"{report['train_tokens_per_s']:.1f} tok/s ({100 * report['matmul_fraction']:.0f}% of "
+          f"{report['matmul_gflops']:.0f} GFLOP/s matmul), {report['seconds']:.0f} s, peak RSS "
+          f"{report['peak_rss_mib']:.0f} MiB -> {args.out}")
+
+
+def _add_finetune(sub) -> None:
+    ft = sub.add_parser(
+        "finetune", help="train a (pruned) model's kept weights against a teacher",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Sparse fine-tuning: the zeros of a pruned folder stay zero; the kept "
+                    "weights, the norms (and with --train-embeddings the embedding) train on "
+                    "the calibration part of the default text. A dense model fine-tunes "
+                    "without masks (the control).")
+    _add_model(ft)
+    ft.add_argument("--loss", default="ce+squarehead",
+                    help="terms ce, kd, squarehead joined by +, each optionally WEIGHT*TERM")
+    ft.add_argument("--teacher", default=None,
+                    help="dense teacher for kd/squarehead (default: the model the pruned "
+                         "folder came from, as its pruning.json names it)")
+    budget = ft.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--tokens", type=_positive, help="training tokens (rounded up to steps)")
+    budget.add_argument("--steps", type=_positive, help="optimizer steps")
+    ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    ft.add_argument("--batch", type=_positive, default=2,
+                    help="windows per optimizer step (computed one at a time and accumulated)")
+    ft.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens")
+    ft.add_argument("--warmup", type=int, default=None,
+                    help="linear warm-up steps (default: 20, at most a tenth of the steps)")
+    ft.add_argument("--decay", default="linear", choices=["linear", "cosine", "constant"])
+    ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled decay")
+    ft.add_argument("--clip", type=float, default=1.0,
+                    help="clip gradients to this global norm (kept weights only); 0 = off")
+    ft.add_argument("--temperature", type=float, default=1.0, help="temperature of kd")
+    ft.add_argument("--seed", type=int, default=0, help="window order")
+    ft.add_argument("--data", default="pydoc",
+                    help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
+    ft.add_argument("--val-windows", type=int, default=4,
+                    help="windows held out from the end of the data for a validation loss")
+    ft.add_argument("--val-every", type=_positive, default=None,
+                    help="steps between validation losses (default: a fifth of the run)")
+    ft.add_argument("--eval-windows", type=int, default=40,
+                    help="eval-text windows for the perplexity before and after; 0 = skip")
+    ft.add_argument("--train-embeddings", action="store_true",
+                    help="also train the embedding (and so a tied head)")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from OUT.resume")
+    ft.add_argument("--out", required=True, help="output folder (written when the run ends)")
+    ft.add_argument("--json", action="store_true", help="print one JSON object")
+    ft.set_defaults(func=cmd_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``npsparse`` argument parser.
 
@@ -357,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-p", "--prompt", default="Explain what a Python generator is.")
     demo.add_argument("-n", type=_positive, default=64, help="new tokens")
     demo.set_defaults(func=cmd_demo)
+    _add_finetune(sub)
     return parser
 
 

@@ -1,0 +1,604 @@
+"""Sparse fine-tuning of a whole model: data, teacher, masked AdamW steps, resume, output folder.
+
+``finetune(model, out, settings)`` trains every block weight that pruning kept (the zeros stay
+zero), the norms, and optionally the embedding, against a loss of cross-entropy, KL to a teacher
+and/or SquareHead (Kurtic et al. 2023). The teacher is the dense model the pruned folder came
+from; it runs forward only, *online*: its block outputs for one 512-token window are 35 MB
+(SmolLM2), so caching them for every window of a run would take several GB of disk per run,
+read back at every step, while recomputing them costs a quarter of a step's arithmetic.
+
+Windows come from the calibration part of the default text (never the eval part), shuffled by
+seed; the last ``val_windows`` windows are held out for a validation loss. The optimizer step
+``s`` reads the same windows whatever happened before it, so a run interrupted (Ctrl-C or
+SIGTERM: the current step finishes, then a resumable state is written atomically beside
+``out``) and resumed with ``--resume`` ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import resource
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data import read_text, token_hash, windows as make_windows
+from ..errors import NpsparseError
+from ..evaluate import perplexity
+from ..io import HFDirWriter, open_checkpoint
+from ..io.hf_dir import check_replaceable
+from ..io.weights import DictWeights
+from ..models import build_model
+from ..tokenizer import load_tokenizer
+from .engine import LossWeights, head_of, hidden_states, loss_and_grads, parameters
+from .losses import head_losses, squarehead
+from .optim import AdamW, AdamWSettings, clip_by_global_norm, learning_rate
+
+REPORT = "finetune.json"
+SOURCE_REPORTS = ("pruning.json", "finetune.json")  # a folder npsparse pruned (or fine-tuned)
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything that determines a fine-tuning run (all of it goes into ``finetune.json``)."""
+
+    loss: str = "ce+squarehead"
+    temperature: float = 1.0
+    tokens: int | None = None
+    steps: int | None = None
+    lr: float = 1e-4
+    batch: int = 2
+    seqlen: int = 512
+    warmup: int | None = None
+    decay: str = "linear"
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    data: str = "pydoc"
+    val_windows: int = 4
+    val_every: int | None = None
+    eval_windows: int = 40
+    train_embeddings: bool = False
+    teacher: str | None = None
+
+    def check(self) -> None:
+        """Refuse impossible settings with one line (before any model is loaded)."""
+        for name in ("lr", "temperature", "weight_decay", "clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise NpsparseError(f"--{name.replace('_', '-')} must be a finite number, "
+                                    f"got {value}")
+        if self.lr <= 0:
+            raise NpsparseError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise NpsparseError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if (self.tokens is None) == (self.steps is None):
+            raise NpsparseError("give exactly one of --tokens N or --steps N")
+        for name in ("tokens", "steps", "batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise NpsparseError(f"--{name} must be at least 1, got {value}")
+        if self.seqlen < 2:
+            raise NpsparseError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.val_windows < 0 or self.eval_windows < 0:
+            raise NpsparseError("--val-windows and --eval-windows must be 0 or more")
+        if self.warmup is not None and self.warmup < 0:
+            raise NpsparseError(f"--warmup must be 0 or more, got {self.warmup}")
+        learning_rate(1, 1, 1.0, 0, self.decay)  # refuses an unknown decay
+        LossWeights.parse(self.loss, self.temperature)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps: ``--steps``, or ``--tokens`` rounded up to whole batches."""
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.tokens / (self.batch * self.seqlen))
+
+    @property
+    def warmup_steps(self) -> int:
+        """``--warmup``, or by default 20 steps (the paper's scripts) but at most a tenth."""
+        return self.warmup if self.warmup is not None else min(20, self.total_steps // 10)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def training_windows(source: str, tokenizer, vocab_size: int, seqlen: int) -> np.ndarray:
+    """Non-overlapping windows of the training text (the default text's calibration part).
+
+    Parameters
+    ----------
+    source : str
+        ``"pydoc"``, a UTF-8 text file, or a ``.npy`` int array ``[n, seqlen]`` used as given.
+    tokenizer : Tokenizer
+    vocab_size : int
+    seqlen : int
+        Window length (a ``.npy`` must have it).
+
+    Returns
+    -------
+    np.ndarray
+        ``[n, seqlen]`` int64.
+    """
+    if str(source).endswith(".npy"):
+        try:
+            array = np.load(source, allow_pickle=False)
+        except FileNotFoundError:
+            raise NpsparseError(f"{source}: no such file") from None
+        except (ValueError, OSError) as err:
+            raise NpsparseError(f"{source}: not a readable .npy array ({err})") from None
+        if array.ndim != 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.integer):
+            raise NpsparseError(f"{source}: expected integer token ids [windows, seqlen], got "
+                                f"{array.dtype} {list(array.shape)}")
+        if array.shape[1] != seqlen:
+            raise NpsparseError(f"{source}: windows of {array.shape[1]} tokens, but --seqlen is "
+                                f"{seqlen}")
+        if array.min() < 0 or array.max() >= vocab_size:
+            raise NpsparseError(f"{source}: token ids must lie in [0, {vocab_size})")
+        return array.astype(np.int64)
+    tokens = tokenizer.encode(read_text(source, part="calib"))
+    return make_windows(tokens, seqlen)
+
+
+def window_index(step: int, j: int, batch: int, n_train: int, seed: int) -> int:
+    """Which training window is sequence ``j`` of optimizer step ``step`` (both 0-based).
+
+    Sequences are numbered ``step * batch + j`` through epochs; epoch ``e`` visits the windows in
+    ``default_rng([seed, e]).permutation(n_train)`` order. Nothing depends on earlier steps, so
+    a resumed run reads what an uninterrupted one would.
+
+    Parameters
+    ----------
+    step, j, batch, n_train, seed : int
+
+    Returns
+    -------
+    int
+        Row of the training windows.
+    """
+    k = step * batch + j
+    epoch, position = divmod(k, n_train)
+    return int(np.random.default_rng([seed, epoch]).permutation(n_train)[position])
+
+
+# -- models ----------------------------------------------------------------------------------
+
+def load_trainable(path) -> tuple:
+    """A model with writable float32 copies of its weights, plus its checkpoint and tokenizer.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``"smollm2"``, a GGUF file or a Hugging Face folder (not a packed folder).
+
+    Returns
+    -------
+    (LlamaModel, checkpoint, Tokenizer)
+    """
+    checkpoint = open_checkpoint(path)
+    if getattr(checkpoint, "head", None) is not None:
+        raise NpsparseError(f"{path} is a packed folder; fine-tune the folder it was packed from")
+    config = checkpoint.config
+    if config.family != "llama":
+        raise NpsparseError(f"fine-tuning supports the LLaMA family, not {config.arch}")
+    weights = checkpoint.weights
+    arrays = {name: np.array(weights.get_checked(name, weights.shapes[name]), dtype=np.float32)
+              for name in weights}
+    model = build_model(config, DictWeights(arrays, source=checkpoint.path))
+    return model, checkpoint, load_tokenizer(checkpoint)
+
+
+def source_report(path) -> dict | None:
+    """The ``pruning.json`` (or ``finetune.json``) of an npsparse output folder, else None.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    dict or None
+    """
+    folder = Path(path)
+    for name in SOURCE_REPORTS:
+        if folder.is_dir() and (folder / name).is_file():
+            try:
+                return json.loads((folder / name).read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise NpsparseError(f"{folder / name}: unreadable ({err})") from None
+    return None
+
+
+def _teacher_path(model_path, settings: FinetuneSettings, report: dict | None) -> str:
+    """``--teacher``, else the dense model the pruned folder names in its report."""
+    if settings.teacher is not None:
+        return settings.teacher
+    source = (report or {}).get("teacher") or (report or {}).get("source")
+    if source is None:
+        raise NpsparseError(f"{model_path} names no dense model it came from; this loss needs a "
+                            "teacher: pass --teacher MODEL")
+    if not Path(source).exists():
+        raise NpsparseError(f"the teacher {source} (named by {model_path}) does not exist here; "
+                            "pass --teacher MODEL")
+    return source
+
+
+def _check_teacher(student_config, teacher_config, teacher: str) -> None:
+    """Refuse a teacher whose shapes or vocabulary differ from the student's."""
+    keys = ("arch", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+            "ffn_dim", "tie_embeddings")
+    for key in keys:
+        a, b = getattr(student_config, key), getattr(teacher_config, key)
+        if a != b:
+            raise NpsparseError(f"teacher {teacher} does not match the student: {key} {b} vs {a}")
+
+
+def masks_of(model, report: dict | None) -> dict[str, np.ndarray]:
+    """Boolean masks (``True`` = kept) of every block linear weight of a pruned model.
+
+    A folder that npsparse pruned (it holds ``pruning.json``) has its zeros as the pattern; a
+    dense model gets no masks (dense fine-tuning, the control).
+
+    Parameters
+    ----------
+    model : LlamaModel
+    report : dict or None
+        The source folder's report.
+
+    Returns
+    -------
+    dict of str -> np.ndarray
+    """
+    if report is None:
+        return {}
+    return {f"{model.block_prefix(i)}.{name}.weight": layer.weight != 0
+            for i, block in enumerate(model.blocks) for name, layer in block.linears.items()}
+
+
+def _trainable_names(model, train_embeddings: bool) -> list[str]:
+    """Block weights, norms and biases, the final norm, and the embedding if asked."""
+    return [name for name in parameters(model)
+            if train_embeddings or name not in ("model.embed_tokens.weight", "lm_head.weight")]
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+def validation_terms(model, teacher, windows: np.ndarray, losses: LossWeights) -> dict:
+    """Mean loss terms over held-out windows, forward only.
+
+    Parameters
+    ----------
+    model, teacher : LlamaModel (teacher may be None when no term needs it)
+    windows : np.ndarray
+        ``[n, T]`` token ids.
+    losses : LossWeights
+
+    Returns
+    -------
+    dict of str -> float
+        ``ce`` (always, for comparison across runs), ``kd``/``squarehead`` when used, ``loss``.
+    """
+    sums: dict[str, float] = {}
+    for ids in windows:
+        outputs, h = hidden_states(model, ids)
+        t_out, t_h = hidden_states(teacher, ids) if teacher is not None else (None, None)
+        terms, _, _ = head_losses(h, head_of(model), ids[1:], ce=1.0, kd=losses.kd,
+                                  temperature=losses.temperature, teacher_h=t_h,
+                                  teacher_head=head_of(teacher) if teacher else None)
+        if losses.squarehead:
+            terms["squarehead"] = sum(squarehead(s, t)[0] for s, t in zip(outputs, t_out))
+        terms["loss"] = (losses.ce * terms["ce"] + losses.kd * terms.get("kd", 0.0)
+                         + losses.squarehead * terms.get("squarehead", 0.0))
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + value / len(windows)
+    return sums
+
+
+def matmul_gflops(seconds: float = 0.5) -> float:
+    """NumPy's float32 matmul rate on this machine now, at a training-sized product.
+
+    Parameters
+    ----------
+    seconds : float
+        Roughly how long to measure.
+
+    Returns
+    -------
+    float
+        Best GFLOP/s of ``[512, 576] @ [576, 1536]`` over repeated calls.
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((512, 576), dtype=np.float32)
+    b = rng.standard_normal((576, 1536), dtype=np.float32)
+    best = math.inf
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 512 * 576 * 1536 / best / 1e9
+
+
+# -- resumable state -------------------------------------------------------------------------
+
+def _resume_folder(out: Path) -> Path:
+    """Where an interrupted run keeps its state: ``OUT.resume`` beside the output folder."""
+    return out.with_name(out.name + ".resume")
+
+
+def _save_state(folder: Path, params: dict, names: list[str], optimizer: AdamW,
+               record: dict) -> None:
+    """Write the trainable weights, the moments and the run's record atomically."""
+    from safetensors.numpy import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        arrays = {f"param/{n}": params[n] for n in names}
+        arrays.update(optimizer.state())
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                  str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(record, indent=1) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_state(folder: Path, params: dict, names: list[str], optimizer: AdamW,
+               settings: dict) -> dict:
+    """Restore what :func:`_save_state` wrote, after checking it belongs to the same run."""
+    from safetensors.numpy import load_file
+
+    try:
+        record = json.loads((folder / "state.json").read_text())
+        arrays = load_file(str(folder / "state.safetensors"))
+    except (OSError, json.JSONDecodeError, Exception) as err:
+        raise NpsparseError(f"{folder}: cannot read the resumable state ({err})") from None
+    if record.get("settings") != settings:
+        changed = sorted(k for k in settings if record.get("settings", {}).get(k) != settings[k])
+        raise NpsparseError(f"{folder} was written with other settings ({', '.join(changed)}); "
+                            "resume with the same command")
+    for n in names:
+        params[n][...] = arrays[f"param/{n}"]
+    optimizer.load_state(arrays, record["step"])
+    return record
+
+
+class _StopRequest:
+    """Turns Ctrl-C and SIGTERM into a flag read between steps (a second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = False,
+             progress: bool = True, log=print, on_step=None) -> dict:
+    """Fine-tune a (pruned) model and write it as a Hugging Face folder with ``finetune.json``.
+
+    Parameters
+    ----------
+    model_path : str or Path
+        ``"smollm2"``, a GGUF file, a Hugging Face folder, or a folder written by
+        ``npsparse prune`` (its zeros are kept: the mask is fixed).
+    out : str or Path
+        Output folder, written atomically when the run completes.
+    settings : FinetuneSettings
+    resume : bool
+        Continue from the state an interrupted run left in ``OUT.resume``.
+    progress : bool
+        Progress bar on stderr.
+    log : callable
+        Where one-line notes go (interruption, resume).
+    on_step : callable, optional
+        Called after every optimizer step with that step's record (a dict: step, lr,
+        grad_norm, seconds and the loss terms), e.g. to draw a live loss curve.
+
+    Returns
+    -------
+    dict
+        The contents of ``finetune.json`` (``{"interrupted": step, ...}`` if stopped early).
+    """
+    settings.check()
+    out = Path(out).absolute()
+    check_replaceable(out)
+    started = time.perf_counter()
+    losses = LossWeights.parse(settings.loss, settings.temperature)
+    report_in = source_report(model_path)
+    model, checkpoint, tokenizer = load_trainable(model_path)
+    config = model.config
+    if settings.seqlen > config.max_position:
+        raise NpsparseError(f"--seqlen {settings.seqlen} exceeds the model's context of "
+                            f"{config.max_position} positions")
+    teacher, teacher_name = None, None
+    if losses.needs_teacher:
+        teacher_name = _teacher_path(model_path, settings, report_in)
+        teacher_checkpoint = open_checkpoint(teacher_name)
+        _check_teacher(config, teacher_checkpoint.config, teacher_name)
+        teacher = build_model(teacher_checkpoint.config, teacher_checkpoint.weights)
+
+    data = training_windows(settings.data, tokenizer, config.vocab_size, settings.seqlen)
+    n_val = settings.val_windows
+    if len(data) <= n_val:
+        raise NpsparseError(f"{settings.data} gives {len(data)} windows of {settings.seqlen} "
+                            f"tokens: too few to train with {n_val} held out")
+    train, val = data[:len(data) - n_val], data[len(data) - n_val:]
+    eval_windows = None
+    if settings.eval_windows:
+        eval_tokens = tokenizer.encode(read_text("pydoc", part="eval"))
+        eval_windows = make_windows(eval_tokens, settings.seqlen, settings.eval_windows)
+
+    params = parameters(model)
+    names = _trainable_names(model, settings.train_embeddings)
+    masks = masks_of(model, report_in)
+    optimizer = AdamW({n: params[n] for n in names}, masks,
+                      AdamWSettings(lr=settings.lr, weight_decay=settings.weight_decay))
+    grads = {n: np.zeros_like(params[n]) for n in names}
+    total, warmup = settings.total_steps, settings.warmup_steps
+    val_every = settings.val_every or max(1, total // 5)
+    state_dir = _resume_folder(out)
+    record = {"settings": asdict(settings), "step": 0, "train": [], "validation": [],
+              "train_seconds": 0.0, "ppl_before": None}
+    if resume:
+        if not state_dir.is_dir():
+            raise NpsparseError(f"nothing to resume: {state_dir} does not exist")
+        record = _load_state(state_dir, params, names, optimizer, asdict(settings))
+        log(f"resuming {out.name} at step {record['step']} of {total}")
+    elif state_dir.exists():
+        raise NpsparseError(f"{state_dir} holds an interrupted run: add --resume to continue it "
+                            "or delete it")
+
+    if eval_windows is not None and record["ppl_before"] is None:
+        record["ppl_before"] = perplexity(model, eval_windows, progress=progress).to_dict()
+    if not record["validation"]:
+        record["validation"].append({"step": 0, **validation_terms(model, teacher, val, losses)})
+    gflops = matmul_gflops()
+    flops_per_token = 8 * sum(p.size for p in params.values())
+    trainable = set(names)
+    bar = tqdm(range(record["step"], total), desc="finetune", unit="step", disable=not progress,
+               initial=record["step"], total=total)
+    interrupted = False
+    with _StopRequest() as stop:
+        for step in bar:
+            step_start = time.perf_counter()
+            for g in grads.values():
+                g.fill(0)
+            sums: dict[str, float] = {}
+            for j in range(settings.batch):
+                ids = train[window_index(step, j, settings.batch, len(train), settings.seed)]
+                t = None
+                if teacher is not None:
+                    t_out, t_h = hidden_states(teacher, ids)
+                    t = (t_out, t_h, head_of(teacher))
+                terms, _ = loss_and_grads(model, ids, losses, teacher=t, trainable=trainable,
+                                          into=grads, scale=1.0 / settings.batch)
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + value / settings.batch
+            if not all(math.isfinite(v) for v in sums.values()):
+                raise NpsparseError(f"the loss became {sums['loss']} at step {step + 1}; "
+                                    "lower --lr")
+            optimizer.mask_gradients(grads)
+            norm = clip_by_global_norm(grads, settings.clip)
+            lr = learning_rate(step + 1, total, settings.lr, warmup, settings.decay)
+            optimizer.step(grads, lr)
+            seconds = time.perf_counter() - step_start
+            record["train_seconds"] += seconds
+            record["step"] = step + 1
+            record["train"].append({"step": step + 1, "lr": lr, "grad_norm": norm,
+                                    "seconds": seconds, **sums})
+            tok_s = settings.batch * settings.seqlen / seconds
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{tok_s:.0f}")
+            if on_step is not None:
+                on_step(record["train"][-1])
+            if (step + 1) % val_every == 0 or step + 1 == total:
+                record["validation"].append(
+                    {"step": step + 1, **validation_terms(model, teacher, val, losses)})
+            if stop.requested and step + 1 < total:
+                interrupted = True
+                break
+    bar.close()
+    if interrupted:
+        _save_state(state_dir, params, names, optimizer, record)
+        log(f"interrupted after step {record['step']} of {total}; state saved in {state_dir}; "
+            f"continue with the same command plus --resume")
+        return {"interrupted": record["step"], "resume": str(state_dir)}
+
+    ppl_after = None
+    if eval_windows is not None:
+        ppl_after = perplexity(model, eval_windows, progress=progress).to_dict()
+    tokens_seen = record["step"] * settings.batch * settings.seqlen
+    train_tok_s = tokens_seen / max(record["train_seconds"], 1e-9)
+    report = {
+        "npsparse_finetune": 1,
+        "source": str(checkpoint.path),
+        "teacher": teacher_name,
+        "source_report": {k: report_in[k] for k in ("pattern", "settings", "source")
+                          if report_in and k in report_in} or None,
+        "settings": asdict(settings),
+        "loss": str(losses),
+        "steps": record["step"],
+        "warmup_steps": warmup,
+        "tokens": tokens_seen,
+        "data": {"source": settings.data, "windows": int(len(data)), "train_windows": len(train),
+                 "val_windows": len(val), "seqlen": settings.seqlen,
+                 "token_sha256": token_hash(data)},
+        "trainable_parameters": int(sum(params[n].size for n in names)),
+        "masked_parameters": int(sum(int((~m).sum()) for m in masks.values())),
+        "train": record["train"],
+        "validation": record["validation"],
+        "ppl_before": record["ppl_before"],
+        "ppl_after": ppl_after,
+        "train_tokens_per_s": train_tok_s,
+        "flops_per_token": flops_per_token,
+        "matmul_gflops": gflops,
+        "matmul_fraction": train_tok_s * flops_per_token / (gflops * 1e9),
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+    }
+    state = model.state_dict()
+    report["weights_sha256"] = weights_digest(state)
+    with HFDirWriter(out) as writer:
+        for i in range(config.n_layers):
+            writer.add_shard(model.block_state(i))
+        writer.add_shard(model.outer_state())
+        writer.finish(config, tokenizer_json=tokenizer.to_json(),
+                      chat_template=tokenizer.chat_template,
+                      extra_files={REPORT: json.dumps(report, indent=1) + "\n"})
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return report
+
+
+def weights_digest(state: dict) -> str:
+    """SHA-256 over every tensor, by sorted name (name bytes, then float32 data).
+
+    Parameters
+    ----------
+    state : dict of str -> np.ndarray
+
+    Returns
+    -------
+    str
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode() + np.ascontiguousarray(state[name], np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
