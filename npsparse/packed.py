@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NpsparseError
-from .io.hf_dir import HFCheckpoint, HFDirWriter, SafetensorsFile, check_replaceable
+from .io.hf_dir import HFCheckpoint, HFDirWriter, SafetensorsFile, check_output_folder
 from .io.weights import Weights
 
 PACKED_FILE = "npsparse-packed.safetensors"
@@ -68,8 +68,6 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
     -------
     Path
     """
-    from safetensors.numpy import save_file
-
     from .kernels import to_arrays
     from .linear import DenseLinear
 
@@ -108,7 +106,7 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
     metadata = {"npsparse_packed": str(FOLDER_SCHEMA), "layers": json.dumps(layers)}
     tokenizer = llm.tokenizer
     with HFDirWriter(out) as writer:
-        save_file(tensors, str(writer.tmp / PACKED_FILE), metadata=metadata)
+        writer.save_tensors(PACKED_FILE, tensors, metadata)
         return writer.finish(llm.config, tokenizer_json=tokenizer.to_json(),
                              chat_template=tokenizer.chat_template,
                              extra_files={"packed.json": json.dumps(report, indent=1) + "\n"})
@@ -240,6 +238,8 @@ def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: s
     model : str or Path
         Anything :func:`npsparse.load` accepts (usually a pruned folder).
     out : str or Path
+        Output folder: refused before any work if it is ``model`` or inside it, or exists and
+        npsparse did not write it (:func:`npsparse.io.hf_dir.check_output_folder`).
     fmt : str
         A format of :data:`npsparse.sparse.FORMAT_CHOICES` other than ``"dense"``.
     head : {"bf16", "dense"}
@@ -255,7 +255,7 @@ def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: s
     if fmt == "dense":
         raise NpsparseError("--format dense would save nothing packed; choose auto, bf16, csr, "
                             "bitmask or nm")
-    check_replaceable(Path(out).absolute())
+    check_output_folder(out, inputs=[model])
     start = time.perf_counter()
     llm = load(model)
     info = apply_format(llm.model, fmt, head=head)

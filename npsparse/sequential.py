@@ -29,7 +29,7 @@ from .calibration import calibration_windows
 from .data import token_hash
 from .errors import NpsparseError
 from .io import HFDirWriter, open_checkpoint
-from .io.hf_dir import check_replaceable
+from .io.hf_dir import check_output_folder
 from .linear import DenseLinear
 from .models import build_model
 from .prune import (DSnoTOptions, InputStats, Pattern, outlier_ratio, owl_sparsities, prune_layer,
@@ -113,7 +113,9 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
         ``"smollm2"``, a GGUF file or a Hugging Face folder.
     out : str or Path
         Output folder (``config.json``, safetensors shards with the zeros in place,
-        ``tokenizer.json``, ``pruning.json``); written atomically.
+        ``tokenizer.json``, ``pruning.json``); written atomically. Refused before any work if it
+        is the model or inside it, or exists and npsparse did not write it
+        (:func:`npsparse.io.hf_dir.check_output_folder`).
     settings : PruneSettings
     progress : bool
         Progress bars on stderr.
@@ -129,7 +131,7 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
     if settings.owl and pattern.structured:
         raise NpsparseError("OWL allocates unstructured sparsity; it cannot be combined with N:M")
     dsnot_options = DSnoTOptions(**settings.dsnot)
-    check_replaceable(Path(out).absolute())  # before minutes of work, not after
+    check_output_folder(out, inputs=[model_path, settings.calib])  # before minutes of work
     started = time.perf_counter()
     checkpoint = open_checkpoint(model_path)
     config = checkpoint.config

@@ -1,7 +1,10 @@
 """Checkpoint readers and writers: round trips, the Q/K un-permutation, and clear errors."""
 
 import json
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -101,10 +104,107 @@ def test_writer_is_atomic(tmp_path, monkeypatch):
 
 
 def test_writer_replaces_existing_output(tmp_path):
-    _write_tiny(tmp_path / "m", "llama")
+    config = tiny_config("llama")
+    report = {"pruning.json": json.dumps({"npsparse_pruning": 1})}
+    write_hf_dir(tmp_path / "m", config, random_weights(config), tokenizer_json=None,
+                 extra_files=report)
     model = _write_tiny(tmp_path / "m", "gpt2")
     assert open_checkpoint(tmp_path / "m").config == model.config
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("report", [
+    None,  # a user's own Hugging Face folder: the same file names npsparse writes
+    ("pruning.json", "not json"),
+    ("pruning.json", '["npsparse_pruning"]'),
+    ("packed.json", '{"npsparse_pruning": 1}'),  # another report's marker
+    ("finetune.json", '{"source": "x"}'),
+])
+def test_a_folder_npsparse_did_not_write_is_never_replaced(tmp_path, report):
+    """File names prove nothing: replacing needs the report file with its own npsparse marker."""
+    from npsparse.io.hf_dir import check_output_folder
+
+    config = tiny_config("llama")
+    mine = tmp_path / "mine"
+    extra = dict([report]) if report else {}
+    write_hf_dir(mine, config, random_weights(config), tokenizer_json="{}", extra_files=extra)
+    before = sorted((p.name, p.read_bytes()) for p in mine.iterdir())
+    with pytest.raises(NpsparseError, match="npsparse did not write it") as info:
+        write_hf_dir(mine, config, random_weights(config), tokenizer_json=None)
+    assert "\n" not in str(info.value)
+    with pytest.raises(NpsparseError, match="npsparse did not write it"):
+        check_output_folder(mine)
+    assert sorted((p.name, p.read_bytes()) for p in mine.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+@pytest.mark.parametrize("name,marker", [("pruning.json", "npsparse_pruning"),
+                                         ("packed.json", "npsparse_packed"),
+                                         ("finetune.json", "npsparse_finetune")])
+def test_each_npsparse_report_makes_a_folder_replaceable(tmp_path, name, marker):
+    from npsparse.io.hf_dir import check_output_folder
+
+    config = tiny_config("llama")
+    write_hf_dir(tmp_path / "m", config, random_weights(config), tokenizer_json=None,
+                 extra_files={name: json.dumps({marker: 1})})
+    assert check_output_folder(tmp_path / "m") == tmp_path / "m"
+
+
+def test_output_inside_or_equal_to_the_input_is_refused(tmp_path):
+    """The input's own pruning.json would make it replaceable: the input check comes first."""
+    from npsparse.io.hf_dir import check_output_folder
+
+    config = tiny_config("llama")
+    model = tmp_path / "model"
+    write_hf_dir(model, config, random_weights(config), tokenizer_json=None,
+                 extra_files={"pruning.json": json.dumps({"npsparse_pruning": 1})})
+    for out in (model, model / "sub", tmp_path / "." / "model", tmp_path):
+        with pytest.raises(NpsparseError, match="input") as info:
+            check_output_folder(out, inputs=["smollm2", model])
+        assert "\n" not in str(info.value)
+    assert check_output_folder(tmp_path / "other", inputs=[model]) == tmp_path / "other"
+
+
+def test_prune_and_pack_refuse_their_input_folder_as_output(tmp_path, monkeypatch):
+    from npsparse import packed, sequential
+
+    config = tiny_config("llama")
+    model = tmp_path / "model"
+    write_hf_dir(model, config, random_weights(config), tokenizer_json=None)
+    before = sorted(p.name for p in model.iterdir())
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output should have been refused before loading anything")
+
+    monkeypatch.setattr(sequential, "open_checkpoint", no_work)
+    monkeypatch.setattr("npsparse.api.load", no_work)
+    for out in (model, model / "pruned"):
+        with pytest.raises(NpsparseError, match="would delete the input"):
+            sequential.prune_model(model, out,
+                                   sequential.PruneSettings(method="magnitude", pattern="0.5"))
+        with pytest.raises(NpsparseError, match="would delete the input"):
+            packed.pack_model(model, out, "bitmask")
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_stale_partial_folders_of_dead_processes_are_removed(tmp_path):
+    """A killed run's temporary folder goes at the next write; a live process's stays."""
+    from npsparse.io.output import _host
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = _host()
+    stale = [tmp_path / f".out.partial-{host}-{dead.pid}-abc_1234",
+             tmp_path / f".out.old-{host}-{dead.pid}"]
+    kept = [tmp_path / f".out.partial-{host}-{os.getpid()}-xyz",  # alive (this process)
+            tmp_path / f".out.partial-otherhost-{dead.pid}-abc",  # another machine's
+            tmp_path / f".other.partial-{host}-{dead.pid}-abc"]  # another output's
+    for folder in stale + kept:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+    config = tiny_config("llama")
+    write_hf_dir(tmp_path / "out", config, random_weights(config), tokenizer_json=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + [p.name for p in kept])
 
 
 def test_writer_refuses_to_replace_what_it_did_not_write(tmp_path):

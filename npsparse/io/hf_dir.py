@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelConfig
 from ..errors import NpsparseError
+from .output import (check_output_folder, check_replaceable, partial_folder, retired_folder,
+                     writing)
 from .weights import Weights
+
+__all__ = ["HFCheckpoint", "HFDirWriter", "SafetensorsFile", "bf16_to_f32", "check_output_folder",
+           "check_replaceable", "usual_mode", "write_hf_dir"]
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 # Integer arrays appear only in npsparse's packed folders (sparse formats: bits, masks, indices).
@@ -213,49 +216,16 @@ class HFCheckpoint:
         return None
 
 
-# Every file name an HFDirWriter output can hold (npsparse.packed adds its own two).
-_WRITTEN = re.compile(r"(config|tokenizer|tokenizer_config|pruning|packed)\.json"
-                      r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
-                      r"|npsparse-packed\.safetensors")
-
-
-def check_replaceable(out: Path) -> None:
-    """Refuse an output folder that exists and holds anything this writer would not have written.
-
-    Replacing ``out`` deletes it, so only an empty folder or an earlier output (config, weights,
-    tokenizer, ``pruning.json``/``packed.json``; no subfolders) may be replaced: a typo such as
-    ``--out .`` must not delete a project.
-
-    Parameters
-    ----------
-    out : Path
-        Absolute destination path.
-
-    Raises
-    ------
-    NpsparseError
-        ``out`` is a file, or a folder with other contents.
-    """
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise NpsparseError(f"{out}: exists and is not a folder; choose another output path")
-    foreign = sorted(p.name for p in out.iterdir()
-                     if not (p.is_file() and _WRITTEN.fullmatch(p.name)))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise NpsparseError(f"{out}: the folder exists and holds what npsparse did not write "
-                            f"({shown}); remove it or choose another output path")
-
-
 class HFDirWriter:
     """Write a Hugging Face model directory shard by shard, atomically.
 
     Everything goes into a temporary sibling folder that is renamed to ``out`` only by
     :meth:`finish`, so an interrupted run leaves no half-written ``out`` behind (use it as a
-    context manager: on an exception the temporary folder is removed). An existing ``out`` is
-    replaced if it is empty or an earlier output (see :func:`check_replaceable`); anything else
-    is refused before any work is done.
+    context manager: on an exception the temporary folder is removed; one killed outright is
+    removed by a later writer, see :func:`partial_folder`). An existing ``out`` is replaced if
+    it is empty or an earlier npsparse output (see :func:`check_replaceable`); anything else is
+    refused before any work is done. Write errors (disk full, read-only folder) raise a
+    one-line :class:`~npsparse.errors.NpsparseError`.
 
     Parameters
     ----------
@@ -265,14 +235,13 @@ class HFDirWriter:
     Raises
     ------
     NpsparseError
-        ``out`` exists and may not be replaced.
+        ``out`` exists and may not be replaced, or its parent folder cannot be written.
     """
 
     def __init__(self, out: str | Path):
         self.out = Path(out).absolute()
         check_replaceable(self.out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self.tmp = partial_folder(self.out)
         self.shards: list[tuple[str, list[str]]] = []
 
     def __enter__(self) -> "HFDirWriter":
@@ -295,12 +264,32 @@ class HFDirWriter:
             Hugging Face names to arrays of any shape; written as contiguous float32 (converted
             if needed).
         """
-        from safetensors.numpy import save_file
-
         name = f"shard-{len(self.shards):05d}.safetensors"
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-        save_file(arrays, str(self.tmp / name), metadata={"format": "pt"})
+        self.save_tensors(name, arrays, {"format": "pt"})
         self.shards.append((name, list(arrays)))
+
+    def save_tensors(self, name: str, tensors: dict, metadata: dict) -> None:
+        """Write one safetensors file ``name`` into the temporary folder as it is.
+
+        Parameters
+        ----------
+        name : str
+            File name, e.g. ``"npsparse-packed.safetensors"``.
+        tensors : dict of str -> np.ndarray
+            Contiguous arrays of any dtype safetensors stores.
+        metadata : dict of str -> str
+            The header's ``__metadata__``.
+
+        Raises
+        ------
+        NpsparseError
+            The file cannot be written (disk full, file-size limit, ...).
+        """
+        from safetensors.numpy import save_file
+
+        with writing(self.out):
+            save_file(tensors, str(self.tmp / name), metadata=metadata)
 
     def finish(self, config: ModelConfig, *, tokenizer_json: str | None,
                extra_files: dict | None = None, chat_template: str | None = None) -> Path:
@@ -323,7 +312,16 @@ class HFDirWriter:
         -------
         Path
             ``out``, now complete (an existing ``out`` has been replaced).
+
+        Raises
+        ------
+        NpsparseError
+            A file cannot be written or the folder cannot be renamed into place.
         """
+        with writing(self.out):
+            return self._finish(config, tokenizer_json, extra_files or {}, chat_template)
+
+    def _finish(self, config, tokenizer_json, extra_files, chat_template) -> Path:
         if len(self.shards) == 1:
             (self.tmp / self.shards[0][0]).rename(self.tmp / "model.safetensors")
         elif self.shards:
@@ -343,11 +341,11 @@ class HFDirWriter:
         if chat_template:
             tok_config["chat_template"] = chat_template
         (self.tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
+        for name, text in extra_files.items():
             (self.tmp / name).write_text(text)
         _default_permissions(self.tmp)
         if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            old = retired_folder(self.out)
             self.out.rename(old)
             self.tmp.rename(self.out)
             shutil.rmtree(old)
