@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 
 from .errors import NpsparseError
@@ -459,22 +461,48 @@ def main(argv: list[str] | None = None) -> int:
     int
         Exit status: 0 on success; 2 on a user error (:class:`~npsparse.errors.NpsparseError`,
         printed as one line ``npsparse: error: ...`` on stderr, no traceback); 130 on Ctrl-C;
-        1 when out of memory. Bad arguments make argparse exit with status 2 itself.
+        143 on SIGTERM (``timeout``, ``kill``, a job scheduler), which unwinds like Ctrl-C so
+        that temporary output folders are removed; 1 when out of memory. Bad arguments make
+        argparse exit with status 2 itself.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _catch_sigterm()
     try:
         args.func(args)
     except NpsparseError as err:
         print(f"npsparse: error: {err}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("npsparse: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("npsparse: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         print("npsparse: error: out of memory", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that cleanup (``with``, ``finally``) runs."""
+
+
+def _catch_sigterm():
+    """Make SIGTERM raise :class:`_Terminated`; return the previous handler (None off the main
+    thread, where Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+        raise _Terminated
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,62 @@ def test_bench_files_are_written_atomically(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+# A prune run that stops after writing its first shard, until a signal arrives.
+_SLOW_PRUNE = """
+import sys, time
+from npsparse.io import hf_dir
+from npsparse.cli import main
+write = hf_dir.HFDirWriter.add_shard
+
+def add_shard(self, tensors):
+    write(self, tensors)
+    print("shard written", flush=True)
+    time.sleep(120)
+
+hf_dir.HFDirWriter.add_shard = add_shard
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_removes_the_temporary_output(tiny_dir, tmp_path):
+    """timeout/kill send SIGTERM: it unwinds like Ctrl-C, so no hidden partial folder is left."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_PRUNE, "prune", str(tiny_dir), "--method", "magnitude",
+         "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32", "--json",
+         "--out", str(tmp_path / "o")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "shard written\n", proc.communicate()[1]
+    assert any(p.name.startswith(".o.partial-") for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and stderr.strip() == "npsparse: terminated", stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+_FSIZE_LIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from npsparse.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_write_failures_are_one_line_and_leave_nothing(tiny_dir, tmp_path):
+    """A file-size limit (as a full disk) and an unwritable parent: one line, exit 2, no temp."""
+    prune = ["prune", str(tiny_dir), "--method", "magnitude", "--sparsity", "0.5",
+             "--nsamples", "2", "--seqlen", "32", "--json"]
+    out = subprocess.run([sys.executable, "-c", _FSIZE_LIMIT, *prune, "--out", tmp_path / "o"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"npsparse: error: cannot write {tmp_path / 'o'}: ")
+    assert "File too large" in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("not a folder")
+    out = run(*prune, "--out", tmp_path / "file" / "o")
+    assert out.returncode == 2 and "cannot write" in out.stderr, out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
