@@ -225,9 +225,30 @@ class PackedCheckpoint(HFCheckpoint):
             layers = json.loads(handle.metadata.get("layers", "{}"))
         except ValueError as err:
             raise NpsparseError(f"{self.path}: corrupt packed layer table ({err})") from None
+        _check_layer_table(layers, self.path)
         self.files = {PACKED_FILE: handle}
         self.weights = PackedWeights(handle, layers, self.path)
         self.head = self.weights.layer(HEAD_NAME) if HEAD_NAME in layers else None
+        if self.head is not None and self.head.shape[0] != self.config.vocab_size:
+            raise NpsparseError(f"{self.path}: packed output head has {self.head.shape[0]} rows, "
+                                f"the vocabulary {self.config.vocab_size}")
+
+
+def _check_layer_table(layers, path: Path) -> None:
+    """Each entry: a dict whose ``shape`` ("N,K") and ``hf_shape`` agree (GPT-2's Conv1D stores
+    its weight as ``[K, N]``, so either order)."""
+    if not isinstance(layers, dict):
+        raise NpsparseError(f"{path}: corrupt packed layer table (not a JSON object)")
+    for name, meta in layers.items():
+        try:
+            shape = [int(s) for s in meta["shape"].split(",")]
+            hf_shape = [int(s) for s in meta["hf_shape"]]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise NpsparseError(f"{path}: corrupt packed layer table entry {name} (it needs "
+                                "shape 'N,K' and hf_shape [N, K])") from None
+        if len(shape) != 2 or hf_shape not in (shape, shape[::-1]) or min(shape) < 1:
+            raise NpsparseError(f"{path}: packed layer {name} has shape {shape} and hf_shape "
+                                f"{hf_shape}; they must hold the same two sizes")
 
 
 def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: str = "bf16"):

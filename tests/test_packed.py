@@ -108,3 +108,100 @@ def test_pack_cli_json_and_one_line_errors(pruned_dir, tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "2:4 or 4:8" in lines[0], out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "p"]
+
+
+@pytest.fixture(scope="module")
+def packed_llama(tokenizer, tmp_path_factory):
+    """A tiny pruned (2:4) llama packed as csr, bitmask and nm: {format: folder}."""
+    model = tiny_model("llama", vocab_size=tokenizer.vocab_size, dim=32, ffn_dim=64)
+    for name, layer in model.linears().items():
+        weight = layer.to_dense().copy()
+        weight[:, (np.arange(weight.shape[1]) % 4) < 2] = 0.0
+        model.set_linear(name, DenseLinear(weight))
+    root = tmp_path_factory.mktemp("packed")
+    write_hf_dir(root / "pruned", model.config, model.state_dict(),
+                 tokenizer_json=tokenizer.to_json())
+    return {fmt: pack_model(root / "pruned", root / fmt, fmt)["out"]
+            for fmt in ("csr", "bitmask", "nm")}
+
+
+def _corrupt(source, out, array=None, change=None, table=None):
+    """Copy packed folder ``source`` to ``out`` with one stored array or layer-table entry changed."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, out)
+    path = str(out / PACKED_FILE)
+    with safe_open(path, "np") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    if array is not None:
+        tensors[array] = change(tensors[array].copy())
+    if table is not None:
+        layers = json.loads(metadata["layers"])
+        table(layers)
+        metadata["layers"] = json.dumps(layers)
+    save_file(tensors, path, metadata=metadata)
+    return out
+
+
+DOWN = "model.layers.0.mlp.down_proj.weight"
+
+
+def test_out_of_range_row_pointers_are_refused_not_run(packed_llama, tmp_path):
+    """They reached the kernels unchecked: generate segfaulted (so: in a subprocess)."""
+    def far(row_ptr):
+        row_ptr[1:] = 10**12
+        return row_ptr
+
+    folder = _corrupt(packed_llama["bitmask"], tmp_path / "bad", DOWN + "::row_ptr", far)
+    out = subprocess.run([sys.executable, "-m", "npsparse.cli", "generate", str(folder), "-p",
+                          "hi", "-n", "3"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, (out.returncode, out.stderr[-500:])
+    assert out.stderr.startswith(f"npsparse: error: {folder}: {DOWN}: bitmask array 'row_ptr'")
+    assert len(out.stderr.splitlines()) == 1
+
+
+def _set(index, value):
+    def change(array):
+        array[index] = value
+        return array
+    return change
+
+
+@pytest.mark.parametrize("fmt,array,change,message", [
+    ("csr", "row_ptr", _set(-1, 10**9), "'row_ptr' runs from 0 to 1000000000"),
+    ("csr", "row_ptr", _set(1, 10**3), "'row_ptr' decreases"),
+    ("csr", "row_ptr", lambda a: a[:5], "'row_ptr' has shape [5], expected [33]"),
+    ("csr", "cols", lambda a: a + 1000, "'cols' holds columns outside [0, 64)"),
+    ("csr", "cols", lambda a: a[:-1], "'cols' has shape"),
+    ("bitmask", "masks", lambda a: np.full_like(a, 0xFFFFFFFF), "does not match the number of"),
+    ("bitmask", "masks", lambda a: a[:3], "'masks' has shape [3, 2], expected [32, 2]"),
+    ("bitmask", "row_ptr", _set(slice(1, None), -5), "'row_ptr' runs from 0 to -5"),
+    ("nm", "values", lambda a: a[:3], "'values' has shape [3, 32], expected [32, 32]"),
+    ("nm", "indices", lambda a: a[:, :1], "'indices' has shape [32, 1], expected [32, 8]"),
+])
+def test_corrupt_packed_arrays_are_refused_in_one_line(packed_llama, tmp_path, fmt, array,
+                                                       change, message):
+    folder = _corrupt(packed_llama[fmt], tmp_path / "bad", f"{DOWN}::{array}", change)
+    with pytest.raises(NpsparseError) as info:
+        PackedCheckpoint(folder).weights.layer(DOWN)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("table,message", [
+    (lambda t: t[DOWN].pop("shape"), "corrupt packed layer table entry"),
+    (lambda t: t[DOWN].update(shape="abc"), "corrupt packed layer table entry"),
+    (lambda t: t.update({DOWN: 3}), "corrupt packed layer table entry"),
+    (lambda t: t[DOWN].update(hf_shape=[32, 65]), "must hold the same two sizes"),
+    (lambda t: t["lm_head.weight"].update(shape="5,32", hf_shape=[5, 32]), "output head has 5"),
+])
+def test_corrupt_layer_table_is_refused_in_one_line(packed_llama, tmp_path, table, message):
+    head = "lm_head.weight::bits"  # cut to 5 rows, so only the vocabulary check can see it
+    folder = _corrupt(packed_llama["csr"], tmp_path / "bad", table=table,
+                      **(dict(array=head, change=lambda a: a[:5]) if "head" in message else {}))
+    with pytest.raises(NpsparseError) as info:
+        npsparse.load(folder)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -194,6 +194,60 @@ def check_arrays(arrays: dict, expected: dict[str, tuple[np.dtype, int]], fmt: s
                                 f"got {a.ndim}-D {a.dtype}")
 
 
+def check_shapes(arrays: dict, shapes: dict[str, tuple[int, ...]], fmt: str) -> None:
+    """Check that each named array has exactly the shape the layer's size implies.
+
+    Parameters
+    ----------
+    arrays : dict of str to np.ndarray
+    shapes : dict of str to tuple of int
+        Expected shape of each name to check.
+    fmt : str
+        Format name for the error message.
+
+    Raises
+    ------
+    NpsparseError
+        One line naming the first array of another shape.
+    """
+    for name, shape in shapes.items():
+        if arrays[name].shape != tuple(shape):
+            raise NpsparseError(f"{fmt} array {name!r} has shape {list(arrays[name].shape)}, "
+                                f"expected {list(shape)}")
+
+
+def check_row_pointers(row_ptr: np.ndarray, rows: int, nnz: int, fmt: str) -> None:
+    """Check CSR-style row starts: ``[0, ..., nnz]``, ``rows + 1`` of them, never decreasing.
+
+    The kernels index the value (and column) arrays with them unchecked, so one out of range
+    reads outside the arrays (a crash, or garbage).
+
+    Parameters
+    ----------
+    row_ptr : np.ndarray
+        ``[rows + 1]`` int64.
+    rows : int
+        Number of rows ``N``.
+    nnz : int
+        Length of the value array.
+    fmt : str
+        Format name for the error message.
+
+    Raises
+    ------
+    NpsparseError
+        One line saying what is wrong.
+    """
+    if row_ptr.shape != (rows + 1,):
+        raise NpsparseError(f"{fmt} array 'row_ptr' has shape {list(row_ptr.shape)}, expected "
+                            f"[{rows + 1}]")
+    if row_ptr[0] != 0 or row_ptr[-1] != nnz:
+        raise NpsparseError(f"{fmt} array 'row_ptr' runs from {row_ptr[0]} to {row_ptr[-1]}; "
+                            f"it must run from 0 to the {nnz} stored values")
+    if np.any(row_ptr[1:] < row_ptr[:-1]):
+        raise NpsparseError(f"{fmt} array 'row_ptr' decreases; row starts must not decrease")
+
+
 class PackedLinear:
     """Base of the packed formats: the :class:`npsparse.linear.Linear` seam plus serialisation.
 

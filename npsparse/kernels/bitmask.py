@@ -15,8 +15,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._layer import (PackedLinear, check_arrays, check_option, check_weight_mask,
-                     pad_columns, row_pointers)
+from ..errors import NpsparseError
+from ._layer import (PackedLinear, check_arrays, check_option, check_row_pointers, check_shapes,
+                     check_weight_mask, pad_columns, row_pointers)
 from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import OVERREAD, expand_dot, expand_row, value_at
 from ._tile import TILE_ROWS, tile_matmul
@@ -218,7 +219,8 @@ class BitmaskLinear(PackedLinear):
     def from_arrays(cls, arrays, metadata):
         """Wrap stored bitmask arrays as a layer, without copying them.
 
-        Only names, dtypes and ranks are checked, not that ``row_ptr`` agrees with the masks.
+        Names, dtypes and shapes are checked, and that ``row_ptr`` agrees with the masks' bit
+        counts (vectorised, once, at load: the kernels trust them).
 
         Parameters
         ----------
@@ -236,7 +238,8 @@ class BitmaskLinear(PackedLinear):
         Raises
         ------
         NpsparseError
-            An unknown ``values``, or an array missing or of the wrong dtype or rank.
+            An unknown ``values``, an array missing or of the wrong dtype, rank or shape, mask
+            bits set past column ``K``, or row pointers that do not match the masks.
         """
         values = metadata.get("values", "bf16")
         check_option(values, VALUE_TYPES, "bitmask values")
@@ -246,6 +249,7 @@ class BitmaskLinear(PackedLinear):
             expected["scales"] = (np.float32, 1)
         check_arrays(arrays, expected, cls.FORMAT)
         shape = tuple(int(s) for s in metadata["shape"].split(","))
+        _check_structure(arrays, shape)
         return cls({name: arrays[name] for name in expected}, shape)
 
     def __init__(self, arrays, shape):
@@ -310,3 +314,22 @@ class BitmaskLinear(PackedLinear):
     def nnz(self) -> int:
         """int: packed values, one per set mask bit (kept weights, including kept zeros)."""
         return int(self.arrays["values"].shape[0])
+
+
+def _check_structure(arrays: dict, shape: tuple[int, int]) -> None:
+    """Stored bitmask arrays agree with the shape and each other (row i's values are the
+    ``popcount(masks[i])`` entries from ``row_ptr[i]``)."""
+    rows, k_cols = shape
+    shapes = {"masks": (rows, (k_cols + 31) // 32)}
+    if "scales" in arrays:
+        shapes["scales"] = (rows,)
+    check_shapes(arrays, shapes, "bitmask")
+    masks = arrays["masks"]
+    nnz = arrays["values"].shape[0]
+    check_row_pointers(arrays["row_ptr"], rows, nnz, "bitmask")
+    if k_cols % 32 and rows and np.any(masks[:, -1] >> np.uint32(k_cols % 32)):
+        raise NpsparseError(f"bitmask array 'masks' has bits set past column {k_cols}")
+    counts = np.bitwise_count(masks).sum(axis=1, dtype=np.int64)  # [N] kept per row
+    if np.any(counts != np.diff(arrays["row_ptr"])):
+        raise NpsparseError("bitmask array 'row_ptr' does not match the number of mask bits "
+                            "of each row")

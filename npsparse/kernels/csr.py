@@ -14,7 +14,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._layer import PackedLinear, check_arrays, check_option, check_weight_mask, row_pointers
+from ..errors import NpsparseError
+from ._layer import (PackedLinear, check_arrays, check_option, check_row_pointers, check_shapes,
+                     check_weight_mask, row_pointers)
 from ._numba import row_block, gemm_tasks, jit, pjit
 from ._simd import value_at
 from ._tile import TILE_ROWS, tile_matmul
@@ -143,7 +145,8 @@ class CSRLinear(PackedLinear):
     def from_arrays(cls, arrays, metadata):
         """Wrap stored CSR arrays as a layer, without copying them.
 
-        Only names, dtypes and ranks are checked, not that indices are sorted or in range.
+        Names, dtypes, shapes and the indices' ranges are checked (vectorised, once, at load:
+        the kernels trust them); columns need not be sorted within a row.
 
         Parameters
         ----------
@@ -161,7 +164,8 @@ class CSRLinear(PackedLinear):
         Raises
         ------
         NpsparseError
-            An unknown ``values``, or an array missing or of the wrong dtype or rank.
+            An unknown ``values``, an array missing or of the wrong dtype, rank or shape, row
+            pointers that decrease or do not run from 0 to ``nnz``, or a column ``>= K``.
         """
         values = metadata.get("values", "bf16")
         check_option(values, VALUE_TYPES, "csr values")
@@ -169,6 +173,7 @@ class CSRLinear(PackedLinear):
         expected = {"values": (VALUE_TYPES[values], 1), "cols": (index_dtype(shape[1]), 1),
                     "row_ptr": (np.int64, 1)}
         check_arrays(arrays, expected, cls.FORMAT)
+        _check_structure(arrays, shape)
         return cls({name: arrays[name] for name in expected}, shape)
 
     def __init__(self, arrays, shape):
@@ -222,3 +227,13 @@ class CSRLinear(PackedLinear):
     def nnz(self) -> int:
         """int: stored entries, the length of ``values`` (kept weights, including kept zeros)."""
         return int(self.arrays["values"].shape[0])
+
+
+def _check_structure(arrays: dict, shape: tuple[int, int]) -> None:
+    """Stored CSR arrays agree with the shape and each other; every column is below K."""
+    nnz = arrays["values"].shape[0]
+    check_shapes(arrays, {"cols": (nnz,)}, "csr")
+    check_row_pointers(arrays["row_ptr"], shape[0], nnz, "csr")
+    cols = arrays["cols"]
+    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= shape[1]):
+        raise NpsparseError(f"csr array 'cols' holds columns outside [0, {shape[1]})")

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from ..errors import NpsparseError
-from ._layer import PackedLinear, check_arrays, check_option, check_weight_mask
+from ._layer import PackedLinear, check_arrays, check_option, check_shapes, check_weight_mask
 from ._numba import row_block, jit, pjit
 from ._simd import (HAS_BMI2, HAS_PERMUTE, NM_OVERREAD_BYTES, nm24_dot, nm_dot1, nm_dot4,
                     value_at)
@@ -359,7 +359,8 @@ class NMLinear(PackedLinear):
     def from_arrays(cls, arrays, metadata):
         """Wrap stored N:M arrays as a layer, without copying them.
 
-        Only names, dtypes and ranks are checked, not that the sizes agree with the pattern.
+        Names, dtypes and shapes are checked against the pattern and ``shape`` (and, when
+        ``M`` is not a power of two, that every stored position is below ``M``).
 
         Parameters
         ----------
@@ -377,8 +378,8 @@ class NMLinear(PackedLinear):
         Raises
         ------
         NpsparseError
-            A missing or malformed ``pattern``, an unknown ``values``, or an array missing or of
-            the wrong dtype or rank.
+            A missing or malformed ``pattern``, an unknown ``values``, ``K`` not a multiple of
+            ``M``, an array missing or of the wrong dtype, rank or shape, or a position ``>= M``.
         """
         n, m = parse_pattern(metadata.get("pattern", ""))
         values = metadata.get("values", "bf16")
@@ -388,6 +389,7 @@ class NMLinear(PackedLinear):
             expected["scales"] = (np.float32, 1)
         check_arrays(arrays, expected, cls.FORMAT)
         shape = tuple(int(s) for s in metadata["shape"].split(","))
+        _check_structure(arrays, shape, n, m)
         return cls({name: arrays[name] for name in expected}, shape, n, m)
 
     def __init__(self, arrays, shape, n, m):
@@ -472,3 +474,19 @@ class NMLinear(PackedLinear):
     def nnz(self) -> int:
         """int: stored values, ``N * K/M * (M-N)``, including zero fillers of sparser groups."""
         return int(self.arrays["values"].size)
+
+
+def _check_structure(arrays: dict, shape: tuple[int, int], n: int, m: int) -> None:
+    """Stored N:M arrays have the sizes the shape and pattern imply; positions lie in groups."""
+    rows, k_cols = shape
+    if k_cols % m:
+        raise NpsparseError(f"nm layer has K={k_cols} columns, not a multiple of M={m}")
+    stored = k_cols // m * (m - n)  # values per row
+    shapes = {"values": (rows, stored), "indices": (rows, (stored * index_bits(m) + 7) // 8)}
+    if "scales" in arrays:
+        shapes["scales"] = (rows,)
+    check_shapes(arrays, shapes, "nm")
+    if m & (m - 1) and rows:  # b bits can name positions >= M only when M is no power of two
+        positions = unpack_indices(arrays["indices"], m, k_cols // m, m - n)
+        if positions.max() >= m:
+            raise NpsparseError(f"nm array 'indices' holds in-group positions >= M={m}")
