@@ -169,11 +169,11 @@ def loss_and_grads(model, ids: np.ndarray, losses: LossWeights, *, teacher=None,
     want = (lambda name: True) if trainable is None else trainable.__contains__
     grads = {} if into is None else into
 
-    def add(name: str, grad: np.ndarray) -> None:
+    def add(name: str, grad: np.ndarray) -> None:  # grad is already scaled (see d_h below)
         if name in grads:
-            grads[name] += scale * grad
+            grads[name] += grad
         else:
-            grads[name] = (scale * grad).astype(grad.dtype, copy=False)
+            grads[name] = grad
 
     # forward, keeping a tape per block
     tapes = [{} for _ in model.blocks]
@@ -188,9 +188,11 @@ def loss_and_grads(model, ids: np.ndarray, losses: LossWeights, *, teacher=None,
     head = head_of(model)
     head_name = EMBED if cfg.tie_embeddings else HEAD
     t_out, t_h, t_head = teacher if teacher is not None else (None, None, None)
+    # The weights carry ``scale``, so every gradient below comes out scaled.
     terms, d_h, d_head = head_losses(
-        h, head, ids[1:], ce=losses.ce, kd=losses.kd, temperature=losses.temperature,
-        teacher_h=t_h, teacher_head=t_head, head_grad=want(head_name))
+        h, head, ids[1:], ce=scale * losses.ce, kd=scale * losses.kd,
+        temperature=losses.temperature, teacher_h=t_h, teacher_head=t_head,
+        head_grad=want(head_name))
     if d_head is not None:
         add(head_name, d_head)
     d_x, d_norm = rms_norm_backward(d_h, x, model.norm, cfg.norm_eps)
@@ -203,7 +205,7 @@ def loss_and_grads(model, ids: np.ndarray, losses: LossWeights, *, teacher=None,
         if losses.squarehead:
             term, d_sq = squarehead(outputs[i], t_out[i])
             sq_total += term
-            d_x = d_x + losses.squarehead * d_sq
+            d_x = d_x + (scale * losses.squarehead) * d_sq
         prefix = f"{model.block_prefix(i)}."
         local = None if trainable is None else {n[len(prefix):] for n in trainable
                                                 if n.startswith(prefix)}

@@ -14,10 +14,14 @@ import numpy as np
 from ..errors import NpsparseError
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    """``log softmax`` over the last axis in the array's own dtype. x [T, V] -> [T, V]."""
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def _softmax_and_log(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax over the last axis and its log, with one ``exp`` pass. x [c, V] -> two [c, V]."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    probs = np.exp(shifted)
+    total = probs.sum(axis=-1, keepdims=True)
+    probs /= total
+    shifted -= np.log(total)
+    return probs, shifted
 
 
 def head_losses(h: np.ndarray, head: np.ndarray, targets: np.ndarray, *, ce: float = 1.0,
@@ -69,20 +73,18 @@ def head_losses(h: np.ndarray, head: np.ndarray, targets: np.ndarray, *, ce: flo
         rows = slice(lo, min(lo + chunk, n))
         logits = h[rows] @ head.T  # [c, V]
         d_logits = np.zeros_like(logits)
+        picks = (np.arange(logits.shape[0]), targets[rows])
         if ce:
-            logp = _log_softmax(logits)  # [c, V]
-            picked = logp[np.arange(logits.shape[0]), targets[rows]]
-            terms["ce"] -= float(np.sum(picked, dtype=np.float64)) / n
-            d_ce = np.exp(logp)  # softmax
-            d_ce[np.arange(logits.shape[0]), targets[rows]] -= 1.0
-            d_logits += (ce / n) * d_ce
+            probs, logp = _softmax_and_log(logits)  # [c, V] each
+            terms["ce"] -= float(np.sum(logp[picks], dtype=np.float64)) / n
+            probs[picks] -= 1.0  # d CE / d logits = softmax - one-hot
+            d_logits += (ce / n) * probs
         if kd:
-            t_logp = _log_softmax((teacher_h[rows] @ teacher_head.T) / temperature)
-            s_logp = _log_softmax(logits / temperature)
-            t_p = np.exp(t_logp)
+            t_p, t_logp = _softmax_and_log((teacher_h[rows] @ teacher_head.T) / temperature)
+            s_p, s_logp = _softmax_and_log(logits / temperature)
             kl = np.sum(t_p * (t_logp - s_logp), dtype=np.float64)
             terms["kd"] += temperature**2 * float(kl) / n
-            d_logits += (kd * temperature / n) * (np.exp(s_logp) - t_p)
+            d_logits += (kd * temperature / n) * (s_p - t_p)
         d_h[rows] = d_logits @ head  # [c, D]
         if head_grad:
             d_head += d_logits.T @ h[rows]  # [V, D]
