@@ -1,0 +1,119 @@
+"""Recovery of pruned SmolLM2 by sparse fine-tuning, every arm on the same token budget.
+
+    python bench/finetune_table.py --pruned-root DIR [--out-root DIR] [--tokens N] [--only NAME ...]
+
+Rows: SparseGPT 2:4 and 70% (and Wanda 50%), each fine-tuned with cross-entropy only,
+cross-entropy + SquareHead and SquareHead only; plus dense cross-entropy fine-tuning on the same
+tokens (the control). The pruned folders are ``DIR/sparsegpt-2of4``, ``DIR/sparsegpt-0.7`` and
+``DIR/wanda-0.5`` (``npsparse prune smollm2 --method ... --out ...``); a missing one is pruned
+first. Each arm runs ``npsparse finetune`` in its own process (its peak RSS is its own) with
+``--eval-windows 40`` (perplexity on the first 40 x 512 eval tokens before and after) and is
+appended to ``OUT/results.jsonl`` as it finishes; an arm already there is not run again. The
+table reports the fraction of the log-perplexity gap closed, ``(log p_before - log p_after) /
+(log p_before - log p_dense)``, with the dense model before fine-tuning as the reference, and the
+dense control's own change beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+PRUNED = {"sparsegpt-2of4": ("sparsegpt", "--pattern", "2:4"),
+          "sparsegpt-0.7": ("sparsegpt", "--sparsity", "0.7"),
+          "wanda-0.5": ("wanda", "--sparsity", "0.5")}
+LOSSES = ("ce+squarehead", "ce", "squarehead")
+LR = {"sparsegpt-2of4": 1e-4, "sparsegpt-0.7": 8e-5, "wanda-0.5": 3e-5, "dense": 3e-5}
+
+
+def arms() -> list[tuple[str, str, str]]:
+    """(row name, pruned folder name or 'dense', loss), most telling first, so that a run cut
+    short still has the rows the comparison needs: both SquareHead rows, CE at 70%, the control."""
+    out = [("sparsegpt-2of4/ce+squarehead", "sparsegpt-2of4", "ce+squarehead"),
+           ("sparsegpt-0.7/ce+squarehead", "sparsegpt-0.7", "ce+squarehead"),
+           ("sparsegpt-0.7/ce", "sparsegpt-0.7", "ce"),
+           ("dense/ce", "dense", "ce"),
+           ("sparsegpt-2of4/ce", "sparsegpt-2of4", "ce"),
+           ("sparsegpt-0.7/squarehead", "sparsegpt-0.7", "squarehead"),
+           ("sparsegpt-2of4/squarehead", "sparsegpt-2of4", "squarehead")]
+    out += [(f"wanda-0.5/{loss}", "wanda-0.5", loss) for loss in LOSSES]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pruned-root", type=Path, required=True)
+    parser.add_argument("--out-root", type=Path, default=Path("runs/finetune"))
+    parser.add_argument("--tokens", type=int, default=65536, help="training tokens per arm")
+    parser.add_argument("--only", nargs="*", help="run only these rows")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiply every arm's learning rate (the scripts' values) by this")
+    args = parser.parse_args(argv)
+    args.out_root.mkdir(parents=True, exist_ok=True)
+    results = args.out_root / "results.jsonl"
+    for name, source, loss in arms():
+        if name in read(results) or (args.only and name not in args.only):
+            continue
+        model = "smollm2" if source == "dense" else str(args.pruned_root / source)
+        if source != "dense" and not Path(model).is_dir():
+            method, flag, value = PRUNED[source]
+            subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", "smollm2", "--method",
+                            method, flag, value, "--out", model], check=True)
+        out = args.out_root / name.replace("/", "__")
+        lr = LR[source] * args.lr_scale
+        command = [sys.executable, "-m", "npsparse.cli", "finetune", model, "--loss", loss,
+                   "--tokens", str(args.tokens), "--lr", repr(lr), "--eval-windows", "40",
+                   "--out", str(out), "--json"]
+        if loss != "ce":
+            command += ["--teacher", "smollm2"]
+        print(f"== {name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        report = json.loads((out / "finetune.json").read_text())
+        row = {"name": name, "source": source, "loss": loss, "lr": lr,
+               **{k: report[k] for k in ("tokens", "steps", "ppl_before", "ppl_after",
+                                         "validation", "train_tokens_per_s", "matmul_gflops",
+                                         "matmul_fraction", "seconds", "peak_rss_mib",
+                                         "weights_sha256", "trainable_parameters",
+                                         "masked_parameters", "cpu")}}
+        with open(results, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+    print(table(read(results)))
+    return 0
+
+
+def read(path: Path) -> dict:
+    """Rows of ``results.jsonl`` by name."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["name"]: row for row in rows}
+
+
+def table(rows: dict) -> str:
+    """The markdown table of every finished arm."""
+    if not rows:
+        return "(no rows yet)"
+    dense = next((r["ppl_before"]["ppl"] for r in rows.values() if r["source"] == "dense"), None)
+    lines = ["| model | loss | tokens | lr | ppl before | ppl after | gap closed | val CE before "
+             "-> after | train tok/s | % of matmul | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows.values():
+        before, after = row["ppl_before"]["ppl"], row["ppl_after"]["ppl"]
+        closed = "-"
+        if dense is not None and row["source"] != "dense":
+            closed = f"{(math.log(before) - math.log(after)) / (math.log(before) - math.log(dense)):.0%}"
+        v0, v1 = row["validation"][0]["ce"], row["validation"][-1]["ce"]
+        lines.append(f"| {row['source']} | {row['loss']} | {row['tokens']} | {row['lr']:g} | "
+                     f"{before:.2f} | {after:.2f} | {closed} | {v0:.3f} -> {v1:.3f} | "
+                     f"{row['train_tokens_per_s']:.1f} | {100 * row['matmul_fraction']:.0f}% | "
+                     f"{row['peak_rss_mib']:.0f} |")
+    cpu = next(iter(rows.values()))["cpu"]
+    return "\n".join(lines) + f"\n\nCPU: {cpu}; perplexity on the first 40 x 512 eval tokens."
+
+
+if __name__ == "__main__":
+    sys.exit(main())
