@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -462,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         Exit status: 0 on success; 2 on a user error (:class:`~npsparse.errors.NpsparseError`,
         printed as one line ``npsparse: error: ...`` on stderr, no traceback); 130 on Ctrl-C;
         143 on SIGTERM (``timeout``, ``kill``, a job scheduler), which unwinds like Ctrl-C so
-        that temporary output folders are removed; 1 when out of memory. Bad arguments make
-        argparse exit with status 2 itself.
+        that temporary output folders are removed; 141 when stdout's reader has gone
+        (``npsparse generate ... | head``), silently, as a process killed by SIGPIPE; 1 when
+        out of memory. Bad arguments make argparse exit with status 2 itself.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -479,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("npsparse: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Python ignores SIGPIPE, so a closed pipe raises here; stdout now points at devnull so
+        # that the interpreter's final flush of it does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except MemoryError:
         print("npsparse: error: out of memory", file=sys.stderr)
         return 1

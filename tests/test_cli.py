@@ -54,6 +54,19 @@ def test_generate_json(tiny_dir):
     assert len(result["ids"]) == 5 and result["decode_tok_s"] > 0 and "text" in result
 
 
+def test_closed_stdout_ends_quietly(tiny_dir):
+    """`npsparse generate ... | head -c 10`: the reader is gone, so stop like a SIGPIPE death."""
+    read, write = os.pipe()
+    os.close(read)  # gone before the first byte: every write fails, as after `head` has exited
+    try:
+        out = subprocess.run([sys.executable, "-m", "npsparse.cli", "generate", str(tiny_dir),
+                              "-p", "hi", "-n", "20"], stdout=write, stderr=subprocess.PIPE,
+                             text=True, timeout=600)
+    finally:
+        os.close(write)
+    assert out.returncode == 141 and out.stderr == "", out.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (("eval", "/no/such/model.gguf"), "no such file"),
     (("eval", "{tiny}", "--data", "/no/such.txt"), "no such file"),
