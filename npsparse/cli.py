@@ -82,7 +82,9 @@ def cmd_generate(args) -> None:
         line and returns exit status 2.
     """
     from .api import load
+    from .tokenizer import check_text
 
+    check_text(args.prompt, "the prompt")  # before loading, and before the prompt is echoed
     llm = load(args.model)
     if args.format != "dense":
         from .sparse import apply_format

@@ -25,6 +25,32 @@ _QWEN2_PATTERN = _LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 _CONTROL, _USER_DEFINED = 3, 4
 
 
+def check_text(text: str, what: str = "the text") -> None:
+    """Refuse text that is not valid Unicode, before the tokenizer fails on it.
+
+    Python turns bytes that are not UTF-8 in ``sys.argv`` (or in a file read with
+    ``errors="surrogateescape"``) into lone surrogates such as ``"\\udcff"``, which the
+    ``tokenizers`` package rejects with a ``TypeError``.
+
+    Parameters
+    ----------
+    text : str
+    what : str
+        How the error message names ``text``.
+
+    Raises
+    ------
+    NpsparseError
+        One line naming the first bad character and its position.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = ascii(text[err.start])
+        raise NpsparseError(f"{what} is not valid UTF-8: character {err.start} is {bad}, an "
+                            "undecodable byte or a lone surrogate") from None
+
+
 def _gguf_pre_tokenizer(pre: str):
     from tokenizers import Regex
     from tokenizers import pre_tokenizers as pt
@@ -173,7 +199,13 @@ class Tokenizer:
         -------
         np.ndarray
             ``[T]`` int64 token ids.
+
+        Raises
+        ------
+        NpsparseError
+            If ``text`` is not valid UTF-8 (see :func:`check_text`).
         """
+        check_text(text)
         self.backend.encode_special_tokens = not special
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)

@@ -104,6 +104,12 @@ def test_special_tokens_only_when_asked(tokenizer):
     assert 1 not in tokenizer.encode(text).tolist()
 
 
+def test_text_that_is_not_utf8_is_refused(tokenizer):
+    text = b"ok \xff".decode("utf-8", "surrogateescape")  # as Python decodes such an argv
+    with pytest.raises(NpsparseError, match=r"not valid UTF-8: character 3 is '\\udcff'"):
+        tokenizer.encode(text)
+
+
 def test_chat_template_renders_chatml(tokenizer):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert text.startswith("<|im_start|>system\n")
