@@ -120,6 +120,14 @@ def test_bench_decode_and_kernels_run(tiny_dir, tmp_path):
     assert out.returncode == 2 and "argument --sparsities: N:M pattern 3:2" in out.stderr
 
 
+@pytest.mark.parametrize("shape", ["abc", "64x", "0x64", "64x64x2"])
+def test_bench_kernels_bad_shape_is_an_argument_error(shape):
+    out = run("bench", "kernels", "--shapes", "64x64", shape)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines()[-1].startswith(
+        f"npsparse bench kernels: error: argument --shapes: {shape!r} is neither"), out.stderr
+
+
 def test_bench_files_are_written_atomically(tmp_path):
     from npsparse.benchmarks.kernels import write_atomically
 

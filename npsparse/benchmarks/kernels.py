@@ -352,6 +352,21 @@ def plot(rows, path, bandwidth):
     fig.savefig(path, dpi=110)
 
 
+def shape_arg(text: str) -> str:
+    """A ``--shapes`` entry: a preset name, or "NxK" with N and K at least 1."""
+    if text in SHAPES:
+        return text
+    message = (f"{text!r} is neither NxK with N, K >= 1 (e.g. 4096x4096) nor a preset "
+               f"({', '.join(SHAPES)})")
+    try:
+        n, k = parse_shape(text)
+    except ValueError:  # not two parts, or a part that is not an integer
+        raise argparse.ArgumentTypeError(message) from None
+    if n < 1 or k < 1:
+        raise argparse.ArgumentTypeError(message)
+    return text
+
+
 def sparsity_arg(text: str) -> str:
     """A ``--sparsities`` entry: percent pruned as in "50", or "N:M"; "0.5" is refused."""
     if ":" in text:
@@ -374,7 +389,7 @@ def sparsity_arg(text: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["smollm2", "llama7b"],
+    parser.add_argument("--shapes", nargs="+", default=["smollm2", "llama7b"], type=shape_arg,
                         help="NxK shapes or presets: " + ", ".join(SHAPES))
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--sparsities", nargs="+", default=SPARSITIES, type=sparsity_arg,
