@@ -128,6 +128,8 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
     """
     pattern = Pattern.parse(settings.pattern)
     needs = stats_needed(settings.method, settings.base)
+    if settings.base is not None and settings.method != "dsnot":  # else ignored, yet recorded
+        raise NpsparseError(f"--base is DSnoT's initial method; {settings.method} takes none")
     if settings.owl and pattern.structured:
         raise NpsparseError("OWL allocates unstructured sparsity; it cannot be combined with N:M")
     dsnot_options = DSnoTOptions(**settings.dsnot)

@@ -74,6 +74,8 @@ def test_closed_stdout_ends_quietly(tiny_dir):
     (("generate", "{tiny}", "-p", "x", "--top-p", 1.5), "top-p 1.5 is invalid"),
     (("generate", "{tiny}", "-p", ""), "prompt is empty"),
     (("generate", "{tiny}", "-p", "\udcff"), "not valid UTF-8"),  # argv byte 0xff
+    (("prune", "/no/such/model.gguf", "--method", "wanda", "--base", "magnitude",
+      "--sparsity", 0.5, "--out", "/no/such/out"), "--base is DSnoT's initial method"),
 ])
 def test_user_errors_are_one_line(tiny_dir, args, message):
     out = run(*(str(a).replace("{tiny}", str(tiny_dir)) for a in args))
