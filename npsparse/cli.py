@@ -82,9 +82,12 @@ def cmd_generate(args) -> None:
         line and returns exit status 2.
     """
     from .api import load
+    from .generate import check_sampling
     from .tokenizer import check_text
 
-    check_text(args.prompt, "the prompt")  # before loading, and before the prompt is echoed
+    # Before loading, and before the prompt is echoed.
+    check_text(args.prompt, "the prompt")
+    check_sampling(args.temp, args.top_k, args.top_p)
     llm = load(args.model)
     if args.format != "dense":
         from .sparse import apply_format

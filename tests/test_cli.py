@@ -72,6 +72,11 @@ def test_closed_stdout_ends_quietly(tiny_dir):
     (("eval", "{tiny}", "--data", "/no/such.txt"), "no such file"),
     (("eval", "{tiny}", "--windows", 100000), "asked for 100000 windows"),
     (("generate", "{tiny}", "-p", "x", "--top-p", 1.5), "top-p 1.5 is invalid"),
+    # Sampling settings are checked before the model loads (and before the prompt is echoed).
+    (("generate", "/no/such/model.gguf", "-p", "x", "--temp", -1), "temperature -1.0 is invalid"),
+    (("generate", "/no/such/model.gguf", "-p", "x", "--top-p", 2), "top-p 2.0 is invalid"),
+    (("generate", "/no/such/model.gguf", "-p", "x", "--top-p", 0), "top-p 0.0 is invalid"),
+    (("generate", "/no/such/model.gguf", "-p", "x", "--top-k", -1), "top-k -1 is invalid"),
     (("generate", "{tiny}", "-p", ""), "prompt is empty"),
     (("generate", "{tiny}", "-p", "\udcff"), "not valid UTF-8"),  # argv byte 0xff
     (("prune", "/no/such/model.gguf", "--method", "wanda", "--base", "magnitude",
@@ -79,7 +84,7 @@ def test_closed_stdout_ends_quietly(tiny_dir):
 ])
 def test_user_errors_are_one_line(tiny_dir, args, message):
     out = run(*(str(a).replace("{tiny}", str(tiny_dir)) for a in args))
-    assert out.returncode == 2
+    assert out.returncode == 2 and out.stdout == ""
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
