@@ -168,12 +168,14 @@ class LLM:
         chat : bool
             Wrap the prompt in the model's chat template and stop at end-of-turn.
         on_text : callable, optional
-            Called with each new piece of text as it is generated (streaming).
+            Called with each new piece of text as it is generated (streaming); the pieces
+            concatenate to ``text``.
 
         Returns
         -------
         GenerationResult
-            With ``text`` filled in.
+            With ``text`` filled in: the text of ``ids`` without the end-of-turn (or
+            end-of-text) token that stopped generation, which stays in ``ids``.
         """
         text = self.chat_prompt(prompt) if chat else prompt
         ids = self.encode(text, special=chat)
@@ -181,10 +183,15 @@ class LLM:
             raise NpsparseError("the prompt is empty: generation needs at least one token")
         stop = self._end_of_turn_id() if chat else self.tokenizer.eos_token_id
         step = self.tokenizer.stream_decoder() if on_text else None
-        callback = (lambda token: on_text(step(token))) if on_text else None
+
+        def show(token):
+            if token != stop:  # the end token ("<|im_end|>") is for the model, not the reader
+                on_text(step(token))
+
         result = generate(self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, eos_token_id=stop, on_token=callback)
-        result.text = self.decode(result.ids)
+                          top_p=top_p, seed=seed, eos_token_id=stop,
+                          on_token=show if on_text else None)
+        result.text = self.decode(result.ids[:-1] if result.stopped_at_eos else result.ids)
         return result
 
     def _end_of_turn_id(self):

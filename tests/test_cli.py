@@ -67,6 +67,30 @@ def test_closed_stdout_ends_quietly(tiny_dir):
     assert out.returncode == 141 and out.stderr == "", out.stderr
 
 
+# generate with a sampler that picks the comma-separated token ids of its first argument.
+_SCRIPTED_SAMPLER = """
+import importlib, sys
+from npsparse.cli import main
+sampling = importlib.import_module("npsparse.generate")  # the package's `generate` is a function
+answer = iter(int(i) for i in sys.argv.pop(1).split(","))
+sampling.sample_token = lambda *args, **kwargs: next(answer)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_chat_text_leaves_out_the_end_of_turn_token(tiny_dir):
+    """The ids keep <|im_end|>; the streamed and the JSON text do not show it."""
+    ids = npsparse.load(tiny_dir).encode("Hi there<|im_end|>", special=True).tolist()
+    command = [sys.executable, "-c", _SCRIPTED_SAMPLER, ",".join(map(str, ids)), "generate",
+               str(tiny_dir), "-p", "Hello", "--chat", "-n", "20"]
+    out = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["ids"] == ids and result["stopped_at_eos"] and result["text"] == "Hi there"
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout == "Hi there\n", out.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (("eval", "/no/such/model.gguf"), "no such file"),
     (("eval", "{tiny}", "--data", "/no/such.txt"), "no such file"),
