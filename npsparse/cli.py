@@ -16,6 +16,16 @@ import time
 from .errors import NpsparseError
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None and False: an option whose help states its
+    default in words, a required option, or a flag that is off."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_model(parser):
     parser.add_argument("model", metavar="MODEL",
                         help="'smollm2' (the embedded default), a .gguf file or a Hugging Face folder")
@@ -312,7 +322,7 @@ def cmd_finetune(args) -> None:
 def _add_finetune(sub) -> None:
     ft = sub.add_parser(
         "finetune", help="train a (pruned) model's kept weights against a teacher",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Sparse fine-tuning: the zeros of a pruned folder stay zero; the kept "
                     "weights, the norms (and with --train-embeddings the embedding) train on "
                     "the calibration part of the default text. A dense model fine-tunes "
@@ -332,7 +342,8 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens")
     ft.add_argument("--warmup", type=int, default=None,
                     help="linear warm-up steps (default: 20, at most a tenth of the steps)")
-    ft.add_argument("--decay", default="linear", choices=["linear", "cosine", "constant"])
+    ft.add_argument("--decay", default="linear", choices=["linear", "cosine", "constant"],
+                    help="learning-rate schedule after the warm-up")
     ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled decay")
     ft.add_argument("--clip", type=float, default=1.0,
                     help="clip gradients to this global norm (kept weights only); 0 = off")
@@ -369,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="npsparse", description="Sparse LLMs in NumPy and Numba: evaluate, prune, generate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ev = sub.add_parser("eval", help="perplexity on non-overlapping token windows")
+    ev = sub.add_parser("eval", help="perplexity on non-overlapping token windows",
+                        formatter_class=_HelpFormatter)
     _add_model(ev)
     ev.add_argument("--data", default="pydoc",
                     help="'pydoc' (eval part of the default text) or a UTF-8 text file")
@@ -379,75 +391,94 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
 
-    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen = sub.add_parser("generate", help="generate text from a prompt",
+                         formatter_class=_HelpFormatter)
     _add_model(gen)
-    gen.add_argument("-p", "--prompt", required=True)
-    gen.add_argument("-n", type=_positive, default=64, help="new tokens (default 64)")
+    gen.add_argument("-p", "--prompt", required=True,
+                     help="text to continue (with --chat: the user's message)")
+    gen.add_argument("-n", type=_positive, default=64,
+                     help="new tokens (fewer if the model ends its text or turn)")
     gen.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-k", type=int, default=0,
+                     help="sample among the k most likely tokens; 0 = all")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="sample among the most likely tokens that reach this probability "
+                          "(nucleus); 1 = all")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--format", default="dense",
                      choices=["dense", "auto", "bf16", "csr", "bitmask", "nm"],
                      help="weight format of the block linear layers (dense = as loaded: float32 "
                           "for a checkpoint, the stored formats for a packed folder; auto = "
                           "fewest bytes per layer)")
-    gen.add_argument("--threads", type=_positive, default=None, help="kernel threads")
+    gen.add_argument("--threads", type=_positive, default=None,
+                     help="kernel threads (default: NUMBA_NUM_THREADS, all cores unless set)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 
-    pr = sub.add_parser("prune", help="prune a model block by block and write a HF folder")
+    pr = sub.add_parser("prune", help="prune a model block by block and write a HF folder",
+                        formatter_class=_HelpFormatter)
     _add_model(pr)
-    pr.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "dsnot"])
+    pr.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "dsnot"],
+                    help="pruning method")
     pr.add_argument("--base", choices=["wanda", "sparsegpt", "magnitude"],
-                    help="DSnoT's initial method")
+                    help="DSnoT's initial method (required with --method dsnot, refused without)")
     pr.add_argument("--sparsity", help="unstructured sparsity, e.g. 0.5 or 50%%")
     pr.add_argument("--pattern", help="N:M pattern, N pruned of every M inputs, e.g. 2:4")
     pr.add_argument("--calib", default="pydoc",
                     help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
-    pr.add_argument("--nsamples", type=_positive, default=32)
-    pr.add_argument("--seqlen", type=_positive, default=512)
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--nsamples", type=_positive, default=32, help="calibration windows")
+    pr.add_argument("--seqlen", type=_positive, default=512,
+                    help="calibration window length in tokens")
+    pr.add_argument("--seed", type=int, default=0,
+                    help="seed of the calibration window sampler (text sources)")
     pr.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity")
-    pr.add_argument("--dsnot-cycles", type=int, default=50)
-    pr.add_argument("--dsnot-threshold", type=float, default=0.1)
+    pr.add_argument("--dsnot-cycles", type=int, default=50,
+                    help="DSnoT: at most this many swap cycles")
+    pr.add_argument("--dsnot-threshold", type=float, default=0.1,
+                    help="DSnoT: a row stops once its mean output shift |e_i| is this small")
     pr.add_argument("--dsnot-same-sign", action="store_true",
                     help="DSnoT: refuse swaps that flip the sign of the row error")
     pr.add_argument("--dsnot-guard", choices=["recon", "mean", "none"], default="recon",
                     help="DSnoT: apply a swap only if it lowers the row's reconstruction error "
-                         "(recon, default), its mean shift |e_i| (mean), or always (none, the "
-                         "reference code)")
+                         "(recon), its mean shift |e_i| (mean), or always (none, the reference "
+                         "code)")
     pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
     pr.set_defaults(func=cmd_prune)
 
-    pk = sub.add_parser("pack", help="save a model with its layers packed in a kernel format")
+    pk = sub.add_parser("pack", help="save a model with its layers packed in a kernel format",
+                        formatter_class=_HelpFormatter)
     _add_model(pk)
     pk.add_argument("--format", default="auto", choices=["auto", "bf16", "csr", "bitmask", "nm"],
                     help="auto = per layer, the format that reads the fewest bytes")
     pk.add_argument("--head", default="bf16", choices=["bf16", "dense"],
-                    help="output head as dense bf16 (default) or float32")
+                    help="output head as dense bf16 (bf16) or float32 (dense)")
     pk.add_argument("--out", required=True, help="output folder (written atomically)")
-    pk.add_argument("--json", action="store_true")
+    pk.add_argument("--json", action="store_true", help="print one JSON object")
     pk.set_defaults(func=cmd_pack)
 
     bn = sub.add_parser("bench", help="kernel or decode benchmarks against the memory roofline",
+                        formatter_class=_HelpFormatter,
                         description="npsparse bench kernels --help / npsparse bench decode --help "
                                     "list each benchmark's options.")
     bn.add_argument("which", choices=["kernels", "decode"])
     bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bn.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded model: evaluate and generate")
-    demo.add_argument("model", nargs="?", default="smollm2", metavar="MODEL")
+    demo = sub.add_parser("demo", help="the main job on the embedded model: evaluate and generate",
+                          formatter_class=_HelpFormatter)
+    demo.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
+                      help="model to evaluate, prune and run")
     demo.add_argument("--windows", type=_positive, default=8, help="eval windows of 512 tokens")
-    demo.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    demo.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                      help="pruning method")
     demo.add_argument("--sparsity", default="0.5", help="unstructured sparsity or N:M")
     demo.add_argument("--nsamples", type=_positive, default=32, help="calibration windows")
     demo.add_argument("--format", default="auto", help="kernel format for the pruned model")
     demo.add_argument("--out", default="runs/demo", help="where the pruned model is written")
-    demo.add_argument("-p", "--prompt", default="Explain what a Python generator is.")
+    demo.add_argument("-p", "--prompt", default="Explain what a Python generator is.",
+                      help="chat message for the dense and the pruned model")
     demo.add_argument("-n", type=_positive, default=64, help="new tokens")
     demo.set_defaults(func=cmd_demo)
     _add_finetune(sub)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,27 @@ def test_user_errors_are_one_line(tiny_dir, args, message):
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_help_shows_each_default_once(capsys):
+    from npsparse.cli import main
+
+    options = {}
+    for command in ("eval", "generate", "prune", "pack", "bench", "demo", "finetune"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for entry in re.split(r"\n  (?=-)", text.split("\noptions:\n")[1]):  # one per option
+            entry = " ".join(entry.split())  # unwrap
+            options[command, entry.split()[0].rstrip(",")] = entry
+            assert entry.count("(default") <= 1, entry
+            assert "(default: None)" not in entry and "(default: False)" not in entry, entry
+    assert options["generate", "-n"].endswith("(default: 64)")
+    assert options["generate", "--top-p"].endswith("(default: 1.0)")
+    assert options["prune", "--nsamples"].endswith("(default: 32)")
+    assert options["prune", "--dsnot-guard"].endswith("(default: recon)")
+    assert options["pack", "--head"].endswith("(default: bf16)")
+    assert options["demo", "--out"].endswith("(default: runs/demo)")
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):
