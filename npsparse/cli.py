@@ -99,23 +99,24 @@ def cmd_generate(args) -> None:
     check_text(args.prompt, "the prompt")
     check_sampling(args.temp, args.top_k, args.top_p)
     llm = load(args.model)
-    if args.format != "dense":
-        from .sparse import apply_format
+    from .sparse import apply_format, layer_formats
 
+    if args.format != "dense":
         apply_format(llm.model, args.format, threads=args.threads)
+    fmt = layer_formats(llm.model)  # what runs: a packed folder stays packed with --format dense
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     if stream and not args.chat:
         print(args.prompt, end="", flush=True)
     result = llm.generate(args.prompt, args.n, temperature=args.temp, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, chat=args.chat, on_text=stream)
     if args.json:
-        _print_json({"model": str(llm.path), "prompt": args.prompt, "format": args.format,
+        _print_json({"model": str(llm.path), "prompt": args.prompt, "format": fmt,
                      **result.to_dict()})
         return
     print()
     print(f"[{len(result.ids)} tokens; prefill {result.prompt_tokens} tokens at "
           f"{result.prefill_tok_s:.1f} tok/s; decode {result.decode_tok_s:.1f} tok/s; "
-          f"format {args.format}]", file=sys.stderr)
+          f"format {fmt}]", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:

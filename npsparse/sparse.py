@@ -73,6 +73,18 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "bf
             "head": type(model.head).__name__}
 
 
+def layer_formats(model) -> str:
+    """The formats a model's block layers are in now, e.g. ``"dense"``, ``"bitmask"`` or
+    ``"nm 120 + bitmask 90"`` (a packed folder is loaded in the formats it was written in)."""
+    counts: dict[str, int] = {}
+    for layer in model.linears().values():
+        name = getattr(layer, "FORMAT", "") or "dense"
+        counts[name] = counts.get(name, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return " + ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _pack_nm(weight, name: str):
     from . import kernels
 

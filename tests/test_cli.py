@@ -55,6 +55,18 @@ def test_generate_json(tiny_dir):
     assert len(result["ids"]) == 5 and result["decode_tok_s"] > 0 and "text" in result
 
 
+def test_generate_names_the_format_that_runs(tiny_dir, tmp_path):
+    """A packed folder runs in its stored formats, and says so, without --format."""
+    out = run("pack", tiny_dir, "--format", "bitmask", "--out", tmp_path / "packed")
+    assert out.returncode == 0, out.stderr
+    formats = {}
+    for model, extra in ((tiny_dir, ()), (tmp_path / "packed", ()), (tiny_dir, ("--format", "csr"))):
+        out = run("generate", model, "-p", "Hello", "-n", 2, *extra)
+        assert out.returncode == 0, out.stderr
+        formats[model.name, extra] = out.stderr.strip().splitlines()[-1].rsplit("format ", 1)[1]
+    assert list(formats.values()) == ["dense]", "bitmask]", "csr]"]
+
+
 def test_closed_stdout_ends_quietly(tiny_dir):
     """`npsparse generate ... | head -c 10`: the reader is gone, so stop like a SIGPIPE death."""
     read, write = os.pipe()
