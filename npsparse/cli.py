@@ -205,11 +205,12 @@ def cmd_prune(args) -> None:
 
     if (args.sparsity is None) == (args.pattern is None):
         raise NpsparseError("give exactly one of --sparsity S or --pattern N:M")
+    nsamples, seqlen = _calibration_shape(args.calib, args.nsamples, args.seqlen)
     dsnot = {"max_cycles": args.dsnot_cycles, "threshold": args.dsnot_threshold,
              "pow_of_var": 1.0, "same_sign": args.dsnot_same_sign, "guard": args.dsnot_guard}
     settings = PruneSettings(
         method=args.method, pattern=args.pattern or args.sparsity, base=args.base,
-        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        calib=args.calib, nsamples=nsamples, seqlen=seqlen, seed=args.seed,
         owl=args.owl, dsnot=dsnot)
     report = prune_model(args.model, args.out, settings, progress=not args.json)
     summary = {k: report[k] for k in ("pattern", "mean_layer_sparsity", "seconds",
@@ -223,6 +224,26 @@ def cmd_prune(args) -> None:
           f"{report['mean_layer_sparsity']:.4f}, mean relative reconstruction error "
           f"{sum(errors) / len(errors):.4f}, {report['seconds']:.0f} s, peak RSS "
           f"{report['peak_rss_mib']:.0f} MiB -> {args.out}")
+
+
+def _calibration_shape(calib: str, nsamples: int | None, seqlen: int | None) -> tuple[int, int]:
+    """``--nsamples`` and ``--seqlen`` (32 and 512 when left out); for a ``.npy`` file its own
+    shape, and an explicit value that disagrees with it is an error rather than ignored."""
+    if not str(calib).endswith(".npy"):
+        return nsamples or 32, seqlen or 512
+    import numpy as np
+
+    try:
+        shape = np.load(calib, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError):  # the pruner reports an unreadable file in its own words
+        return nsamples or 32, seqlen or 512
+    if len(shape) != 2:
+        return nsamples or 32, seqlen or 512
+    for flag, given, actual in (("--nsamples", nsamples, shape[0]), ("--seqlen", seqlen, shape[1])):
+        if given is not None and given != actual:
+            raise NpsparseError(f"{calib} holds {shape[0]} windows of {shape[1]} tokens, so {flag} "
+                                f"{given} cannot apply (leave it out)")
+    return int(shape[0]), int(shape[1])
 
 
 def cmd_pack(args) -> None:
@@ -428,9 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pattern", help="N:M pattern, N pruned of every M inputs, e.g. 2:4")
     pr.add_argument("--calib", default="pydoc",
                     help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
-    pr.add_argument("--nsamples", type=_positive, default=32, help="calibration windows")
-    pr.add_argument("--seqlen", type=_positive, default=512,
-                    help="calibration window length in tokens")
+    pr.add_argument("--nsamples", type=_positive,
+                    help="calibration windows, or a .npy file's own row count (default: 32)")
+    pr.add_argument("--seqlen", type=_positive,
+                    help="calibration window length in tokens, or a .npy file's own (default: 512)")
     pr.add_argument("--seed", type=int, default=0,
                     help="seed of the calibration window sampler (text sources)")
     pr.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity")

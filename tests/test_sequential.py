@@ -116,6 +116,19 @@ def test_pinned_calibration_tokens(tiny_dir, tmp_path, tokenizer):
     assert pinned["weights_sha256"] == drawn["weights_sha256"]
 
 
+def test_cli_records_the_pinned_windows_shape(tiny_dir, tmp_path):
+    """Without --nsamples/--seqlen, a .npy file's own shape is what runs and what is recorded."""
+    np.save(tmp_path / "calib.npy", np.arange(3 * 24, dtype=np.int64).reshape(3, 24) % 100)
+    out = subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", str(tiny_dir), "--method",
+                          "wanda", "--sparsity", "0.5", "--calib", str(tmp_path / "calib.npy"),
+                          "--out", str(tmp_path / "o"), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "o" / "pruning.json").read_text())
+    assert (report["settings"]["nsamples"], report["settings"]["seqlen"]) == (3, 24)
+    assert (report["calibration"]["windows"], report["calibration"]["seqlen"]) == (3, 24)
+
+
 def test_calibration_text_is_disjoint_from_eval_text(tokenizer):
     ids = calibration_windows("pydoc", tokenizer, tokenizer.vocab_size, nsamples=8, seqlen=128)
     text = npsparse.pydoc_text("eval")
@@ -131,13 +144,17 @@ def test_calibration_text_is_disjoint_from_eval_text(tokenizer):
     (["--method", "dsnot", "--sparsity", "0.5"], "DSnoT needs --base"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib", "{empty}"], "the file is empty"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib", "{bad_npy}"], "token ids must lie in"),
+    (["--method", "wanda", "--sparsity", "0.5", "--calib", "{short_npy}"],
+     "holds 2 windows of 16 tokens, so --seqlen 32 cannot apply"),
     (["--method", "wanda"], "give exactly one of --sparsity"),
 ])
 def test_prune_user_errors(tiny_dir, tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
-    np.save(tmp_path / "bad.npy", np.full((2, 16), 10**9))
+    np.save(tmp_path / "bad.npy", np.full((2, 32), 10**9))
+    np.save(tmp_path / "short.npy", np.ones((2, 16), dtype=np.int64))
     args = [a.replace("{empty}", str(tmp_path / "empty.txt"))
-            .replace("{bad_npy}", str(tmp_path / "bad.npy")) for a in args]
+            .replace("{bad_npy}", str(tmp_path / "bad.npy"))
+            .replace("{short_npy}", str(tmp_path / "short.npy")) for a in args]
     out = subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", str(tiny_dir), *args,
                           "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=300)
