@@ -170,6 +170,15 @@ def test_bench_decode_and_kernels_run(tiny_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith(f"| {tiny_dir}@")]
     assert len(rows) == 2 and "% |" in rows[0]
+    # A packed folder run "as loaded" is labelled by its formats and is not the fp32 baseline.
+    packed = tiny_dir.parent / "tiny-bf16"
+    assert run("pack", tiny_dir, "--format", "bf16", "--out", packed).returncode == 0
+    out = run("bench", "decode", packed, f"{tiny_dir}@dense", "--tokens", 3, "--repeats", 1)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.stdout.splitlines()
+            if line.startswith("| /")}
+    assert set(rows) == {f"{packed}@bf16", f"{tiny_dir}@dense"}
+    assert rows[f"{tiny_dir}@dense"][5] == "1.00" and rows[f"{packed}@bf16"][6] == "1.00"
     out = run("bench", "kernels", "--shapes", "64x64", "--sparsities", "50", "--formats",
               "bitmask-bf16", "--tokens", "--passes", 1, "--calls", 1, "--bw-passes", 1,
               "--no-scipy", "--cold-bytes", 2**20, "--out", tmp_path / "t.md",

@@ -4,14 +4,16 @@
 
 Each MODEL (a GGUF file, a folder, ``smollm2``; default ``smollm2``) runs in each ``--format``;
 ``MODEL@FORMAT`` pins one format to one model instead (``smollm2@dense runs/w50@bitmask``). A
-packed folder (``npsparse pack``) runs as stored with format ``dense``.
+packed folder (``npsparse pack``) runs as stored with format ``dense`` and is labelled by the
+formats it holds.
 
 Per run: greedy decode of ``--tokens`` tokens after a short prompt (best of ``--repeats``), then
 ``roofline % = tokens/s x bytes read per token / measured read bandwidth``, the bandwidth measured
 in the same process before and after (best of both). Bytes per token count every weight byte of the
 block linears and the output head, one embedding row, and the KV cache read at the mean position.
 All runs take turns within each repeat (one loaded model per run), so a noisy neighbour slows them
-alike and the speedup columns (over the first ``dense`` and ``bf16`` runs) stay meaningful. Peak RSS
+alike and the speedup columns (over the first run whose block layers are all float32, and the first
+all bf16) stay meaningful. Peak RSS
 of the process is printed at the end.
 """
 
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
 
-    from npsparse.sparse import apply_format
+    from npsparse.sparse import apply_format, layer_formats
 
     runs = []
     for model, fmt in parse_runs(args.models, args.format):
@@ -75,7 +77,10 @@ def main(argv=None) -> int:
             info = apply_format(llm.model, fmt)
             print(f"{model}: packed {fmt} in {info['seconds']:.1f} s: {info['formats']}, head "
                   f"{info['head']}", file=sys.stderr)
-        runs.append((f"{model}@{fmt}", fmt, llm))
+        # What runs, not what was asked: a packed folder "@dense" runs in its stored formats,
+        # so it is labelled by them and never becomes the dense fp32 baseline.
+        actual = layer_formats(llm.model) if fmt == "dense" else fmt
+        runs.append((f"{model}@{actual}", layer_formats(llm.model), llm))
     prompt = runs[0][2].encode("The Python standard library documentation describes")
     for _, _, llm in runs:  # warm-up: compile kernels, fault in pages
         decode_run(llm, prompt, 4, 1)
@@ -87,9 +92,9 @@ def main(argv=None) -> int:
             best[label] = (max(best[label][0], tok_s), max(best[label][1], prefill))
     after = measure_read_bandwidth()
     bandwidth = max(before.best, after.best)
-    baseline = {}
-    for label, fmt, _ in runs:
-        baseline.setdefault(fmt, best[label][0])
+    baseline = {}  # the first run whose block layers are all float32, and all bf16
+    for label, formats, _ in runs:
+        baseline.setdefault(formats, best[label][0])
 
     print(f"{args.tokens} tokens after a {len(prompt)}-token prompt, best of {args.repeats} "
           "interleaved runs")
