@@ -80,6 +80,10 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> Perplexi
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise NpsparseError(f"windows must be [W >= 1, L >= 2] token ids, got {windows.shape}")
+    context = model.config.max_position
+    if windows.shape[1] > context:
+        raise NpsparseError(f"windows of {windows.shape[1]} tokens exceed the model's context of "
+                            f"{context} positions (max_position_embeddings); use a shorter --seqlen")
     start = time.perf_counter()
     window_nll = []
     total = 0.0

@@ -110,8 +110,10 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, *, temperature: float 
              on_token: Callable[[int], None] | None = None) -> GenerationResult:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens.
 
-    The prompt is processed in one batched forward pass (prefill); each further token is one
-    forward step over the KV cache (decode).
+    The prompt is processed in batched forward passes of up to 512 tokens (prefill,
+    :meth:`~npsparse.models.base.CausalLM.prefill`); each further token is one forward step over
+    the KV cache (decode). Prompt plus new tokens must fit the model's context
+    (``config.max_position``).
 
     Parameters
     ----------
@@ -138,12 +140,16 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, *, temperature: float 
         raise NpsparseError("the prompt is empty: generation needs at least one token")
     if max_new_tokens < 1:
         raise NpsparseError(f"number of new tokens must be at least 1, got {max_new_tokens}")
+    context = model.config.max_position
+    if len(prompt) + max_new_tokens > context:
+        raise NpsparseError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds "
+                            f"the model's context of {context} positions (max_position_embeddings)")
     rng = np.random.default_rng(seed)
     cache = model.new_cache(len(prompt) + max_new_tokens)
     result = GenerationResult(prompt_tokens=len(prompt))
 
     start = time.perf_counter()
-    logits = model.forward(prompt, cache)[-1]  # [V]
+    logits = model.prefill(prompt, cache)  # [V]
     token = sample_token(logits, rng, temperature, top_k, top_p)
     result.prefill_seconds = time.perf_counter() - start
     result.ids.append(token)

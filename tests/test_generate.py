@@ -91,3 +91,32 @@ def test_bad_sampling_settings_are_refused(temp, k, p):
 def test_empty_prompt_is_refused():
     with pytest.raises(NpsparseError, match="empty"):
         generate(tiny_model("llama"), [], 4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
+@given(length=st.integers(1, 70), chunk=st.integers(1, 80), cached=st.integers(0, 20))
+def test_chunked_prefill_equals_one_forward(arch, length, chunk, cached):
+    """Prefill in chunks gives the last position's logits and the cache of one big forward."""
+    model = tiny_model(arch)
+    ids = (np.arange(cached + length) * 11 + 3) % model.config.vocab_size
+    whole, parts = model.new_cache(96), model.new_cache(96)
+    if cached:  # continuing after positions already in the cache
+        model.forward(ids[:cached], whole), model.forward(ids[:cached], parts)
+    expected = model.forward(ids[cached:], whole)[-1]
+    logits = model.prefill(ids[cached:], parts, chunk=chunk)
+    assert logits.shape == expected.shape and parts.length == whole.length == cached + length
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=2e-5)
+    for a, b in zip(parts.k + parts.v, whole.k + whole.v):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_context_length_is_a_clear_error():
+    model = tiny_model("llama")  # max_position 128
+    with pytest.raises(NpsparseError, match="prompt of 100 tokens plus 29 new ones exceeds the "
+                                            "model's context of 128"):
+        generate(model, np.ones(100, dtype=np.int64), 29)
+    assert len(generate(model, np.ones(100, dtype=np.int64), 28).ids) == 28
+    from npsparse.evaluate import perplexity
+
+    with pytest.raises(NpsparseError, match="windows of 129 tokens exceed the model's context"):
+        perplexity(model, np.ones((1, 129), dtype=np.int64), progress=False)

@@ -9,6 +9,9 @@ from ..errors import NpsparseError
 from ..linear import DenseLinear, Linear
 
 
+PREFILL_CHUNK = 512  # prompt tokens per pass through the blocks (see CausalLM.prefill)
+
+
 class KVCache:
     """Keys and values of past positions, preallocated for ``capacity`` positions.
 
@@ -112,26 +115,64 @@ class CausalLM:
         """
         ids = self._check_ids(ids)
         start = cache.length if cache is not None else 0
-        end = start + len(ids)
+        self._check_positions(start + len(ids), cache)
+        if cache is None:
+            x = self.embed(ids, start)  # [T, D]
+            for block in self.blocks:
+                x = block(x, start)
+            return self.final(x)  # [T, V]
+        if len(ids) > 1 or self.decode_block is None:
+            return self.final(self._blocks_forward(ids, cache))  # [T, V]
+        x = self.embed(ids, start)  # [1, D]; one token: the compiled decode steps
+        for i, block in enumerate(self.blocks):
+            x = self.decode_block(block, x, start, cache.k[i], cache.v[i])
+        cache.length = start + 1
+        return self.decode_final(self, x)  # [1, V]
+
+    def prefill(self, ids: np.ndarray, cache: KVCache, *, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+        """Append ``ids`` to ``cache`` and return the logits of the last position only.
+
+        The prompt goes through the blocks ``chunk`` tokens at a time, so attention scores are
+        ``[H, chunk, positions]`` rather than ``[H, T, T]`` and only one row of logits is made:
+        memory grows linearly with the prompt instead of quadratically (a 4,400-token prompt no
+        longer needs gigabytes). Equal to ``forward(ids, cache)[-1]`` up to float rounding.
+
+        Parameters
+        ----------
+        ids : np.ndarray
+            ``[T]`` integer token ids.
+        cache : KVCache
+            Positions already processed; the new ones are appended.
+        chunk : int
+            Tokens per pass through the blocks.
+
+        Returns
+        -------
+        np.ndarray
+            ``[V]`` float32 logits of the last position.
+        """
+        ids = self._check_ids(ids)
+        self._check_positions(cache.length + len(ids), cache)
+        for lo in range(0, len(ids), chunk):
+            x = self._blocks_forward(ids[lo:lo + chunk], cache)  # [<=chunk, D]
+        return self.final(x[-1:])[0]  # [V]
+
+    def _blocks_forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """The last block's output ``[T, D]`` for ``ids`` appended to ``cache``."""
+        start = cache.length
+        x = self.embed(ids, start)  # [T, D]
+        for i, block in enumerate(self.blocks):
+            x = block(x, start, cache.k[i], cache.v[i])
+        cache.length = start + len(ids)
+        return x
+
+    def _check_positions(self, end: int, cache: KVCache | None) -> None:
         if end > self.config.max_position and self.config.family != "llama":
             raise NpsparseError(
                 f"sequence of {end} positions exceeds the model's {self.config.max_position}"
             )
         if cache is not None and end > cache.capacity:
             raise NpsparseError(f"sequence of {end} positions exceeds the cache's {cache.capacity}")
-        x = self.embed(ids, start)  # [T, D]
-        if cache is None:
-            for block in self.blocks:
-                x = block(x, start)
-            return self.final(x)  # [T, V]
-        decode = len(ids) == 1 and self.decode_block is not None  # one token: compiled steps
-        for i, block in enumerate(self.blocks):
-            if decode:
-                x = self.decode_block(block, x, start, cache.k[i], cache.v[i])
-            else:
-                x = block(x, start, cache.k[i], cache.v[i])
-        cache.length = end
-        return self.decode_final(self, x) if decode else self.final(x)  # [T, V]
 
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
