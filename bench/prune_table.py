@@ -86,7 +86,8 @@ def run_one(args) -> int:
     target = args.model
     if method is not None:
         folder = args.out_root / name
-        settings = PruneSettings(method=method, pattern=pattern, base=base, owl=owl)
+        settings = PruneSettings(method=method, pattern=pattern, base=base, owl=owl,
+                                 error_report=True)  # the table's error column, magnitude too
         report = prune_model(args.model, folder, settings, progress=False)
         row.update(prune_seconds=report["seconds"], peak_rss_mib=report["peak_rss_mib"],
                    sparsity=report["mean_layer_sparsity"],

@@ -211,18 +211,19 @@ def cmd_prune(args) -> None:
     settings = PruneSettings(
         method=args.method, pattern=args.pattern or args.sparsity, base=args.base,
         calib=args.calib, nsamples=nsamples, seqlen=seqlen, seed=args.seed,
-        owl=args.owl, dsnot=dsnot)
+        owl=args.owl, dsnot=dsnot, error_report=args.error_report)
     report = prune_model(args.model, args.out, settings, progress=not args.json)
     summary = {k: report[k] for k in ("pattern", "mean_layer_sparsity", "seconds",
                                       "peak_rss_mib", "weights_sha256", "calibration")}
     if args.json:
         _print_json({"out": str(args.out), "method": args.method, "base": args.base, **summary})
         return
-    errors = [v["recon_rel"] for v in report["layers"].values()]
+    errors = [v["recon_rel"] for v in report["layers"].values() if "recon_rel" in v]
+    error = (f"mean relative reconstruction error {sum(errors) / len(errors):.4f}" if errors else
+             "no reconstruction error measured (--error-report measures it)")
     print(f"pruned {args.model} with {args.method}{' + ' + args.base if args.base else ''} at "
           f"{report['pattern']}{' (OWL)' if args.owl else ''}: mean layer sparsity "
-          f"{report['mean_layer_sparsity']:.4f}, mean relative reconstruction error "
-          f"{sum(errors) / len(errors):.4f}, {report['seconds']:.0f} s, peak RSS "
+          f"{report['mean_layer_sparsity']:.4f}, {error}, {report['seconds']:.1f} s, peak RSS "
           f"{report['peak_rss_mib']:.0f} MiB -> {args.out}")
 
 
@@ -456,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0,
                     help="seed of the calibration window sampler (text sources)")
     pr.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity")
+    pr.add_argument("--error-report", action=argparse.BooleanOptionalAction,
+                    help="measure each layer's reconstruction error on the calibration windows "
+                         "(default: on, except for magnitude pruning, which needs no calibration "
+                         "and then takes seconds)")
     pr.add_argument("--dsnot-cycles", type=int, default=50,
                     help="DSnoT: at most this many swap cycles")
     pr.add_argument("--dsnot-threshold", type=float, default=0.1,

@@ -19,7 +19,7 @@ import json
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,9 @@ class PruneSettings:
     percdamp: float = 0.01
     magnitude_group: str = "matrix"
     dsnot: dict = field(default_factory=lambda: asdict(DSnoTOptions()))
+    # Measure each layer's reconstruction error on the calibration windows. None: yes, unless it
+    # would be the only reason to run them (magnitude without OWL, which then takes seconds).
+    error_report: bool | None = None
 
 
 class _Recorder:
@@ -127,7 +130,10 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
         per-block sparsity, timings, peak RSS and the calibration token hash.
     """
     pattern = Pattern.parse(settings.pattern)
-    needs = stats_needed(settings.method, settings.base)
+    if settings.error_report is None:
+        settings = replace(settings, error_report=settings.method != "magnitude" or settings.owl)
+    needs = stats_needed(settings.method, settings.base, error=settings.error_report)
+    calibrate = bool(needs) or settings.owl  # else no calibration window is ever read
     if settings.base is not None and settings.method != "dsnot":  # else ignored, yet recorded
         raise NpsparseError(f"--base is DSnoT's initial method; {settings.method} takes none")
     if settings.owl and pattern.structured:
@@ -138,14 +144,16 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
     checkpoint = open_checkpoint(model_path)
     config = checkpoint.config
     tokenizer = load_tokenizer(checkpoint)
-    calib = calibration_windows(settings.calib, tokenizer, config.vocab_size,
-                                nsamples=settings.nsamples, seqlen=settings.seqlen,
-                                seed=settings.seed)
+    calib = None
+    if calibrate:
+        calib = calibration_windows(settings.calib, tokenizer, config.vocab_size,
+                                    nsamples=settings.nsamples, seqlen=settings.seqlen,
+                                    seed=settings.seed)
     model = build_model(config, checkpoint.weights, load_blocks=False)
     if pattern.structured:  # refuse impossible N:M widths before any work is done
         for name, layer in model.load_block(0).linears.items():
             pattern.check_width(layer.shape[1], f"{model.block_prefix(0)}.{name}")
-    embedded = np.stack([model.embed(ids, 0) for ids in calib])  # [S, L, D]
+    embedded = np.stack([model.embed(ids, 0) for ids in calib]) if calibrate else None  # [S, L, D]
     block_sparsity = [pattern.sparsity] * config.n_layers
     ratios = None
     if settings.owl:
@@ -161,19 +169,21 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
         for i in bar:
             block_start = time.perf_counter()
             block = model.load_block(i)
-            stats, _ = collect_block_stats(block, x, needs)
+            stats = collect_block_stats(block, x, needs)[0] if calibrate else {}
             layer_pattern = pattern if pattern.structured else Pattern(block_sparsity[i])
             for name, layer in list(block.linears.items()):
                 new, _, info = prune_layer(
-                    settings.method, layer.to_dense(), stats[name], layer_pattern,
+                    settings.method, layer.to_dense(), stats.get(name), layer_pattern,
                     base=settings.base, magnitude_group=settings.magnitude_group,
                     blocksize=settings.blocksize, percdamp=settings.percdamp,
                     dsnot_options=dsnot_options)
                 block.linears[name] = DenseLinear(new)
                 layers[f"{model.block_prefix(i)}.{name}"] = info
-            x = np.stack([block(xs, 0) for xs in x])  # pruned block's outputs feed the next
-            if not np.all(np.isfinite(x)):
-                raise NpsparseError(f"block {i} produced NaN or infinite activations after pruning")
+            if calibrate:  # the pruned block's outputs feed the next
+                x = np.stack([block(xs, 0) for xs in x])
+                if not np.all(np.isfinite(x)):
+                    raise NpsparseError(f"block {i} produced NaN or infinite activations after "
+                                        "pruning")
             state = model.block_state(i, block)
             for name in sorted(state):
                 digest.update(name.encode() + np.ascontiguousarray(state[name]).tobytes())
@@ -211,8 +221,9 @@ def _report(settings, pattern, layers, blocks, ratios, calib, checkpoint, second
         "source_sha256_head": _file_digest(checkpoint.path),
         "settings": asdict(settings),
         "pattern": str(pattern),
-        "calibration": {"windows": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
-                        "token_sha256": token_hash(calib)},
+        "calibration": None if calib is None else {
+            "windows": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
+            "token_sha256": token_hash(calib)},
         "mean_layer_sparsity": float(np.mean([v["sparsity"] for v in layers.values()])),
         "layers": layers,
         "weights_sha256": weights_digest,

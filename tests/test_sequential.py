@@ -9,6 +9,7 @@ import pytest
 from helpers import tiny_model
 
 import npsparse
+import npsparse.sequential as seq
 from npsparse.calibration import calibration_windows
 from npsparse.errors import NpsparseError
 from npsparse.io import open_checkpoint, write_hf_dir
@@ -51,8 +52,8 @@ def small(method, pattern, **extra):
 ])
 def test_prune_writes_a_loadable_sparse_model(any_dir, tmp_path, method, base, pattern):
     tiny_dir = any_dir
-    report = prune_model(tiny_dir, tmp_path / "out", small(method, pattern, base=base),
-                         progress=False)
+    report = prune_model(tiny_dir, tmp_path / "out",
+                         small(method, pattern, base=base, error_report=True), progress=False)
     llm = npsparse.load(tmp_path / "out")
     original = npsparse.load(tiny_dir)
     # Exactly the linear layers of the blocks are pruned, to the requested pattern.
@@ -75,6 +76,23 @@ def test_prune_writes_a_loadable_sparse_model(any_dir, tmp_path, method, base, p
     saved = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert saved["settings"]["method"] == method and saved["calibration"]["windows"] == 4
     assert np.isfinite(llm.perplexity(windows=1, seqlen=64).ppl)
+
+
+def test_magnitude_reads_no_calibration_unless_asked(tiny_dir, tmp_path, monkeypatch):
+    """Magnitude pruning needs no data: by default it runs no calibration forward at all."""
+    measured = prune_model(tiny_dir, tmp_path / "a", small("magnitude", "0.5", error_report=True),
+                           progress=False)
+    monkeypatch.setattr(seq, "calibration_windows", lambda *a, **k: pytest.fail("calibrated"))
+    monkeypatch.setattr(seq, "collect_block_stats", lambda *a, **k: pytest.fail("calibrated"))
+    quick = prune_model(tiny_dir, tmp_path / "b", small("magnitude", "0.5"), progress=False)
+    assert quick["weights_sha256"] == measured["weights_sha256"]
+    assert quick["calibration"] is None and quick["settings"]["error_report"] is False
+    assert all("recon_rel" not in v for v in quick["layers"].values())
+    assert all(v["recon_rel"] > 0 for v in measured["layers"].values())
+    out = subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", str(tiny_dir), "--method",
+                          "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "c")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "no reconstruction error measured" in out.stdout, out.stderr
 
 
 def test_pruning_is_deterministic(any_dir, tmp_path):

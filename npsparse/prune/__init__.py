@@ -128,8 +128,9 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
     method : {"magnitude", "wanda", "sparsegpt", "dsnot"}
     weight : np.ndarray
         ``[N, K]`` float32 dense weights.
-    stats : InputStats
-        Statistics of the layer's inputs, collected with :func:`stats_needed`.
+    stats : InputStats or None
+        Statistics of the layer's inputs, collected with :func:`stats_needed`; None for
+        magnitude pruning without a reconstruction error.
     pattern : Pattern
     base : str, optional
         DSnoT's initial method: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"`` (per row, as the
@@ -178,7 +179,7 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
     else:
         raise NpsparseError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
     info["sparsity"] = float(np.mean(new == 0))
-    if "hessian" in stats.needs:
+    if stats is not None and "hessian" in stats.needs:
         xtx = stats.xtx
         total = reconstruction_error(weight, np.zeros_like(weight), xtx)  # ||W X||^2
         error = reconstruction_error(weight, new, xtx)
