@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import asdict, replace
 
 from .errors import NpsparseError
 
@@ -201,13 +202,15 @@ def cmd_prune(args) -> None:
         If both or neither of ``--sparsity`` and ``--pattern`` are given, or the library
         refuses the model or the settings (:func:`main` prints it and returns 2).
     """
+    from .prune import DSnoTOptions
     from .sequential import PruneSettings, prune_model
 
     if (args.sparsity is None) == (args.pattern is None):
         raise NpsparseError("give exactly one of --sparsity S or --pattern N:M")
     nsamples, seqlen = _calibration_shape(args.calib, args.nsamples, args.seqlen)
-    dsnot = {"max_cycles": args.dsnot_cycles, "threshold": args.dsnot_threshold,
-             "pow_of_var": 1.0, "same_sign": args.dsnot_same_sign, "guard": args.dsnot_guard}
+    dsnot = asdict(replace(DSnoTOptions(), max_cycles=args.dsnot_cycles,
+                           threshold=args.dsnot_threshold, same_sign=args.dsnot_same_sign,
+                           guard=args.dsnot_guard))
     settings = PruneSettings(
         method=args.method, pattern=args.pattern or args.sparsity, base=args.base,
         calib=args.calib, nsamples=nsamples, seqlen=seqlen, seed=args.seed,
@@ -228,19 +231,26 @@ def cmd_prune(args) -> None:
 
 
 def _calibration_shape(calib: str, nsamples: int | None, seqlen: int | None) -> tuple[int, int]:
-    """``--nsamples`` and ``--seqlen`` (32 and 512 when left out); for a ``.npy`` file its own
-    shape, and an explicit value that disagrees with it is an error rather than ignored."""
+    """``--nsamples`` and ``--seqlen`` (:class:`~npsparse.sequential.PruneSettings`' defaults
+    when left out); for a ``.npy`` file its own shape, and an explicit value that disagrees with
+    it is an error rather than ignored."""
+    from .sequential import PruneSettings
+
+    explicit = nsamples, seqlen
+    nsamples = nsamples or PruneSettings.nsamples
+    seqlen = seqlen or PruneSettings.seqlen
     if not str(calib).endswith(".npy"):
-        return nsamples or 32, seqlen or 512
+        return nsamples, seqlen
     import numpy as np
 
     try:
         shape = np.load(calib, mmap_mode="r", allow_pickle=False).shape
     except (OSError, ValueError):  # the pruner reports an unreadable file in its own words
-        return nsamples or 32, seqlen or 512
+        return nsamples, seqlen
     if len(shape) != 2:
-        return nsamples or 32, seqlen or 512
-    for flag, given, actual in (("--nsamples", nsamples, shape[0]), ("--seqlen", seqlen, shape[1])):
+        return nsamples, seqlen
+    for flag, given, actual in (("--nsamples", explicit[0], shape[0]),
+                                ("--seqlen", explicit[1], shape[1])):
         if given is not None and given != actual:
             raise NpsparseError(f"{calib} holds {shape[0]} windows of {shape[1]} tokens, so {flag} "
                                 f"{given} cannot apply (leave it out)")
@@ -343,6 +353,10 @@ def cmd_finetune(args) -> None:
 
 
 def _add_finetune(sub) -> None:
+    from .train.finetune import FinetuneSettings
+    from .train.optim import DECAYS
+
+    F = FinetuneSettings()  # the library's defaults, shown by --help
     ft = sub.add_parser(
         "finetune", help="train a (pruned) model's kept weights against a teacher",
         formatter_class=_HelpFormatter,
@@ -351,7 +365,7 @@ def _add_finetune(sub) -> None:
                     "the calibration part of the default text. A dense model fine-tunes "
                     "without masks (the control).")
     _add_model(ft)
-    ft.add_argument("--loss", default="ce+squarehead",
+    ft.add_argument("--loss", default=F.loss,
                     help="terms ce, kd, squarehead joined by +, each optionally WEIGHT*TERM")
     ft.add_argument("--teacher", default=None,
                     help="dense teacher for kd/squarehead (default: the model the pruned "
@@ -359,26 +373,27 @@ def _add_finetune(sub) -> None:
     budget = ft.add_mutually_exclusive_group(required=True)
     budget.add_argument("--tokens", type=_positive, help="training tokens (rounded up to steps)")
     budget.add_argument("--steps", type=_positive, help="optimizer steps")
-    ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    ft.add_argument("--batch", type=_positive, default=2,
+    ft.add_argument("--lr", type=float, default=F.lr, help="peak learning rate")
+    ft.add_argument("--batch", type=_positive, default=F.batch,
                     help="windows per optimizer step (computed one at a time and accumulated)")
-    ft.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens")
+    ft.add_argument("--seqlen", type=_positive, default=F.seqlen, help="window length in tokens")
     ft.add_argument("--warmup", type=int, default=None,
                     help="linear warm-up steps (default: 20, at most a tenth of the steps)")
-    ft.add_argument("--decay", default="linear", choices=["linear", "cosine", "constant"],
+    ft.add_argument("--decay", default=F.decay, choices=DECAYS,
                     help="learning-rate schedule after the warm-up")
-    ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled decay")
-    ft.add_argument("--clip", type=float, default=1.0,
+    ft.add_argument("--weight-decay", type=float, default=F.weight_decay,
+                    help="AdamW's decoupled decay")
+    ft.add_argument("--clip", type=float, default=F.clip,
                     help="clip gradients to this global norm (kept weights only); 0 = off")
-    ft.add_argument("--temperature", type=float, default=1.0, help="temperature of kd")
-    ft.add_argument("--seed", type=int, default=0, help="window order")
-    ft.add_argument("--data", default="pydoc",
+    ft.add_argument("--temperature", type=float, default=F.temperature, help="temperature of kd")
+    ft.add_argument("--seed", type=int, default=F.seed, help="window order")
+    ft.add_argument("--data", default=F.data,
                     help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
-    ft.add_argument("--val-windows", type=int, default=4,
+    ft.add_argument("--val-windows", type=int, default=F.val_windows,
                     help="windows held out from the end of the data for a validation loss")
     ft.add_argument("--val-every", type=_positive, default=None,
                     help="steps between validation losses (default: a fifth of the run)")
-    ft.add_argument("--eval-windows", type=int, default=40,
+    ft.add_argument("--eval-windows", type=int, default=F.eval_windows,
                     help="eval-text windows for the perplexity before and after; 0 = skip")
     ft.add_argument("--train-embeddings", action="store_true",
                     help="also train the embedding (and so a tied head)")
@@ -399,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
         each sets ``func`` to its ``cmd_*`` function, which :func:`main` calls with the parsed
         namespace.
     """
+    from .prune import METHODS, DSnoTOptions, bases
+    from .prune.dsnot import GUARDS
+
+    from .sequential import PruneSettings
+
+    DSNOT, P = DSnoTOptions(), PruneSettings("", "")  # the library's defaults, shown by --help
     parser = argparse.ArgumentParser(
         prog="npsparse", description="Sparse LLMs in NumPy and Numba: evaluate, prune, generate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -442,32 +463,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="prune a model block by block and write a HF folder",
                         formatter_class=_HelpFormatter)
     _add_model(pr)
-    pr.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "dsnot"],
-                    help="pruning method")
-    pr.add_argument("--base", choices=["wanda", "sparsegpt", "magnitude"],
+    pr.add_argument("--method", required=True, choices=list(METHODS), help="pruning method")
+    pr.add_argument("--base", choices=bases(),
                     help="DSnoT's initial method (required with --method dsnot, refused without)")
     pr.add_argument("--sparsity", help="unstructured sparsity, e.g. 0.5 or 50%%")
     pr.add_argument("--pattern", help="N:M pattern, N pruned of every M inputs, e.g. 2:4")
-    pr.add_argument("--calib", default="pydoc",
+    pr.add_argument("--calib", default=P.calib,
                     help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
     pr.add_argument("--nsamples", type=_positive,
-                    help="calibration windows, or a .npy file's own row count (default: 32)")
+                    help=f"calibration windows, or a .npy file's own row count (default: "
+                         f"{P.nsamples})")
     pr.add_argument("--seqlen", type=_positive,
-                    help="calibration window length in tokens, or a .npy file's own (default: 512)")
-    pr.add_argument("--seed", type=int, default=0,
+                    help=f"calibration window length in tokens, or a .npy file's own (default: "
+                         f"{P.seqlen})")
+    pr.add_argument("--seed", type=int, default=P.seed,
                     help="seed of the calibration window sampler (text sources)")
     pr.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity")
     pr.add_argument("--error-report", action=argparse.BooleanOptionalAction,
                     help="measure each layer's reconstruction error on the calibration windows "
                          "(default: on, except for magnitude pruning, which needs no calibration "
                          "and then takes seconds)")
-    pr.add_argument("--dsnot-cycles", type=int, default=50,
+    pr.add_argument("--dsnot-cycles", type=int, default=DSNOT.max_cycles,
                     help="DSnoT: at most this many swap cycles")
-    pr.add_argument("--dsnot-threshold", type=float, default=0.1,
+    pr.add_argument("--dsnot-threshold", type=float, default=DSNOT.threshold,
                     help="DSnoT: a row stops once its mean output shift |e_i| is this small")
     pr.add_argument("--dsnot-same-sign", action="store_true",
                     help="DSnoT: refuse swaps that flip the sign of the row error")
-    pr.add_argument("--dsnot-guard", choices=["recon", "mean", "none"], default="recon",
+    pr.add_argument("--dsnot-guard", choices=GUARDS, default=DSNOT.guard,
                     help="DSnoT: apply a swap only if it lowers the row's reconstruction error "
                          "(recon), its mean shift |e_i| (mean), or always (none, the reference "
                          "code)")
@@ -499,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
                       help="model to evaluate, prune and run")
     demo.add_argument("--windows", type=_positive, default=8, help="eval windows of 512 tokens")
-    demo.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+    demo.add_argument("--method", default="wanda", choices=bases(),
                       help="pruning method")
     demo.add_argument("--sparsity", default="0.5", help="unstructured sparsity or N:M")
     demo.add_argument("--nsamples", type=_positive, default=32, help="calibration windows")

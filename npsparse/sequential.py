@@ -32,8 +32,8 @@ from .io import HFDirWriter, open_checkpoint
 from .io.hf_dir import check_output_folder
 from .linear import DenseLinear
 from .models import build_model
-from .prune import (DSnoTOptions, InputStats, Pattern, outlier_ratio, owl_sparsities, prune_layer,
-                    stats_needed, wanda_score)
+from .prune import (DSnoTOptions, InputStats, Pattern, get_method, outlier_ratio, owl_sparsities,
+                    prune_layer, stats_needed, wanda_score)
 from .tokenizer import load_tokenizer
 
 
@@ -134,7 +134,7 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
         settings = replace(settings, error_report=settings.method != "magnitude" or settings.owl)
     needs = stats_needed(settings.method, settings.base, error=settings.error_report)
     calibrate = bool(needs) or settings.owl  # else no calibration window is ever read
-    if settings.base is not None and settings.method != "dsnot":  # else ignored, yet recorded
+    if settings.base is not None and not get_method(settings.method).takes_base:
         raise NpsparseError(f"--base is DSnoT's initial method; {settings.method} takes none")
     if settings.owl and pattern.structured:
         raise NpsparseError("OWL allocates unstructured sparsity; it cannot be combined with N:M")

@@ -74,8 +74,18 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "bf
 
 
 def layer_formats(model) -> str:
-    """The formats a model's block layers are in now, e.g. ``"dense"``, ``"bitmask"`` or
-    ``"nm 120 + bitmask 90"`` (a packed folder is loaded in the formats it was written in)."""
+    """The formats a model's block layers are in now (a packed folder loads in its own).
+
+    Parameters
+    ----------
+    model : CausalLM
+
+    Returns
+    -------
+    str
+        One format name when all layers share it (``"dense"``, ``"bitmask"`` ...), else each
+        with its count, most common first (``"nm 120 + bitmask 90"``).
+    """
     counts: dict[str, int] = {}
     for layer in model.linears().values():
         name = getattr(layer, "FORMAT", "") or "dense"

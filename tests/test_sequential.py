@@ -192,3 +192,29 @@ def test_owl_spreads_sparsity_around_the_target(tiny_dir, tmp_path):
 def test_owl_with_nm_is_refused(tiny_dir, tmp_path):
     with pytest.raises(NpsparseError, match="OWL"):
         prune_model(tiny_dir, tmp_path / "o", small("wanda", "2:4", owl=True), progress=False)
+
+
+def test_a_new_method_is_one_registry_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A toy method (prune the first columns), registered by one decorator line, runs through
+    the pruner and the command line with the statistic it asks for."""
+    from npsparse import prune
+    from npsparse.cli import main
+
+    monkeypatch.setattr(prune, "METHODS", dict(prune.METHODS))  # undone after the test
+
+    @prune.register_method("lastcols", ("sq",))
+    def lastcols(weight, stats, pattern, options):
+        mask = np.zeros(weight.shape, dtype=bool)
+        mask[:, int(round(weight.shape[1] * pattern.sparsity)):] = True
+        assert stats.sq_norm.shape == (weight.shape[1],)  # the statistic it asked for
+        return np.where(mask, weight, 0).astype(np.float32), mask, {}
+
+    assert main(["prune", str(tiny_dir), "--method", "lastcols", "--sparsity", "0.25",
+                 "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "o")]) == 0
+    assert "pruned" in capsys.readouterr().out
+    report = json.loads((tmp_path / "o" / "pruning.json").read_text())
+    assert report["settings"]["method"] == "lastcols"
+    assert all(v["sparsity"] == 0.25 and v["recon_rel"] > 0 for v in report["layers"].values())
+    with pytest.raises(SystemExit):  # and --base is refused for it, like for any non-DSnoT method
+        main(["prune", str(tiny_dir), "--method", "lastcols", "--base", "lastcols",
+              "--sparsity", "0.5", "--out", str(tmp_path / "p")])

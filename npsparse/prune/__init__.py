@@ -8,11 +8,16 @@ with mask True = kept:
 - :func:`sparsegpt`: OBS updates with a blocked inverse-Hessian sweep;
 - :func:`dsnot`: grow/prune swaps on top of any of them.
 
-:func:`prune_layer` runs one of them by name and measures the layer's reconstruction error; the
-block-by-block calibration driver is :mod:`npsparse.sequential`.
+:data:`METHODS` is the registry the pruner and the command line read (name -> the statistics
+the method needs and the function that runs it); :func:`register_method` adds one. :func:`prune_layer`
+runs one by name and measures the layer's reconstruction error; the block-by-block calibration
+driver is :mod:`npsparse.sequential`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,8 +31,124 @@ from .sparsegpt import sparsegpt
 from .stats import InputStats
 from .wanda import wanda, wanda_score
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
-BASES = ("wanda", "sparsegpt", "magnitude")
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Every method option :func:`prune_layer` passes on; each method reads the ones it has."""
+
+    base: str | None = None  # DSnoT's initial method
+    magnitude_group: str = "matrix"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    dsnot: DSnoTOptions = DSnoTOptions()
+    reference_ties: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method as the pruner and the command line see it.
+
+    ``run(weight, stats, pattern, options) -> (new weight, mask, info)``; ``needs`` are the
+    :class:`InputStats` statistics it reads (empty: it needs no calibration data); ``is_base``:
+    it may start DSnoT; ``takes_base``: it needs an initial method (``--base``).
+    """
+
+    run: Callable
+    needs: frozenset = frozenset()
+    is_base: bool = False
+    takes_base: bool = False
+
+
+METHODS: dict[str, Method] = {}  # name -> Method, in the order the CLI lists them
+
+
+def register_method(name: str, needs=(), *, is_base: bool = False, takes_base: bool = False):
+    """Decorator adding ``run`` to :data:`METHODS` (the one line a new method needs).
+
+    Parameters
+    ----------
+    name : str
+        The method's name (``--method NAME``).
+    needs : iterable of str
+        :class:`InputStats` statistics ``run`` reads (``"sq"``, ``"hessian"``, ``"sum"``,
+        ``"var"``); none means the method needs no calibration data.
+    is_base : bool
+        DSnoT may start from it (``--base NAME``).
+    takes_base : bool
+        It needs an initial method (``--base``).
+
+    Returns
+    -------
+    callable
+        The decorator, which returns ``run`` unchanged.
+    """
+    def add(run):
+        METHODS[name] = Method(run, frozenset(needs), is_base, takes_base)
+        return run
+    return add
+
+
+@register_method("magnitude", is_base=True)
+def _magnitude(weight, stats, pattern, options):
+    new, mask = magnitude(weight, pattern, group=options.magnitude_group,
+                          reference_ties=options.reference_ties)
+    return new, mask, {}
+
+
+@register_method("wanda", ("sq",), is_base=True)
+def _wanda(weight, stats, pattern, options):
+    return (*wanda(weight, stats.sq_norm, pattern), {})
+
+
+@register_method("sparsegpt", ("hessian",), is_base=True)
+def _sparsegpt(weight, stats, pattern, options):
+    new, mask = sparsegpt(weight, stats.hessian, pattern, blocksize=options.blocksize,
+                          percdamp=options.percdamp, reference_ties=options.reference_ties)
+    return new, mask, {}
+
+
+@register_method("dsnot", ("sq", "sum", "var"), takes_base=True)
+def _dsnot(weight, stats, pattern, options):
+    base = check_base(options.base)
+    init_score = None
+    if base == "magnitude":  # per row, as the DSnoT reference
+        new, mask = magnitude(weight, pattern, group="row")
+        init_score = np.abs(weight)
+    else:
+        new, mask, _ = METHODS[base].run(weight, stats, pattern, options)
+    xtx = stats.xtx if "hessian" in stats.needs else None
+    if options.dsnot.guard == "recon" and xtx is None:
+        raise NpsparseError("DSnoT's reconstruction guard needs the inputs' x x^T: collect "
+                            "the 'hessian' statistic (stats_needed does by default)")
+    return dsnot(weight, new, mask, stats.sq_norm, stats.dsnot_sum, stats.variance, pattern,
+                 options.dsnot, init_score, xtx=xtx)
+
+
+def bases() -> tuple[str, ...]:
+    """The methods DSnoT can start from."""
+    return tuple(name for name, method in METHODS.items() if method.is_base)
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``.
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    Method
+
+    Raises
+    ------
+    NpsparseError
+        If no method has that name (the message lists them).
+    """
+    if name not in METHODS:
+        raise NpsparseError(f"unknown pruning method {name!r} (choose from {', '.join(METHODS)})")
+    return METHODS[name]
 
 
 def stats_needed(method: str, base: str | None = None, *, error: bool = True) -> tuple[str, ...]:
@@ -40,7 +161,7 @@ def stats_needed(method: str, base: str | None = None, *, error: bool = True) ->
     ----------
     method : {"magnitude", "wanda", "sparsegpt", "dsnot"}
     base : str, optional
-        DSnoT's initial method (one of :data:`BASES`); required for ``"dsnot"``, else ignored.
+        DSnoT's initial method (one of :func:`bases`); required for ``"dsnot"``, else ignored.
     error : bool
         Also collect ``"hessian"`` for the reconstruction error.
 
@@ -54,13 +175,9 @@ def stats_needed(method: str, base: str | None = None, *, error: bool = True) ->
     NpsparseError
         If ``method`` is unknown, or it is ``"dsnot"`` without a valid ``base``.
     """
-    needs = {"magnitude": set(), "wanda": {"sq"}, "sparsegpt": {"hessian"},
-             "dsnot": {"sq", "sum", "var"}}
-    if method not in needs:
-        raise NpsparseError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
-    out = set(needs[method])
-    if method == "dsnot":
-        out |= needs[check_base(base)]
+    out = set(get_method(method).needs)
+    if get_method(method).takes_base:
+        out |= METHODS[check_base(base)].needs
     if error:
         out.add("hessian")
     return tuple(sorted(out))
@@ -72,7 +189,7 @@ def check_base(base: str | None) -> str:
     Parameters
     ----------
     base : str or None
-        One of :data:`BASES`: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+        One of :func:`bases`: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
 
     Returns
     -------
@@ -82,10 +199,10 @@ def check_base(base: str | None) -> str:
     Raises
     ------
     NpsparseError
-        If ``base`` is None or not in :data:`BASES` (the message names the ``--base`` option).
+        If ``base`` is None or not in :func:`bases` (the message names the ``--base`` option).
     """
-    if base not in BASES:
-        raise NpsparseError(f"DSnoT needs --base, one of {', '.join(BASES)}; got {base!r}")
+    if base not in bases():
+        raise NpsparseError(f"DSnoT needs --base, one of {', '.join(bases())}; got {base!r}")
     return base
 
 
@@ -150,34 +267,9 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
     weight = np.asarray(weight, dtype=np.float32)
     if pattern.structured:
         pattern.check_width(weight.shape[1])
-    info = {}
-    if method == "magnitude":
-        new, mask = magnitude(weight, pattern, group=magnitude_group,
-                              reference_ties=reference_ties)
-    elif method == "wanda":
-        new, mask = wanda(weight, stats.sq_norm, pattern)
-    elif method == "sparsegpt":
-        new, mask = sparsegpt(weight, stats.hessian, pattern, blocksize=blocksize,
-                              percdamp=percdamp, reference_ties=reference_ties)
-    elif method == "dsnot":
-        base = check_base(base)
-        init_score = None
-        if base == "magnitude":
-            new, mask = magnitude(weight, pattern, group="row")
-            init_score = np.abs(weight)
-        elif base == "wanda":
-            new, mask = wanda(weight, stats.sq_norm, pattern)
-        else:
-            new, mask = sparsegpt(weight, stats.hessian, pattern, blocksize=blocksize,
-                                  percdamp=percdamp, reference_ties=reference_ties)
-        xtx = stats.xtx if "hessian" in stats.needs else None
-        if dsnot_options.guard == "recon" and xtx is None:
-            raise NpsparseError("DSnoT's reconstruction guard needs the inputs' x x^T: collect "
-                                "the 'hessian' statistic (stats_needed does by default)")
-        new, mask, info = dsnot(weight, new, mask, stats.sq_norm, stats.dsnot_sum,
-                                stats.variance, pattern, dsnot_options, init_score, xtx=xtx)
-    else:
-        raise NpsparseError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
+    options = LayerOptions(base, magnitude_group, blocksize, percdamp, dsnot_options,
+                           reference_ties)
+    new, mask, info = get_method(method).run(weight, stats, pattern, options)
     info["sparsity"] = float(np.mean(new == 0))
     if stats is not None and "hessian" in stats.needs:
         xtx = stats.xtx
@@ -188,8 +280,8 @@ def prune_layer(method: str, weight: np.ndarray, stats: InputStats, pattern: Pat
 
 
 __all__ = [
-    "BASES", "DSnoTOptions", "InputStats", "METHODS", "Pattern", "check_nm", "dsnot", "lowest_mask",
-    "magnitude",
+    "DSnoTOptions", "InputStats", "LayerOptions", "METHODS", "Method", "Pattern", "bases",
+    "check_nm", "dsnot", "lowest_mask", "magnitude", "get_method", "register_method",
     "nm_mask", "outlier_ratio", "owl_sparsities", "pattern_mask", "prune_layer",
     "reconstruction_error", "sparsegpt", "stats_needed", "topk_mask_per_row", "wanda",
     "wanda_score",

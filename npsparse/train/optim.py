@@ -155,6 +155,9 @@ def clip_by_global_norm(grads: dict, max_norm: float) -> float:
     return norm
 
 
+DECAYS = ("linear", "cosine", "constant")  # learning-rate schedules after the warm-up
+
+
 def learning_rate(step: int, total: int, peak: float, warmup: int, decay: str = "linear") -> float:
     """Learning rate of optimizer step ``step`` (1-based): linear warm-up, then decay to 0.
 
@@ -185,4 +188,4 @@ def learning_rate(step: int, total: int, peak: float, warmup: int, decay: str = 
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     if decay == "constant":
         return peak
-    raise NpsparseError(f"unknown learning-rate decay {decay!r} (linear, cosine, constant)")
+    raise NpsparseError(f"unknown learning-rate decay {decay!r} ({', '.join(DECAYS)})")
