@@ -207,7 +207,7 @@ def load(model: str | Path = "smollm2") -> LLM:
     model : str or Path
         ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), a GGUF file, a Hugging Face
         directory (``config.json``, safetensors, ``tokenizer.json``), or a packed folder
-        (``npsparse pack``, see :mod:`npsparse.packed`).
+        (``npsparse pack``, see :mod:`npsparse.io.packed`).
 
     Returns
     -------
@@ -215,7 +215,7 @@ def load(model: str | Path = "smollm2") -> LLM:
     """
     checkpoint = open_checkpoint(model)
     network = build_model(checkpoint.config, checkpoint.weights)
-    if getattr(checkpoint, "head", None) is not None:  # a packed folder's head (npsparse.packed)
+    if getattr(checkpoint, "head", None) is not None:  # a packed folder's head (npsparse.io.packed)
         network.head = checkpoint.head
     # Block weights move onto huge pages and same-input layers stack (see arena); a packed
     # folder's arrays are copied there as stored, not repacked.

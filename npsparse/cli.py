@@ -84,7 +84,7 @@ def cmd_generate(args) -> None:
     args : argparse.Namespace
         ``model``, ``prompt``, ``n`` (new tokens), ``temp``, ``top_k``, ``top_p``, ``seed``,
         ``chat`` (use the chat template), ``format`` (``"dense"`` keeps the layers as loaded,
-        else :func:`npsparse.sparse.apply_format`), ``threads`` (kernel threads) and ``json``.
+        else :func:`npsparse.packing.apply_format`), ``threads`` (kernel threads) and ``json``.
 
     Returns
     -------
@@ -100,7 +100,7 @@ def cmd_generate(args) -> None:
     check_text(args.prompt, "the prompt")
     check_sampling(args.temp, args.top_k, args.top_p)
     llm = load(args.model)
-    from .sparse import apply_format, layer_formats
+    from .packing import apply_format, layer_formats
 
     if args.format != "dense":
         apply_format(llm.model, args.format, threads=args.threads)
@@ -145,7 +145,7 @@ def cmd_demo(args) -> None:
     """
     from .api import load
     from .sequential import PruneSettings, prune_model
-    from .sparse import apply_format
+    from .packing import apply_format
 
     dense = load(args.model)
     print(f"model: {dense!r}")
@@ -260,7 +260,7 @@ def _calibration_shape(calib: str, nsamples: int | None, seqlen: int | None) -> 
 def cmd_pack(args) -> None:
     """``npsparse pack``: save a model with its layers packed in a kernel format.
 
-    Writes the packed folder ``args.out`` (:func:`npsparse.packed.pack_model`) and prints one
+    Writes the packed folder ``args.out`` (:func:`npsparse.packing.pack_model`) and prints one
     line (layer count per format, head format, seconds, MB read per token, output folder);
     with ``--json``, the ``packed.json`` report with ``out`` and ``seconds``.
 
@@ -276,7 +276,7 @@ def cmd_pack(args) -> None:
         Errors raise :class:`~npsparse.errors.NpsparseError`; :func:`main` prints them in one
         line and returns exit status 2.
     """
-    from .packed import pack_model
+    from .packing import pack_model
 
     report = pack_model(args.model, args.out, args.format, head=args.head)
     if args.json:

@@ -73,7 +73,7 @@ def as_linear(weight, *, transpose: bool = False):
     ----------
     weight : np.ndarray or layer
         ``[N, K]`` float32 array, or a layer object already (a packed folder's layers, see
-        :mod:`npsparse.packed`, are stored as ``[N, K]``), returned as it is.
+        :mod:`npsparse.io.packed`, are stored as ``[N, K]``), returned as it is.
     transpose : bool
         The array is stored ``[K, N]`` (GPT-2's Conv1D): wrap ``weight.T``.
 

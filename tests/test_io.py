@@ -166,7 +166,7 @@ def test_output_inside_or_equal_to_the_input_is_refused(tmp_path):
 
 
 def test_prune_and_pack_refuse_their_input_folder_as_output(tmp_path, monkeypatch):
-    from npsparse import packed, sequential
+    from npsparse import packing, sequential
 
     config = tiny_config("llama")
     model = tmp_path / "model"
@@ -177,13 +177,13 @@ def test_prune_and_pack_refuse_their_input_folder_as_output(tmp_path, monkeypatc
         raise AssertionError("the output should have been refused before loading anything")
 
     monkeypatch.setattr(sequential, "open_checkpoint", no_work)
-    monkeypatch.setattr("npsparse.api.load", no_work)
+    monkeypatch.setattr(packing, "load", no_work)
     for out in (model, model / "pruned"):
         with pytest.raises(NpsparseError, match="would delete the input"):
             sequential.prune_model(model, out,
                                    sequential.PruneSettings(method="magnitude", pattern="0.5"))
         with pytest.raises(NpsparseError, match="would delete the input"):
-            packed.pack_model(model, out, "bitmask")
+            packing.pack_model(model, out, "bitmask")
     assert sorted(p.name for p in model.iterdir()) == before
 
 
@@ -227,7 +227,7 @@ def test_writer_refuses_to_replace_what_it_did_not_write(tmp_path):
 
 
 def test_prune_and_pack_refuse_a_foreign_output_before_working(tmp_path, monkeypatch):
-    from npsparse import packed, sequential
+    from npsparse import packing, sequential
 
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -237,12 +237,12 @@ def test_prune_and_pack_refuse_a_foreign_output_before_working(tmp_path, monkeyp
         raise AssertionError("the output should have been refused before loading anything")
 
     monkeypatch.setattr(sequential, "open_checkpoint", no_work)
-    monkeypatch.setattr("npsparse.api.load", no_work)
+    monkeypatch.setattr(packing, "load", no_work)
     with pytest.raises(NpsparseError, match="thesis.tex"):
         sequential.prune_model("smollm2", folder,
                                sequential.PruneSettings(method="magnitude", pattern="0.5"))
     with pytest.raises(NpsparseError, match="thesis.tex"):
-        packed.pack_model("smollm2", folder, "bitmask")
+        packing.pack_model("smollm2", folder, "bitmask")
     assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
 
 

@@ -13,8 +13,9 @@ from npsparse.errors import NpsparseError
 from npsparse.io import open_checkpoint, write_hf_dir
 from npsparse.linear import DenseLinear
 from npsparse import kernels
-from npsparse.packed import PACKED_FILE, PackedCheckpoint, pack_model
-from npsparse.sparse import apply_format
+from npsparse.io.packed import PACKED_FILE, PackedCheckpoint
+from npsparse.packing import pack_model
+from npsparse.packing import apply_format
 from npsparse.tokenizer import Tokenizer
 
 

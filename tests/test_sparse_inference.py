@@ -8,7 +8,7 @@ from npsparse.errors import NpsparseError
 from npsparse.kernels import bf16_round
 from npsparse.linear import DenseLinear
 from npsparse.prune import Pattern, magnitude
-from npsparse.sparse import apply_format
+from npsparse.packing import apply_format
 
 
 def pruned_tiny(pattern: str, arch="llama"):

@@ -240,7 +240,7 @@ def test_finetune_keeps_the_mask_and_lowers_the_loss(tiny_pruned, tmp_path):
 
 
 def test_finetuned_2of4_model_packs_as_nm(tiny_pruned, tmp_path):
-    from npsparse.packed import pack_model
+    from npsparse.packing import pack_model
 
     finetune(tiny_pruned / "p24", tmp_path / "ft", small(loss="ce"), progress=False)
     llm = npsparse.load(tmp_path / "ft")

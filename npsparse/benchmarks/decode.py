@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
 
-    from npsparse.sparse import apply_format, layer_formats
+    from npsparse.packing import apply_format, layer_formats
 
     runs = []
     for model, fmt in parse_runs(args.models, args.format):

@@ -72,7 +72,7 @@ def open_checkpoint(model: str | Path) -> GGUFCheckpoint | HFCheckpoint:
     """
     path = resolve_model_path(model)
     if path.is_dir():
-        from ..packed import PackedCheckpoint, is_packed_dir
+        from .packed import PackedCheckpoint, is_packed_dir
 
         return PackedCheckpoint(path) if is_packed_dir(path) else HFCheckpoint(path)
     with open(path, "rb") as handle:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from ..errors import NpsparseError
 
-# Every file name an HFDirWriter output can hold (npsparse.packed adds its own two).
+# Every file name an HFDirWriter output can hold (npsparse.io.packed adds its own two).
 _WRITTEN = re.compile(r"(config|tokenizer|tokenizer_config|pruning|packed|finetune)\.json"
                       r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
                       r"|npsparse-packed\.safetensors")
 # The report every npsparse output folder holds, with the key that marks it as npsparse's own
-# (written by npsparse.sequential, npsparse.packed and npsparse.train.finetune).
+# (written by npsparse.sequential, npsparse.io.packed and npsparse.train.finetune).
 REPORT_MARKERS = {"pruning.json": "npsparse_pruning", "packed.json": "npsparse_packed",
                   "finetune.json": "npsparse_finetune"}
 

@@ -1,4 +1,5 @@
-"""A flat, lazily loaded mapping of Hugging Face tensor names to float32 arrays."""
+"""A flat, lazily loaded mapping of Hugging Face tensor names to float32 arrays (or, in a packed
+folder, to the packed layers of its packed tensors)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from ..errors import NpsparseError
 class Weights(Mapping):
     """Read-only ``name -> float32 array`` mapping; each tensor is read when first asked for.
 
+    The one exception is a packed folder's mapping (:class:`npsparse.io.packed.PackedWeights`):
+    there a packed tensor's name gives its packed layer (a :class:`~npsparse.linear.Linear` with
+    ``to_dense()``), which is what the models are built from; use ``.layers`` to tell them apart.
     Nothing is cached here: a model keeps the arrays it builds, and a pruning driver can stream
     one block at a time from a memory-mapped checkpoint without holding the rest.
 

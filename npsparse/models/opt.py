@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
-from ..linear import DenseLinear, as_linear
+from ..linear import as_linear
 from .base import CausalLM
 from .layers import ACTIVATIONS, layer_norm, multi_head_attention
 

@@ -21,14 +21,13 @@ the plain folders ``npsparse prune`` writes.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import NpsparseError
-from .io.hf_dir import HFCheckpoint, HFDirWriter, SafetensorsFile, check_output_folder
-from .io.weights import Weights
+from ..errors import NpsparseError
+from .hf_dir import HFCheckpoint, HFDirWriter, SafetensorsFile
+from .weights import Weights
 
 PACKED_FILE = "npsparse-packed.safetensors"
 FOLDER_SCHEMA = 1
@@ -52,7 +51,7 @@ def is_packed_dir(path: str | Path) -> bool:
 
 
 def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
-    """Write ``llm`` (already packed with :func:`npsparse.sparse.apply_format`) to folder ``out``.
+    """Write ``llm`` (already packed with :func:`npsparse.packing.apply_format`) to folder ``out``.
 
     Parameters
     ----------
@@ -68,8 +67,8 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
     -------
     Path
     """
-    from .kernels import to_arrays
-    from .linear import DenseLinear
+    from ..kernels import to_arrays
+    from ..linear import DenseLinear
 
     model = llm.model
     tensors: dict[str, np.ndarray] = {}
@@ -160,7 +159,7 @@ class PackedWeights(Weights):
             If the stored arrays and metadata do not make a valid layer (unknown format or
             schema, wrong shape); the message names the folder and ``name``.
         """
-        from .kernels import from_arrays
+        from ..kernels import from_arrays
 
         meta = self.layers[name]
         prefix = name + "::"
@@ -249,37 +248,3 @@ def _check_layer_table(layers, path: Path) -> None:
         if len(shape) != 2 or hf_shape not in (shape, shape[::-1]) or min(shape) < 1:
             raise NpsparseError(f"{path}: packed layer {name} has shape {shape} and hf_shape "
                                 f"{hf_shape}; they must hold the same two sizes")
-
-
-def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: str = "bf16"):
-    """Load ``model``, pack its layers as ``fmt`` and save the packed folder ``out``.
-
-    Parameters
-    ----------
-    model : str or Path
-        Anything :func:`npsparse.load` accepts (usually a pruned folder).
-    out : str or Path
-        Output folder: refused before any work if it is ``model`` or inside it, or exists and
-        npsparse did not write it (:func:`npsparse.io.hf_dir.check_output_folder`).
-    fmt : str
-        A format of :data:`npsparse.sparse.FORMAT_CHOICES` other than ``"dense"``.
-    head : {"bf16", "dense"}
-
-    Returns
-    -------
-    dict
-        The ``packed.json`` report plus ``out`` and ``seconds`` (packing and writing).
-    """
-    from .api import load
-    from .sparse import apply_format
-
-    if fmt == "dense":
-        raise NpsparseError("--format dense would save nothing packed; choose auto, bf16, csr, "
-                            "bitmask or nm")
-    check_output_folder(out, inputs=[model])
-    start = time.perf_counter()
-    llm = load(model)
-    info = apply_format(llm.model, fmt, head=head)
-    path = save_packed(llm, out, {"format": fmt, "head": info["head"]})
-    report = json.loads((path / "packed.json").read_text())
-    return {**report, "out": str(path), "seconds": time.perf_counter() - start}

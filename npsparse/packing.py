@@ -1,4 +1,7 @@
-"""Run a model's linear layers through packed sparse formats (the :mod:`npsparse.kernels` seam).
+"""Packing a model's linear layers into kernel formats (the :mod:`npsparse.kernels` seam).
+
+:func:`apply_format` repacks a loaded model in place; :func:`pack_model` does that to a checkpoint
+and saves the packed folder (``npsparse pack``; the folder format is :mod:`npsparse.io.packed`).
 
 Every prunable linear layer of the blocks is packed from its dense weight, zeros included, into one
 format (or, with ``"auto"``, each into the format that reads the fewest bytes). The output head is
@@ -14,10 +17,15 @@ digits per weight).
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
+from .api import load
 from .arena import consolidate
 from .errors import NpsparseError
+from .io.hf_dir import check_output_folder
+from .io.packed import save_packed
 
 FORMAT_CHOICES = ("dense", "auto", "bf16", "csr", "bitmask", "nm")
 
@@ -104,3 +112,34 @@ def _pack_nm(weight, name: str):
         except NpsparseError:
             continue
     raise NpsparseError(f"{name}: the zeros do not form a 2:4 or 4:8 pattern; use another format")
+
+
+def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: str = "bf16"):
+    """Load ``model``, pack its layers as ``fmt`` and save the packed folder ``out``.
+
+    Parameters
+    ----------
+    model : str or Path
+        Anything :func:`npsparse.load` accepts (usually a pruned folder).
+    out : str or Path
+        Output folder: refused before any work if it is ``model`` or inside it, or exists and
+        npsparse did not write it (:func:`npsparse.io.hf_dir.check_output_folder`).
+    fmt : str
+        A format of :data:`FORMAT_CHOICES` other than ``"dense"``.
+    head : {"bf16", "dense"}
+
+    Returns
+    -------
+    dict
+        The ``packed.json`` report plus ``out`` and ``seconds`` (packing and writing).
+    """
+    if fmt == "dense":
+        raise NpsparseError("--format dense would save nothing packed; choose auto, bf16, csr, "
+                            "bitmask or nm")
+    check_output_folder(out, inputs=[model])
+    start = time.perf_counter()
+    llm = load(model)
+    info = apply_format(llm.model, fmt, head=head)
+    path = save_packed(llm, out, {"format": fmt, "head": info["head"]})
+    report = json.loads((path / "packed.json").read_text())
+    return {**report, "out": str(path), "seconds": time.perf_counter() - start}
