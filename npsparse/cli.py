@@ -29,7 +29,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_model(parser):
     parser.add_argument("model", metavar="MODEL",
-                        help="'smollm2' (the embedded default), a .gguf file or a Hugging Face folder")
+                        help="'smollm2' (the embedded default), a .gguf file or a Hugging Face "
+                             "folder")
 
 
 def _positive(text: str) -> int:
@@ -44,24 +45,7 @@ def _print_json(payload: dict) -> None:
 
 
 def cmd_eval(args) -> None:
-    """``npsparse eval``: perplexity of a model on non-overlapping token windows.
-
-    Prints ``<model file>: <result>`` (perplexity with windows, tokens and window length) to
-    stdout, with a progress bar on stderr; with ``--json``, one JSON object (model path, data
-    and the result's fields) and no progress bar.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        ``model``, ``data`` (``"pydoc"`` or a UTF-8 text file), ``seqlen`` (window length in
-        tokens), ``windows`` (how many; None = the data's default) and ``json``.
-
-    Returns
-    -------
-    None
-        Errors raise :class:`~npsparse.errors.NpsparseError`; :func:`main` prints them in one
-        line and returns exit status 2.
-    """
+    """``npsparse eval``: perplexity of a model on non-overlapping token windows."""
     from .api import load
 
     llm = load(args.model)
@@ -73,25 +57,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    """``npsparse generate``: continue a prompt, optionally with the layers repacked.
-
-    Streams the prompt (unless ``--chat``) and the new text to stdout, then one line on stderr
-    with the token count, prefill and decode speeds and the format. With ``--json``, nothing is
-    streamed and one JSON object (model, prompt, format and the generation result) is printed.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        ``model``, ``prompt``, ``n`` (new tokens), ``temp``, ``top_k``, ``top_p``, ``seed``,
-        ``chat`` (use the chat template), ``format`` (``"dense"`` keeps the layers as loaded,
-        else :func:`npsparse.packing.apply_format`), ``threads`` (kernel threads) and ``json``.
-
-    Returns
-    -------
-    None
-        Errors raise :class:`~npsparse.errors.NpsparseError`; :func:`main` prints them in one
-        line and returns exit status 2.
-    """
+    """``npsparse generate``: continue a prompt, optionally with the layers repacked."""
     from .api import load
     from .generate import check_sampling
     from .tokenizer import check_text
@@ -121,28 +87,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """The main job: prune the default model, evaluate dense and pruned, generate sparsely.
-
-    ``npsparse demo`` loads the model, measures its perplexity on the default text, prunes it
-    into the folder ``args.out``, measures the pruned model's perplexity, packs its block layers
-    in ``args.format``, warms the kernels up, then generates from the chat-wrapped prompt with
-    the dense and the pruned model. Prints each step's result to stdout (perplexities, pruning
-    time and peak RSS, bytes read per token against dense float32, generated text with prefill
-    and decode speeds); progress bars go to stderr.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        ``model``, ``windows`` (512-token evaluation windows), ``method``, ``sparsity``
-        (unstructured or N:M), ``nsamples`` (calibration windows), ``format``, ``out``,
-        ``prompt`` and ``n`` (new tokens).
-
-    Returns
-    -------
-    None
-        Errors raise :class:`~npsparse.errors.NpsparseError`; :func:`main` prints them in one
-        line and returns exit status 2.
-    """
+    """The main job: prune the default model, evaluate dense and pruned, generate sparsely."""
     from .api import load
     from .sequential import PruneSettings, prune_model
     from .packing import apply_format
@@ -177,31 +122,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    """``npsparse prune``: prune a model block by block and write a Hugging Face folder.
-
-    Writes ``args.out`` (:func:`npsparse.sequential.prune_model`) and prints one summary line
-    (pattern, mean layer sparsity, mean relative reconstruction error, seconds, peak RSS, output
-    folder), with progress bars on stderr; with ``--json``, one JSON object of the same figures
-    plus the weights' SHA-256 and the calibration windows, length and token hash.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        ``model``, ``method``, ``base`` (DSnoT's initial method), exactly one of ``sparsity``
-        and ``pattern``, ``calib``, ``nsamples``, ``seqlen``, ``seed``, ``owl``, the DSnoT
-        options ``dsnot_cycles``, ``dsnot_threshold``, ``dsnot_same_sign`` and
-        ``dsnot_guard``, ``out`` and ``json``.
-
-    Returns
-    -------
-    None
-
-    Raises
-    ------
-    NpsparseError
-        If both or neither of ``--sparsity`` and ``--pattern`` are given, or the library
-        refuses the model or the settings (:func:`main` prints it and returns 2).
-    """
+    """``npsparse prune``: prune a model block by block and write a Hugging Face folder."""
     from .prune import DSnoTOptions
     from .sequential import PruneSettings, prune_model
 
@@ -258,24 +179,7 @@ def _calibration_shape(calib: str, nsamples: int | None, seqlen: int | None) -> 
 
 
 def cmd_pack(args) -> None:
-    """``npsparse pack``: save a model with its layers packed in a kernel format.
-
-    Writes the packed folder ``args.out`` (:func:`npsparse.packing.pack_model`) and prints one
-    line (layer count per format, head format, seconds, MB read per token, output folder);
-    with ``--json``, the ``packed.json`` report with ``out`` and ``seconds``.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        ``model``, ``format`` (``auto``, ``bf16``, ``csr``, ``bitmask`` or ``nm``), ``head``
-        (``bf16`` or ``dense``), ``out`` and ``json``.
-
-    Returns
-    -------
-    None
-        Errors raise :class:`~npsparse.errors.NpsparseError`; :func:`main` prints them in one
-        line and returns exit status 2.
-    """
+    """``npsparse pack``: save a model with its layers packed in a kernel format."""
     from .packing import pack_model
 
     report = pack_model(args.model, args.out, args.format, head=args.head)
@@ -288,22 +192,7 @@ def cmd_pack(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    """``npsparse bench``: run the kernel or decode benchmark with its own options.
-
-    The benchmark (:mod:`npsparse.benchmarks.kernels` or :mod:`npsparse.benchmarks.decode`)
-    parses ``args.rest`` and prints its own report.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        ``which`` (``"kernels"`` or ``"decode"``) and ``rest`` (the remaining command-line
-        arguments, passed on unparsed).
-
-    Returns
-    -------
-    None
-        A non-zero status from the benchmark exits the process with it (``sys.exit``).
-    """
+    """``npsparse bench``: run the kernel or decode benchmark with its own options."""
     if args.which == "kernels":
         from .benchmarks.kernels import main
     else:

@@ -83,7 +83,8 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> Perplexi
     context = model.config.max_position
     if windows.shape[1] > context:
         raise NpsparseError(f"windows of {windows.shape[1]} tokens exceed the model's context of "
-                            f"{context} positions (max_position_embeddings); use a shorter --seqlen")
+                            f"{context} positions (max_position_embeddings); use a shorter "
+                            "--seqlen")
     start = time.perf_counter()
     window_nll = []
     total = 0.0

@@ -142,8 +142,9 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, *, temperature: float 
         raise NpsparseError(f"number of new tokens must be at least 1, got {max_new_tokens}")
     context = model.config.max_position
     if len(prompt) + max_new_tokens > context:
-        raise NpsparseError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds "
-                            f"the model's context of {context} positions (max_position_embeddings)")
+        raise NpsparseError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones "
+                            f"exceeds the model's context of {context} positions "
+                            "(max_position_embeddings)")
     rng = np.random.default_rng(seed)
     cache = model.new_cache(len(prompt) + max_new_tokens)
     result = GenerationResult(prompt_tokens=len(prompt))

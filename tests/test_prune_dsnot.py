@@ -1,7 +1,8 @@
 """DSnoT against a naive per-row oracle, and the invariants of its swaps.
 
-The oracle below is written from ALGORITHMS.md section 5.4/5.5 one row at a time with plain Python
-loops; the library's version is vectorised over rows. Masks must agree bit for bit.
+The oracle below is written from the DSnoT paper's algorithm (Zhang et al., ICLR 2024: the
+grow and prune criteria and the stopping rule) one row at a time with plain Python loops; the
+library's version is vectorised over rows. Masks must agree bit for bit.
 """
 
 import warnings

@@ -204,7 +204,7 @@ def test_sparsegpt_dead_columns_end_at_zero():
 
 
 def test_sparsegpt_loss_identity():
-    """Sum of per-column OBS losses = 1/2 tr(dW H dW^T) (ALGORITHMS.md 4.3), via the update."""
+    """Sum of per-column OBS losses = 1/2 tr(dW H dW^T) (the OBS identity SparseGPT builds on), via the update."""
     rng = np.random.default_rng(1)
     stats = stats_of(correlated_inputs(rng, 24, tokens=128, sequences=3), ("hessian",))
     w = rng.normal(size=(5, 24)).astype(np.float32)

@@ -25,7 +25,7 @@ def hessian_of(rng, k, tokens=None, dead=()):
 
 
 def naive_sparsegpt(w, h, pattern, blocksize, percdamp):
-    """ALGORITHMS.md 4.2-4.3 written column by column: U_jj^2 = [(H_FF)^-1]_00 with
+    """SparseGPT (Frantar & Alistarh 2023) written column by column: U_jj^2 = [(H_FF)^-1]_00 with
     F = {j, ..., K-1}, and pruning w_rj updates row r by -(w_rj / [H_FF^-1]_00) H_FF^-1[0, :]."""
     w, h = w.astype(np.float64).copy(), h.astype(np.float64).copy()
     n_rows, n_cols = w.shape

@@ -2,9 +2,9 @@
 
 ``jit`` is for naive references and serial helpers; ``pjit`` for fast kernels that spread output
 rows over threads with ``prange``. ``fastmath`` lets LLVM reassociate float32 reductions so they
-vectorise (PERFORMANCE.md); ``cache`` keeps compiled kernels on disk so only the first run pays the
-compile. No kernel has an explicit signature, so read-only (memory-mapped) arrays get their own
-specialisation.
+vectorise (without it every float sum is one serial chain); ``cache`` keeps compiled kernels on
+disk so only the first run pays the compile. No kernel has an explicit signature, so read-only
+(memory-mapped) arrays get their own specialisation.
 """
 
 from __future__ import annotations

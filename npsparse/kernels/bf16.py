@@ -175,28 +175,11 @@ class BF16Linear(PackedLinear):
         return _gemm(self.arrays["bits"], x, gemm_tasks())
 
     def matmul_naive(self, x):
-        """``x @ W.T`` by a scalar loop that widens each bf16 weight as it goes.
-
-        Parameters
-        ----------
-        x : np.ndarray
-            ``[T, K]`` float32.
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, N]`` float32.
-        """
+        """``x @ W.T`` by a scalar loop that widens each bf16 weight as it goes."""
         return _matmul_naive(self.arrays["bits"], np.ascontiguousarray(x, dtype=np.float32))
 
     def to_dense(self):
-        """The stored weight, every bf16 value widened exactly to float32.
-
-        Returns
-        -------
-        np.ndarray
-            ``W [N, K]`` float32 (a new array); pruned positions are the zeros stored there.
-        """
+        """The stored weight, every bf16 value widened exactly to float32."""
         return from_bf16(self.arrays["bits"])
 
     @property

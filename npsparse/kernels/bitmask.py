@@ -275,16 +275,6 @@ class BitmaskLinear(PackedLinear):
 
         Every set bit, in column order, takes the row's next packed value; int8 rows are then
         multiplied by their scale.
-
-        Parameters
-        ----------
-        x : np.ndarray
-            ``[T, K]`` float32 (not padded).
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, N]`` float32.
         """
         return _matmul_naive(*self._kernel_args(), np.ascontiguousarray(x, dtype=np.float32))
 
@@ -293,14 +283,7 @@ class BitmaskLinear(PackedLinear):
         return unpack_bits(self.arrays["masks"], self.shape[1])
 
     def to_dense(self):
-        """The packed values put back at their mask positions.
-
-        Returns
-        -------
-        np.ndarray
-            ``W [N, K]`` float32: bf16 values widened exactly, or int8 values times their row
-            scale; zeros where the mask bit is clear.
-        """
+        """The packed values put back at their mask positions."""
         dense = np.zeros(self.shape, dtype=np.float32)
         values = self.arrays["values"]
         if self.values_type == "bf16":

@@ -6,7 +6,8 @@ float32 or bf16 (``uint16`` bits). Bytes per weight at density d: 4d with bf16 +
 
 CSR is the general-purpose sparse format (and what scipy.sparse uses); with two index bytes per
 kept weight it only beats dense bf16 above ~50% sparsity, and its inner loop gathers activations
-one by one, so it is compute-bound well below the read bandwidth (see bench/README.md).
+one by one, so it is compute-bound well below the read bandwidth (see
+bench/results/kernel_bench.md).
 """
 
 from __future__ import annotations
@@ -192,29 +193,11 @@ class CSRLinear(PackedLinear):
         return _gemm(*self._kernel_args(), x, gemm_tasks())
 
     def matmul_naive(self, x):
-        """``x @ W.T`` by a scalar loop: per row, ``sum values[p] * x[t, cols[p]]``.
-
-        Parameters
-        ----------
-        x : np.ndarray
-            ``[T, K]`` float32.
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, N]`` float32.
-        """
+        """``x @ W.T`` by a scalar loop: per row, ``sum values[p] * x[t, cols[p]]``."""
         return _matmul_naive(*self._kernel_args(), np.ascontiguousarray(x, dtype=np.float32))
 
     def to_dense(self):
-        """The stored values scattered to ``(row, cols[p])``.
-
-        Returns
-        -------
-        np.ndarray
-            ``W [N, K]`` float32: bf16 values widened exactly, float32 as stored; zeros
-            elsewhere.
-        """
+        """The stored values scattered to ``(row, cols[p])``."""
         values = self.arrays["values"]
         row_ptr = self.arrays["row_ptr"]
         rows = np.repeat(np.arange(self.shape[0]), np.diff(row_ptr))

@@ -424,16 +424,6 @@ class NMLinear(PackedLinear):
         ``x[t, (e // (M-N)) * M + position]``; int8 rows are then multiplied by their scale.
         Also the fast path's fallback for patterns other than 50%, ``K`` not a multiple of 32,
         and hosts without AVX-512.
-
-        Parameters
-        ----------
-        x : np.ndarray
-            ``[T, K]`` float32.
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, N]`` float32.
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         return _matmul_naive(*self._kernel_args(), self.m, self.m - self.n, x)
@@ -451,14 +441,7 @@ class NMLinear(PackedLinear):
         return keep.reshape(rows, k_cols)
 
     def to_dense(self):
-        """The stored values put back at their in-group positions.
-
-        Returns
-        -------
-        np.ndarray
-            ``W [N, K]`` float32: bf16 values widened exactly, or int8 values times their row
-            scale; zeros at the pruned positions (and the zero fillers where they were stored).
-        """
+        """The stored values put back at their in-group positions."""
         rows, k_cols = self.shape
         values = self.arrays["values"]
         if self.values_type == "bf16":

@@ -177,7 +177,8 @@ class CausalLM:
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
         if ids.ndim != 1 or len(ids) == 0:
-            raise NpsparseError(f"token ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+            raise NpsparseError(
+                f"token ids must be a non-empty 1-D sequence, got shape {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise NpsparseError(
                 f"token id {int(ids.max()) if ids.max() >= 0 else int(ids.min())} is outside the "
@@ -288,13 +289,14 @@ class CausalLM:
             if name.startswith(prefix) and name[len(prefix):] in block.linears:
                 old = block.linears[name[len(prefix):]]
                 if tuple(layer.shape) != tuple(old.shape):
-                    raise NpsparseError(f"{name}: new layer has shape {layer.shape}, not {old.shape}")
+                    raise NpsparseError(
+                        f"{name}: new layer has shape {layer.shape}, not {old.shape}")
                 block.linears[name[len(prefix):]] = layer
                 return
         raise NpsparseError(f"no linear layer named {name}")
 
     def weight_bytes(self) -> int:
-        """Bytes of weights read to decode one token (all block linears, head, one embedding row)."""
+        """Bytes of weights read to decode one token (block linears, head, one embedding row)."""
         total = sum(layer.nbytes for layer in self.linears().values()) + self.head.nbytes
         return int(total + self.config.dim * 4)
 

@@ -62,7 +62,8 @@ class GPT2Block:
 
     def __init__(self, cfg: ModelConfig, tensors: dict):
         self.cfg = cfg
-        self.norms = {k: tensors[k] for k in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")}
+        self.norms = {k: tensors[k]
+                      for k in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")}
         # Conv1D stores [in, out]; the seam wants [out, in], so transpose once here.
         self.linears = {name: as_linear(tensors[name + ".weight"], transpose=True)
                         for name in _CONV1D}
@@ -124,72 +125,21 @@ class GPT2Model(CausalLM):
             self.head = as_linear(get("lm_head.weight", (config.vocab_size, d)))
 
     def block_prefix(self, i: int) -> str:
-        """GPT-2 names block ``i`` ``transformer.h.{i}`` (``h.{i}`` without the prefix).
-
-        Parameters
-        ----------
-        i : int
-            Block index.
-
-        Returns
-        -------
-        str
-            The prefix, without a trailing dot.
-        """
+        """GPT-2 names block ``i`` ``transformer.h.{i}`` (``h.{i}`` without the prefix)."""
         return f"{self.prefix}h.{i}"
 
     def load_block(self, i: int) -> GPT2Block:
-        """Read block ``i``'s twelve tensors and build it (Conv1D weights are transposed once).
-
-        Parameters
-        ----------
-        i : int
-            Block index.
-
-        Returns
-        -------
-        GPT2Block
-
-        Raises
-        ------
-        NpsparseError
-            A block tensor is missing, has the wrong shape, or holds NaN or infinite values.
-        """
+        """Read block ``i``'s twelve tensors and build it (Conv1D weights are transposed once)."""
         get, prefix = self.weights.get_checked, self.block_prefix(i)
         return GPT2Block(self.config, {k: get(f"{prefix}.{k}", shape)
                                        for k, shape in _block_shapes(self.config).items()})
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
-        """Token embeddings plus learned position embeddings of positions ``start .. start+T-1``.
-
-        Parameters
-        ----------
-        ids : np.ndarray
-            ``[T]`` int64 token ids.
-        start : int
-            Position of the first token; ``start + T`` must not exceed ``config.max_position``
-            (:meth:`forward` checks this).
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, D]`` float32, a new array.
-        """
+        """Token embeddings plus learned position embeddings of positions ``start .. start+T-1``."""
         return self.wte[ids] + self.wpe[start:start + len(ids)]  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
-        """LayerNorm ``ln_f``, then the head (tied to ``wte`` unless ``lm_head`` is stored).
-
-        Parameters
-        ----------
-        x : np.ndarray
-            ``[T, D]`` float32, the last block's output.
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, V]`` float32 logits.
-        """
+        """LayerNorm ``ln_f``, then the head (tied to ``wte`` unless ``lm_head`` is stored)."""
         return self.head(layer_norm(x, *self.ln_f, self.config.norm_eps))  # [T, V]
 
     def outer_state(self) -> dict[str, np.ndarray]:

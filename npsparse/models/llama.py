@@ -263,38 +263,13 @@ class LlamaModel(CausalLM):
             self.head = as_linear(get("lm_head.weight", self.shapes["lm_head.weight"]))
 
     def block_prefix(self, i: int) -> str:
-        """LLaMA-family checkpoints name block ``i`` ``model.layers.{i}``.
-
-        Parameters
-        ----------
-        i : int
-            Block index.
-
-        Returns
-        -------
-        str
-            The prefix, without a trailing dot.
-        """
+        """LLaMA-family checkpoints name block ``i`` ``model.layers.{i}``."""
         return f"model.layers.{i}"
 
     def load_block(self, i: int) -> LlamaBlock:
         """Read block ``i``'s tensors (those of :attr:`shapes` under its prefix) and build it.
 
         The block shares the model's RoPE table.
-
-        Parameters
-        ----------
-        i : int
-            Block index.
-
-        Returns
-        -------
-        LlamaBlock
-
-        Raises
-        ------
-        NpsparseError
-            A block tensor is missing, has the wrong shape, or holds NaN or infinite values.
         """
         prefix = self.block_prefix(i) + "."
         tensors = {name[len(prefix):]: self.weights.get_checked(name, shape)
@@ -302,35 +277,11 @@ class LlamaModel(CausalLM):
         return LlamaBlock(self.config, tensors, self.rope)
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
-        """Rows of ``embed_tokens``; positions enter later through RoPE, so ``start`` is unused.
-
-        Parameters
-        ----------
-        ids : np.ndarray
-            ``[T]`` int64 token ids.
-        start : int
-            Position of the first token (ignored).
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, D]`` float32, a writable copy even when the embeddings are memory-mapped.
-        """
+        """Rows of ``embed_tokens``; positions enter later through RoPE, so ``start`` is unused."""
         return np.array(self.embed_tokens[ids], dtype=self.embed_tokens.dtype)  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
-        """RMSNorm ``model.norm``, then the output head.
-
-        Parameters
-        ----------
-        x : np.ndarray
-            ``[T, D]`` float32, the last block's output.
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, V]`` float32 logits.
-        """
+        """RMSNorm ``model.norm``, then the output head."""
         return self.head(rms_norm(x, self.norm, self.config.norm_eps))  # [T, V]
 
     def outer_state(self) -> dict[str, np.ndarray]:

@@ -160,7 +160,8 @@ class OPTModel(CausalLM):
     def __init__(self, config: ModelConfig, weights, load_blocks: bool = True):
         self.config = config
         self.weights = weights
-        self.prefix = "model.decoder." if "model.decoder.embed_tokens.weight" in weights else "decoder."
+        nested = "model.decoder.embed_tokens.weight" in weights
+        self.prefix = "model.decoder." if nested else "decoder."
         p, d, e = self.prefix, config.dim, config.embed_proj_dim or config.dim
         get = weights.get_checked
         self.tensors = {
@@ -182,37 +183,11 @@ class OPTModel(CausalLM):
         self.head = as_linear(embed if self.tied else get("lm_head.weight", embed.shape))
 
     def block_prefix(self, i: int) -> str:
-        """OPT names block ``i`` ``model.decoder.layers.{i}`` (or ``decoder.layers.{i}``).
-
-        Parameters
-        ----------
-        i : int
-            Block index.
-
-        Returns
-        -------
-        str
-            The prefix, without a trailing dot.
-        """
+        """OPT names block ``i`` ``model.decoder.layers.{i}`` (or ``decoder.layers.{i}``)."""
         return f"{self.prefix}layers.{i}"
 
     def load_block(self, i: int) -> OPTBlock:
-        """Read block ``i``'s two LayerNorms and six biased linear layers and build it.
-
-        Parameters
-        ----------
-        i : int
-            Block index.
-
-        Returns
-        -------
-        OPTBlock
-
-        Raises
-        ------
-        NpsparseError
-            A block tensor is missing, has the wrong shape, or holds NaN or infinite values.
-        """
+        """Read block ``i``'s two LayerNorms and six biased linear layers and build it."""
         get, prefix = self.weights.get_checked, self.block_prefix(i)
         return OPTBlock(self.config, {k: get(f"{prefix}.{k}", shape)
                                       for k, shape in _block_shapes(self.config).items()})
@@ -221,18 +196,6 @@ class OPTModel(CausalLM):
         """Token embeddings (projected in to ``D`` if narrower) plus learned positions.
 
         Position ``p`` reads row ``p + 2`` of ``embed_positions`` (:data:`POSITION_OFFSET`).
-
-        Parameters
-        ----------
-        ids : np.ndarray
-            ``[T]`` int64 token ids.
-        start : int
-            Position of the first token.
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, D]`` float32.
         """
         x = self.tensors["embed_tokens.weight"][ids]  # [T, E]
         if "project_in.weight" in self.tensors:
@@ -241,18 +204,7 @@ class OPTModel(CausalLM):
         return x + self.tensors["embed_positions.weight"][rows]  # [T, D]
 
     def final(self, x: np.ndarray) -> np.ndarray:
-        """Final LayerNorm (pre-norm models only), ``project_out`` to ``E`` if present, then head.
-
-        Parameters
-        ----------
-        x : np.ndarray
-            ``[T, D]`` float32, the last block's output.
-
-        Returns
-        -------
-        np.ndarray
-            ``[T, V]`` float32 logits.
-        """
+        """Final LayerNorm (pre-norm models only), ``project_out`` to ``E`` if any, then head."""
         t = self.tensors
         if "final_layer_norm.weight" in t:
             x = layer_norm(x, t["final_layer_norm.weight"], t["final_layer_norm.bias"],

@@ -9,9 +9,9 @@ with mask True = kept:
 - :func:`dsnot`: grow/prune swaps on top of any of them.
 
 :data:`METHODS` is the registry the pruner and the command line read (name -> the statistics
-the method needs and the function that runs it); :func:`register_method` adds one. :func:`prune_layer`
-runs one by name and measures the layer's reconstruction error; the block-by-block calibration
-driver is :mod:`npsparse.sequential`.
+the method needs and the function that runs it); :func:`register_method` adds one.
+:func:`prune_layer` runs one by name and measures the layer's reconstruction error; the
+block-by-block calibration driver is :mod:`npsparse.sequential`.
 """
 
 from __future__ import annotations
