@@ -124,75 +124,92 @@ def consolidate(model) -> int:
     int
         Bytes of the buffer.
     """
-    from .linear import DenseLinear
-
     plan = _plan(model)
-    total = 0
-    for block, names in plan:
-        arrays = [_layer_arrays(block.linears[n]) for n in names]
-        if arrays[0] is None:
-            continue
-        for key in arrays[0]:
-            if len(names) == 1:
-                total += _aligned(arrays[0][key].nbytes)
-            else:
-                total += _aligned(sum(a[key].nbytes for a in arrays))
-                if key == "row_ptr":  # each part keeps its own row_ptr as well
-                    total += sum(_aligned(a[key].nbytes) for a in arrays)
+    total = sum(_group_bytes([_layer_arrays(block.linears[n]) for n in names])
+                for block, names in plan)
     if total == 0:
         return 0
-    buffer = np.empty(total + ALIGN, dtype=np.uint8)
-    offset = (-buffer.ctypes.data) % ALIGN
-
-    def place(array):
-        nonlocal offset
-        view = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
-        view[...] = array
-        offset += _aligned(array.nbytes)
-        return view
-
+    place = _Placer(total)
     for block in model.blocks:
         if hasattr(block, "fusable_groups"):
             block.fused = {}
     # One group at a time, holding no other: each original is freed as soon as it is replaced.
     for block, names in plan:
-        layers = [block.linears[n] for n in names]
-        arrays = [_layer_arrays(layer) for layer in layers]
-        if arrays[0] is None:
-            continue
-        moved = [{} for _ in layers]
-        stacked = {}
-        for key in arrays[0]:
-            if len(layers) == 1:
-                moved[0][key] = place(arrays[0][key])
-                continue
-            if key == "row_ptr":
-                stacked[key] = place(_stacked_row_ptr([a[key] for a in arrays]))
-                for i, a in enumerate(arrays):
-                    moved[i][key] = place(a[key])
-                continue
-            whole = place(np.concatenate([a[key] for a in arrays]))  # rows (or nonzeros) in order
-            stacked[key] = whole
-            start = 0
-            for i, a in enumerate(arrays):
-                moved[i][key] = whole[start:start + len(a[key])]
-                start += len(a[key])
-        new_layers = []
-        for layer, name, arr in zip(layers, names, moved):
-            if isinstance(layer, DenseLinear):
-                layer = DenseLinear(arr["weight"])
-                block.linears[name] = layer
-            else:
-                layer.arrays.update(arr)
-            new_layers.append(layer)
-        if len(layers) > 1:
-            rows = np.cumsum([0] + [layer.shape[0] for layer in new_layers])
-            first = new_layers[0]
-            if isinstance(first, DenseLinear):
-                fused = DenseLinear(stacked["weight"])
-            else:
-                metadata = dict(first.to_arrays()[1], shape=f"{rows[-1]},{first.shape[1]}")
-                fused = type(first).from_arrays(stacked, metadata)
-            block.fused[names] = Fused(fused, tuple(new_layers), tuple(int(r) for r in rows))
-        del layers, arrays, moved, stacked, new_layers
+        _move_group(block, names, place)
     return total
+
+
+def _group_bytes(arrays: list) -> int:
+    """Buffer bytes a group of layers' arrays take (stacked when more than one)."""
+    if arrays[0] is None:
+        return 0
+    total = 0
+    for key in arrays[0]:
+        if len(arrays) == 1:
+            total += _aligned(arrays[0][key].nbytes)
+        else:
+            total += _aligned(sum(a[key].nbytes for a in arrays))
+            if key == "row_ptr":  # each part keeps its own row_ptr as well
+                total += sum(_aligned(a[key].nbytes) for a in arrays)
+    return total
+
+
+class _Placer:
+    """One aligned buffer of ``total`` bytes, filled front to back: ``place(array)`` copies an
+    array in and returns the view of it."""
+
+    def __init__(self, total: int):
+        self.buffer = np.empty(total + ALIGN, dtype=np.uint8)
+        self.offset = (-self.buffer.ctypes.data) % ALIGN
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        view = self.buffer[self.offset:self.offset + array.nbytes].view(array.dtype)
+        view = view.reshape(array.shape)
+        view[...] = array
+        self.offset += _aligned(array.nbytes)
+        return view
+
+
+def _move_group(block, names: tuple, place: _Placer) -> None:
+    """Move one group's layers into the buffer; a group of several also gets its stacked layer
+    (``block.fused[names]``), whose arrays the parts' arrays are slices of."""
+    from .linear import DenseLinear
+
+    layers = [block.linears[n] for n in names]
+    arrays = [_layer_arrays(layer) for layer in layers]
+    if arrays[0] is None:
+        return
+    moved = [{} for _ in layers]
+    stacked = {}
+    for key in arrays[0]:
+        if len(layers) == 1:
+            moved[0][key] = place(arrays[0][key])
+            continue
+        if key == "row_ptr":
+            stacked[key] = place(_stacked_row_ptr([a[key] for a in arrays]))
+            for i, a in enumerate(arrays):
+                moved[i][key] = place(a[key])
+            continue
+        whole = place(np.concatenate([a[key] for a in arrays]))  # rows (or nonzeros) in order
+        stacked[key] = whole
+        start = 0
+        for i, a in enumerate(arrays):
+            moved[i][key] = whole[start:start + len(a[key])]
+            start += len(a[key])
+    new_layers = []
+    for layer, name, arr in zip(layers, names, moved):
+        if isinstance(layer, DenseLinear):
+            layer = DenseLinear(arr["weight"])
+            block.linears[name] = layer
+        else:
+            layer.arrays.update(arr)
+        new_layers.append(layer)
+    if len(layers) > 1:
+        rows = np.cumsum([0] + [layer.shape[0] for layer in new_layers])
+        first = new_layers[0]
+        if isinstance(first, DenseLinear):
+            fused = DenseLinear(stacked["weight"])
+        else:
+            metadata = dict(first.to_arrays()[1], shape=f"{rows[-1]},{first.shape[1]}")
+            fused = type(first).from_arrays(stacked, metadata)
+        block.fused[names] = Fused(fused, tuple(new_layers), tuple(int(r) for r in rows))

@@ -129,68 +129,44 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
         The contents of ``pruning.json``: settings, per-matrix sparsity and reconstruction error,
         per-block sparsity, timings, peak RSS and the calibration token hash.
     """
-    pattern = Pattern.parse(settings.pattern)
-    if settings.error_report is None:
-        settings = replace(settings, error_report=settings.method != "magnitude" or settings.owl)
+    settings, pattern = _checked(settings)
     needs = stats_needed(settings.method, settings.base, error=settings.error_report)
     calibrate = bool(needs) or settings.owl  # else no calibration window is ever read
-    if settings.base is not None and not get_method(settings.method).takes_base:
-        raise NpsparseError(f"--base is DSnoT's initial method; {settings.method} takes none")
-    if settings.owl and pattern.structured:
-        raise NpsparseError("OWL allocates unstructured sparsity; it cannot be combined with N:M")
-    dsnot_options = DSnoTOptions(**settings.dsnot)
     check_output_folder(out, inputs=[model_path, settings.calib])  # before minutes of work
     started = time.perf_counter()
     checkpoint = open_checkpoint(model_path)
     config = checkpoint.config
     tokenizer = load_tokenizer(checkpoint)
-    calib = None
-    if calibrate:
-        calib = calibration_windows(settings.calib, tokenizer, config.vocab_size,
-                                    nsamples=settings.nsamples, seqlen=settings.seqlen,
-                                    seed=settings.seed)
     model = build_model(config, checkpoint.weights, load_blocks=False)
     if pattern.structured:  # refuse impossible N:M widths before any work is done
         for name, layer in model.load_block(0).linears.items():
             pattern.check_width(layer.shape[1], f"{model.block_prefix(0)}.{name}")
-    embedded = np.stack([model.embed(ids, 0) for ids in calib]) if calibrate else None  # [S, L, D]
-    block_sparsity = [pattern.sparsity] * config.n_layers
-    ratios = None
+    calib, x = None, None
+    if calibrate:
+        calib = calibration_windows(settings.calib, tokenizer, config.vocab_size,
+                                    nsamples=settings.nsamples, seqlen=settings.seqlen,
+                                    seed=settings.seed)
+        x = np.stack([model.embed(ids, 0) for ids in calib])  # [S, L, D]
+    block_sparsity, ratios = [pattern.sparsity] * config.n_layers, None
     if settings.owl:
-        ratios = _owl_ratios(model, embedded, settings.owl_m, progress)
+        ratios = _owl_ratios(model, x, settings.owl_m, progress)
         block_sparsity = owl_sparsities(ratios, pattern.sparsity, settings.owl_lambda).tolist()
 
     layers, blocks = {}, []
     digest = hashlib.sha256()  # of every pruned block tensor, in order: the determinism check
-    x = embedded
-    bar = tqdm(range(config.n_layers), desc=f"prune {settings.method}", unit="block",
-               disable=not progress)
     with HFDirWriter(out) as writer:
-        for i in bar:
+        for i in tqdm(range(config.n_layers), desc=f"prune {settings.method}", unit="block",
+                      disable=not progress):
             block_start = time.perf_counter()
-            block = model.load_block(i)
-            stats = collect_block_stats(block, x, needs)[0] if calibrate else {}
             layer_pattern = pattern if pattern.structured else Pattern(block_sparsity[i])
-            for name, layer in list(block.linears.items()):
-                new, _, info = prune_layer(
-                    settings.method, layer.to_dense(), stats.get(name), layer_pattern,
-                    base=settings.base, magnitude_group=settings.magnitude_group,
-                    blocksize=settings.blocksize, percdamp=settings.percdamp,
-                    dsnot_options=dsnot_options)
-                block.linears[name] = DenseLinear(new)
-                layers[f"{model.block_prefix(i)}.{name}"] = info
-            if calibrate:  # the pruned block's outputs feed the next
-                x = np.stack([block(xs, 0) for xs in x])
-                if not np.all(np.isfinite(x)):
-                    raise NpsparseError(f"block {i} produced NaN or infinite activations after "
-                                        "pruning")
+            block, x = _prune_block(model, i, x, needs, layer_pattern, settings, layers)
             state = model.block_state(i, block)
             for name in sorted(state):
                 digest.update(name.encode() + np.ascontiguousarray(state[name]).tobytes())
             writer.add_shard(state)
             blocks.append({"block": i, "target_sparsity": block_sparsity[i],
                            "seconds": time.perf_counter() - block_start})
-            del block, stats
+            del block
         writer.add_shard(model.outer_state())
         report = _report(settings, pattern, layers, blocks, ratios, calib, checkpoint,
                          time.perf_counter() - started, digest.hexdigest())
@@ -198,6 +174,40 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
                       chat_template=tokenizer.chat_template,
                       extra_files={"pruning.json": json.dumps(report, indent=1) + "\n"})
     return report
+
+
+def _checked(settings: PruneSettings) -> tuple[PruneSettings, Pattern]:
+    """The settings with their defaults resolved, and the pattern; refuses impossible ones."""
+    pattern = Pattern.parse(settings.pattern)
+    get_method(settings.method)
+    if settings.error_report is None:
+        settings = replace(settings, error_report=settings.method != "magnitude" or settings.owl)
+    if settings.base is not None and not get_method(settings.method).takes_base:
+        raise NpsparseError(f"--base is DSnoT's initial method; {settings.method} takes none")
+    if settings.owl and pattern.structured:
+        raise NpsparseError("OWL allocates unstructured sparsity; it cannot be combined with N:M")
+    DSnoTOptions(**settings.dsnot)  # refuses a bad guard
+    return settings, pattern
+
+
+def _prune_block(model, i: int, x, needs, pattern: Pattern, settings: PruneSettings,
+                 layers: dict):
+    """Block ``i`` pruned (its layers' reports added to ``layers``) and, when calibrating, its
+    outputs on ``x`` ``[S, L, D]``, which the next block calibrates on."""
+    block = model.load_block(i)
+    stats = collect_block_stats(block, x, needs)[0] if x is not None else {}
+    for name, layer in list(block.linears.items()):
+        new, _, info = prune_layer(
+            settings.method, layer.to_dense(), stats.get(name), pattern, base=settings.base,
+            magnitude_group=settings.magnitude_group, blocksize=settings.blocksize,
+            percdamp=settings.percdamp, dsnot_options=DSnoTOptions(**settings.dsnot))
+        block.linears[name] = DenseLinear(new)
+        layers[f"{model.block_prefix(i)}.{name}"] = info
+    if x is not None:  # the pruned block's outputs feed the next
+        x = np.stack([block(xs, 0) for xs in x])
+        if not np.all(np.isfinite(x)):
+            raise NpsparseError(f"block {i} produced NaN or infinite activations after pruning")
+    return block, x
 
 
 def _owl_ratios(model, x: np.ndarray, m: float, progress: bool) -> list[float]:

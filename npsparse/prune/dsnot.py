@@ -138,47 +138,32 @@ def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.n
         grad = (dense.astype(np.float64) - np.where(mask, weight, 0.0)) @ xtx  # [N, K]
     active = np.ones(n_rows, dtype=bool)
     swaps, cycles = 0, 0
-    g_lo, g_hi = np.zeros(n_rows, int), np.full(n_rows, n_cols - 1)
-
+    grow_from = _TwoEnded(grow_list)
     if pattern.structured:
         score = np.where(mask, wanda if init_score is None else init_score, np.inf)
     else:
-        prune_list = _prune_order(mask, d, wanda)
-        p_lo, p_hi = np.zeros(n_rows, int), np.full(n_rows, n_cols - 1)
+        prune_from = _TwoEnded(_prune_order(mask, d, wanda))
 
     for cycles in range(1, options.max_cycles + 1):
         active &= np.abs(error) > options.threshold
         if not active.any():
             cycles -= 1
             break
-        positive = error > 0
-        g_pos = np.where(positive, g_hi, g_lo).clip(0, n_cols - 1)
-        grow = grow_list[rows, g_pos]  # [N]
-        g_hi = np.where(positive, g_hi - 1, g_hi)
-        g_lo = np.where(positive, g_lo, g_lo + 1)
+        grow = grow_from.take(error > 0)  # [N]
         # A valid growth candidate was pruned by the base method (a weight DSnoT pruned is never
         # grown again) and moves e toward 0: D of the same sign as e.
         ok = ~start_mask[rows, grow] & (np.sign(d[rows, grow]) == np.sign(error))
-        ok &= g_lo <= g_hi + 1
+        ok &= grow_from.open
         if pattern.structured:
-            group = (grow // pattern.m) * pattern.m
-            cols = group[:, None] + np.arange(pattern.m)[None, :]  # [N, M]
-            in_group = score[rows[:, None], cols]
-            prune = cols[rows, np.argmin(in_group, axis=1)]
-            ok &= np.isfinite(score[rows, prune])
-            score[rows, prune] = np.inf  # each candidate is considered once (reference)
+            prune, valid = _nm_prune_candidate(score, grow, pattern.m)
         else:
-            negative = error < 0
-            p_pos = np.where(negative, p_hi, p_lo).clip(0, n_cols - 1)
-            prune = prune_list[rows, p_pos]
-            p_hi = np.where(negative, p_hi - 1, p_hi)
-            p_lo = np.where(negative, p_lo, p_lo + 1)
+            prune = prune_from.take(error < 0)
             # A valid prune candidate was kept by the base method and still is (a regrown weight
             # is never pruned again: the lists are static, as the reference's), and its D has
             # the sign opposite to e.
-            ok &= start_mask[rows, prune] & mask[rows, prune]
-            ok &= np.sign(d[rows, prune]) == -np.sign(error)
-            ok &= p_lo <= p_hi + 1
+            valid = start_mask[rows, prune] & mask[rows, prune]
+            valid &= (np.sign(d[rows, prune]) == -np.sign(error)) & prune_from.open
+        ok &= valid
         new_error = error + d[rows, prune] - d[rows, grow]
         if pattern.structured or options.same_sign:
             ok &= np.sign(new_error) == np.sign(start_error)
@@ -187,13 +172,8 @@ def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.n
         if options.guard == "mean":
             apply = active & (np.abs(new_error) < np.abs(error))
         elif options.guard == "recon":
-            # The swap changes delta_i by u = v_prune e_prune - v_grow e_grow, so the row's
-            # error changes by 2 u.grad_i + u^T (X^T X) u.
             v_p, v_g = values[rows, prune], values[rows, grow]
-            change = (2.0 * (v_p * grad[rows, prune] - v_g * grad[rows, grow])
-                      + v_p * v_p * xtx[prune, prune] + v_g * v_g * xtx[grow, grow]
-                      - 2.0 * v_p * v_g * xtx[prune, grow])
-            apply = active & (change < 0)
+            apply = active & (_recon_change(v_p, v_g, prune, grow, grad, xtx) < 0)
             grad[apply] += (v_p[apply, None] * xtx[prune[apply]]
                             - v_g[apply, None] * xtx[grow[apply]])
         mask[rows[apply], prune[apply]] = False
@@ -204,6 +184,48 @@ def dsnot(dense: np.ndarray, weight: np.ndarray, mask: np.ndarray, sq_norm: np.n
     info = {"swaps": swaps, "cycles": cycles, "error_before": float(np.abs(start_error).sum()),
             "error_after": float(np.abs(error).sum())}
     return new_weight, mask, info
+
+
+class _TwoEnded:
+    """Per row, a fixed column order walked from both ends (DSnoT's grow and prune lists): a row
+    whose error asks for one sign takes the next column from the high end, else from the low end;
+    ``open`` turns False once a row's two ends have crossed."""
+
+    def __init__(self, order: np.ndarray):
+        n_rows, n_cols = order.shape
+        self.order, self.rows = order, np.arange(n_rows)
+        self.lo, self.hi = np.zeros(n_rows, int), np.full(n_rows, n_cols - 1)
+
+    def take(self, from_high: np.ndarray) -> np.ndarray:
+        position = np.where(from_high, self.hi, self.lo).clip(0, self.order.shape[1] - 1)
+        self.hi = np.where(from_high, self.hi - 1, self.hi)
+        self.lo = np.where(from_high, self.lo, self.lo + 1)
+        return self.order[self.rows, position]  # [N] one column per row
+
+    @property
+    def open(self) -> np.ndarray:
+        return self.lo <= self.hi + 1
+
+
+def _nm_prune_candidate(score: np.ndarray, grow: np.ndarray, m: int):
+    """N:M: the kept weight with the lowest base score in the grown weight's M-group, per row,
+    and whether there was one. Each candidate is considered once (its score becomes inf), as
+    in the reference."""
+    rows = np.arange(len(grow))
+    cols = ((grow // m) * m)[:, None] + np.arange(m)[None, :]  # [N, M]
+    prune = cols[rows, np.argmin(score[rows[:, None], cols], axis=1)]
+    valid = np.isfinite(score[rows, prune])
+    score[rows, prune] = np.inf
+    return prune, valid
+
+
+def _recon_change(v_p, v_g, prune, grow, grad, xtx) -> np.ndarray:
+    """Per row, how much the swap changes ``||delta_i X||^2``: it changes ``delta_i`` by
+    ``u = v_prune e_prune - v_grow e_grow``, so the error by ``2 u.grad_i + u^T (X^T X) u``."""
+    rows = np.arange(len(prune))
+    return (2.0 * (v_p * grad[rows, prune] - v_g * grad[rows, grow])
+            + v_p * v_p * xtx[prune, prune] + v_g * v_g * xtx[grow, grow]
+            - 2.0 * v_p * v_g * xtx[prune, grow])
 
 
 def _prune_order(mask: np.ndarray, d: np.ndarray, wanda: np.ndarray) -> np.ndarray:
