@@ -130,6 +130,7 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
         per-block sparsity, timings, peak RSS and the calibration token hash.
     """
     settings, pattern = _checked(settings)
+    dsnot_options = DSnoTOptions(**settings.dsnot)  # refuses a bad guard before any work
     needs = stats_needed(settings.method, settings.base, error=settings.error_report)
     calibrate = bool(needs) or settings.owl  # else no calibration window is ever read
     check_output_folder(out, inputs=[model_path, settings.calib])  # before minutes of work
@@ -159,7 +160,8 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
                       disable=not progress):
             block_start = time.perf_counter()
             layer_pattern = pattern if pattern.structured else Pattern(block_sparsity[i])
-            block, x = _prune_block(model, i, x, needs, layer_pattern, settings, layers)
+            block, x = _prune_block(model, i, x, needs, layer_pattern, settings, dsnot_options,
+                                    layers)
             state = model.block_state(i, block)
             for name in sorted(state):
                 digest.update(name.encode() + np.ascontiguousarray(state[name]).tobytes())
@@ -179,19 +181,18 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
 def _checked(settings: PruneSettings) -> tuple[PruneSettings, Pattern]:
     """The settings with their defaults resolved, and the pattern; refuses impossible ones."""
     pattern = Pattern.parse(settings.pattern)
-    get_method(settings.method)
+    method = get_method(settings.method)  # refuses an unknown name
     if settings.error_report is None:
-        settings = replace(settings, error_report=settings.method != "magnitude" or settings.owl)
-    if settings.base is not None and not get_method(settings.method).takes_base:
+        settings = replace(settings, error_report=bool(method.needs) or settings.owl)
+    if settings.base is not None and not method.takes_base:
         raise NpsparseError(f"--base is DSnoT's initial method; {settings.method} takes none")
     if settings.owl and pattern.structured:
         raise NpsparseError("OWL allocates unstructured sparsity; it cannot be combined with N:M")
-    DSnoTOptions(**settings.dsnot)  # refuses a bad guard
     return settings, pattern
 
 
 def _prune_block(model, i: int, x, needs, pattern: Pattern, settings: PruneSettings,
-                 layers: dict):
+                 dsnot_options: DSnoTOptions, layers: dict):
     """Block ``i`` pruned (its layers' reports added to ``layers``) and, when calibrating, its
     outputs on ``x`` ``[S, L, D]``, which the next block calibrates on."""
     block = model.load_block(i)
@@ -200,7 +201,7 @@ def _prune_block(model, i: int, x, needs, pattern: Pattern, settings: PruneSetti
         new, _, info = prune_layer(
             settings.method, layer.to_dense(), stats.get(name), pattern, base=settings.base,
             magnitude_group=settings.magnitude_group, blocksize=settings.blocksize,
-            percdamp=settings.percdamp, dsnot_options=DSnoTOptions(**settings.dsnot))
+            percdamp=settings.percdamp, dsnot_options=dsnot_options)
         block.linears[name] = DenseLinear(new)
         layers[f"{model.block_prefix(i)}.{name}"] = info
     if x is not None:  # the pruned block's outputs feed the next

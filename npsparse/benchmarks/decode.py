@@ -79,8 +79,8 @@ def main(argv=None) -> int:
                   f"{info['head']}", file=sys.stderr)
         # What runs, not what was asked: a packed folder "@dense" runs in its stored formats,
         # so it is labelled by them and never becomes the dense fp32 baseline.
-        actual = layer_formats(llm.model) if fmt == "dense" else fmt
-        runs.append((f"{model}@{actual}", layer_formats(llm.model), llm))
+        formats = layer_formats(llm.model)
+        runs.append((f"{model}@{formats if fmt == 'dense' else fmt}", formats, llm))
     prompt = runs[0][2].encode("The Python standard library documentation describes")
     for _, _, llm in runs:  # warm-up: compile kernels, fault in pages
         decode_run(llm, prompt, 4, 1)
