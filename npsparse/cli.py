@@ -211,7 +211,9 @@ def cmd_finetune(args) -> None:
         lr=args.lr, batch=args.batch, seqlen=args.seqlen, warmup=args.warmup, decay=args.decay,
         weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, data=args.data,
         val_windows=args.val_windows, val_every=args.val_every, eval_windows=args.eval_windows,
-        train_embeddings=args.train_embeddings, teacher=args.teacher)
+        train_embeddings=args.train_embeddings, teacher=args.teacher, method=args.method,
+        pattern=args.pattern if args.sparsity is None else str(args.sparsity), rank=args.rank,
+        fraction=args.fraction, nuclear=args.nuclear)
     settings.check()  # before loading anything
     log = (lambda text: print(text, file=sys.stderr)) if args.json else print
     report = finetune(args.model, args.out, settings, resume=args.resume,
@@ -219,7 +221,10 @@ def cmd_finetune(args) -> None:
     if "interrupted" in report:
         raise SystemExit(130)
     before, after = report["ppl_before"], report["ppl_after"]
-    summary = {"out": str(args.out), "loss": report["loss"], "steps": report["steps"],
+    summary = {"out": str(args.out), "method": report["method"],
+               "trainable_parameters": report["trainable_parameters"],
+               "optimizer_state_bytes": report["optimizer_state_bytes"],
+               "loss": report["loss"], "steps": report["steps"],
                "tokens": report["tokens"], "ppl_before": before and before["ppl"],
                "ppl_after": after and after["ppl"], "val_first": report["validation"][0],
                "val_last": report["validation"][-1],
@@ -233,7 +238,9 @@ def cmd_finetune(args) -> None:
     if before and after:
         ppl = (f"; perplexity {before['ppl']:.4f} -> {after['ppl']:.4f} ({after['windows']} x "
                f"{after['seqlen']} eval tokens)")
-    print(f"fine-tuned {args.model} with {report['loss']} for {report['steps']} steps "
+    print(f"fine-tuned {args.model} ({report['method']}: {report['trainable_parameters']:,} "
+          f"trainable parameters, {report['optimizer_state_bytes'] / 2**20:.1f} MiB optimizer "
+          f"state) with {report['loss']} for {report['steps']} steps "
           f"({report['tokens']} tokens): validation loss {report['validation'][0]['loss']:.4f} "
           f"-> {report['validation'][-1]['loss']:.4f}{ppl}; "
           f"{report['train_tokens_per_s']:.1f} tok/s ({100 * report['matmul_fraction']:.0f}% of "
@@ -242,6 +249,7 @@ def cmd_finetune(args) -> None:
 
 
 def _add_finetune(sub) -> None:
+    from .train.adapted import METHODS
     from .train.finetune import FinetuneSettings
     from .train.optim import DECAYS
 
@@ -286,8 +294,23 @@ def _add_finetune(sub) -> None:
                     help="eval-text windows for the perplexity before and after; 0 = skip")
     ft.add_argument("--train-embeddings", action="store_true",
                     help="also train the embedding (and so a tied head)")
+    ft.add_argument("--method", default=F.method, choices=METHODS,
+                    help="full: every kept weight trains; lora: low-rank adapters merged into "
+                         "the weights; pst: dense -> sparse with learned masks (needs "
+                         "--sparsity or --pattern); sara: only the smallest-|w| entries train "
+                         "(needs --fraction)")
+    target = ft.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, default=None,
+                        help="PST's final unstructured sparsity per matrix, 0 <= S < 1")
+    target.add_argument("--pattern", default=None,
+                        help="PST's final N:M pattern (N pruned of every M), e.g. 2:4")
+    ft.add_argument("--rank", type=int, default=F.rank, help="LoRA's and PST's rank")
+    ft.add_argument("--fraction", type=float, default=None,
+                    help="SaRA's trained share of each matrix's kept weights, 0 < F < 1")
+    ft.add_argument("--nuclear", type=float, default=F.nuclear,
+                    help="SaRA's nuclear-norm penalty weight on one matrix per step")
     ft.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run from OUT.resume")
+                    help="continue an interrupted run from OUT.resume (--method full only)")
     ft.add_argument("--out", required=True, help="output folder (written when the run ends)")
     ft.add_argument("--json", action="store_true", help="print one JSON object")
     ft.set_defaults(func=cmd_finetune)

@@ -139,6 +139,18 @@ def test_lora_gradients_equal_finite_differences(n, k, rank, seed):
     np.testing.assert_allclose(lora.merged(), lora.base + 2.0 * lora.B @ lora.A)
 
 
+@given(n=st.integers(1, 7), k=st.integers(1, 9), seed=seeds)
+def test_masked_lora_keeps_the_zeros_and_its_gradient_is_exact(n, k, seed):
+    rng = np.random.default_rng(seed)
+    keep = rng.random((n, k)) < 0.5
+    lora = LoRA(rng.standard_normal((n, k)) * keep, 1, keep=keep, rng=rng)
+    perturb(lora, rng)
+    assert not lora.merged()[~keep].any()
+    upstream = rng.standard_normal((n, k))
+    grads = lora.backward(upstream)
+    directional_check(lora, lambda: float(np.sum(upstream * lora.effective())), grads, rng)
+
+
 # -- PST -------------------------------------------------------------------------------------
 
 def make_pst(rng, n, k, rank, pattern, **kwargs):

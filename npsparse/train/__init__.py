@@ -5,6 +5,8 @@
 - :mod:`.losses`: cross-entropy and KL through the output head (chunked), SquareHead.
 - :mod:`.optim`: AdamW with masks, the learning-rate schedule, clipping by global norm.
 - :mod:`.finetune`: the whole run (data, teacher, steps, resume, output folder).
+- :mod:`.adapters`: LoRA, PST and SaRA reparametrisations of one weight; :mod:`.adapted` puts
+  them on a model's block weights for ``finetune --method lora|pst|sara``.
 """
 
 from .engine import LossWeights, hidden_states, loss_and_grads, parameters

@@ -259,6 +259,10 @@ class LoRA(Adapter):
     ``A`` is drawn uniform in ``+-1/sqrt(K)`` (PyTorch's ``kaiming_uniform_(a=sqrt(5))``, as
     peft initialises it), so the first step moves only ``B``.
 
+    On a pruned weight the mask multiplies the result, ``W_eff = M ⊙ (W + scale B A)``, so the
+    zeros stay zero and the merged weight keeps the pattern (the factors then learn only what
+    lands on kept entries: ``dL/d(B A) = scale G ⊙ M``).
+
     Parameters
     ----------
     weight : np.ndarray
@@ -267,17 +271,20 @@ class LoRA(Adapter):
         ``r >= 1``.
     alpha : float, optional
         Scale numerator (default ``r``: the update is ``B A``).
+    keep : np.ndarray, optional
+        ``[N, K]`` bool mask of a pruned weight (True = kept).
     rng : np.random.Generator
         Seeded generator for ``A``.
     """
 
     method = "lora"
 
-    def __init__(self, weight: np.ndarray, rank: int, alpha: float | None = None, *,
-                 rng: np.random.Generator):
+    def __init__(self, weight: np.ndarray, rank: int, alpha: float | None = None,
+                 keep: np.ndarray | None = None, *, rng: np.random.Generator):
         super().__init__(weight)
         check_rank(rank, weight.shape)
         n, k = weight.shape
+        self.keep = keep
         self.scale = (rank if alpha is None else alpha) / rank
         bound = 1.0 / math.sqrt(k)
         self.A = rng.uniform(-bound, bound, (rank, k)).astype(weight.dtype)  # [r, K]
@@ -288,15 +295,20 @@ class LoRA(Adapter):
         return {"A": self.A, "B": self.B}
 
     def effective(self, step: int = 0, total: int = 1) -> np.ndarray:
-        """``W + scale B A`` (the schedule is not used)."""
-        return self.base + self.scale * (self.B @ self.A)  # [N, K]
+        """``W + scale B A``, times the mask if any (the schedule is not used)."""
+        out = self.base + self.scale * (self.B @ self.A)  # [N, K]
+        if self.keep is not None:
+            out *= self.keep
+        return out
 
     def backward(self, grad: np.ndarray) -> dict[str, np.ndarray]:
-        """``dA = scale B^T G``, ``dB = scale G A^T``."""
+        """``dA = scale B^T G'``, ``dB = scale G' A^T`` with ``G' = G ⊙ M``."""
+        if self.keep is not None:
+            grad = grad * self.keep
         return {"A": self.scale * (self.B.T @ grad), "B": self.scale * (grad @ self.A.T)}
 
     def merged(self) -> np.ndarray:
-        """``W + scale B A``."""
+        """The effective weight."""
         return self.effective()
 
 

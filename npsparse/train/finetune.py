@@ -2,7 +2,9 @@
 
 ``finetune(model, out, settings)`` trains every block weight that pruning kept (the zeros stay
 zero), the norms, and optionally the embedding, against a loss of cross-entropy, KL to a teacher
-and/or SquareHead (Kurtic et al. 2023). The teacher is the dense model the pruned folder came
+and/or SquareHead (Kurtic et al. 2023). With ``settings.method`` ``lora``, ``pst`` or ``sara``
+only adapters on the block weights train instead (:mod:`npsparse.train.adapted`): PST prunes a
+dense model while it trains, and every adapter is merged into the weights that are saved. The teacher is the dense model the pruned folder came
 from; it runs forward only, *online*: its block outputs for one 512-token window are 35 MB
 (SmolLM2), so caching them for every window of a run would take several GB of disk per run,
 read back at every step, while recomputing them costs a quarter of a step's arithmetic.
@@ -39,6 +41,9 @@ from ..io.hf_dir import check_replaceable
 from ..io.weights import DictWeights
 from ..models import build_model
 from ..tokenizer import load_tokenizer
+from ..prune.patterns import Pattern
+from .adapted import METHODS, AdaptedModel, block_weight_names
+from .adapters import check_fraction, check_rank
 from .engine import LossWeights, head_of, hidden_states, loss_and_grads, parameters
 from .losses import head_losses, squarehead
 from .optim import AdamW, AdamWSettings, clip_by_global_norm, learning_rate
@@ -69,9 +74,15 @@ class FinetuneSettings:
     eval_windows: int = 40
     train_embeddings: bool = False
     teacher: str | None = None
+    method: str = "full"  # or an adapter (npsparse.train.adapted): lora, pst, sara
+    pattern: str | None = None  # PST's target sparsity ("0.5") or N:M ("2:4")
+    rank: int = 8  # LoRA's and PST's rank
+    fraction: float | None = None  # SaRA's trained share of each matrix
+    nuclear: float = 5e-4  # SaRA's nuclear-norm weight (the reference scripts' lambda_rank)
 
     def check(self) -> None:
         """Refuse impossible settings with one line (before any model is loaded)."""
+        self._check_method()
         for name in ("lr", "temperature", "weight_decay", "clip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -95,6 +106,26 @@ class FinetuneSettings:
             raise NpsparseError(f"--warmup must be 0 or more, got {self.warmup}")
         learning_rate(1, 1, 1.0, 0, self.decay)  # refuses an unknown decay
         LossWeights.parse(self.loss, self.temperature)
+
+    def _check_method(self) -> None:
+        """The adapter options: each method's own, in range, and no other method's."""
+        if self.method not in METHODS:
+            raise NpsparseError(f"unknown --method {self.method!r} ({', '.join(METHODS)})")
+        if (self.pattern is not None) != (self.method == "pst"):
+            raise NpsparseError("--method pst needs --sparsity S or --pattern N:M, and only it "
+                                "takes them")
+        if (self.fraction is not None) != (self.method == "sara"):
+            raise NpsparseError("--method sara needs --fraction F, and only it takes it")
+        if self.method == "pst":
+            Pattern.parse(self.pattern)
+        if self.method in ("lora", "pst"):
+            check_rank(self.rank)
+        if self.method == "sara":
+            check_fraction(self.fraction)
+            if not (math.isfinite(self.nuclear) and self.nuclear >= 0):
+                raise NpsparseError(f"--nuclear must be 0 or more, got {self.nuclear}")
+        if self.method != "full" and self.train_embeddings:
+            raise NpsparseError("--train-embeddings applies to --method full only")
 
     @property
     def total_steps(self) -> int:
@@ -426,6 +457,8 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         The contents of ``finetune.json`` (``{"interrupted": step, ...}`` if stopped early).
     """
     settings.check()
+    if resume and settings.method != "full":
+        raise NpsparseError(f"--resume is not supported for --method {settings.method} yet")
     out = Path(out).absolute()
     check_replaceable(out)
     started = time.perf_counter()
@@ -455,12 +488,20 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         eval_windows = make_windows(eval_tokens, settings.seqlen, settings.eval_windows)
 
     params = parameters(model)
-    names = _trainable_names(model, settings.train_embeddings)
     masks = masks_of(model, report_in)
-    optimizer = AdamW({n: params[n] for n in names}, masks,
-                      AdamWSettings(lr=settings.lr, weight_decay=settings.weight_decay))
-    grads = {n: np.zeros_like(params[n]) for n in names}
     total, warmup = settings.total_steps, settings.warmup_steps
+    adam = AdamWSettings(lr=settings.lr, weight_decay=settings.weight_decay)
+    adapted = _adapted(model, params, masks, settings)  # None for full fine-tuning
+    if adapted is None:
+        names = _trainable_names(model, settings.train_embeddings)
+        optimizer = AdamW({n: params[n] for n in names}, masks, adam)
+    else:  # the engine gives dL/dW_eff of the adapted weights; the optimizer sees the adapters
+        names = adapted.names
+        optimizer = AdamW(adapted.params(), None, adam)
+        adapted.write(params, 0, total)
+    trained_at_start = _optimizer_size(optimizer)
+    reselect_at = adapted.reselect_step(total) if adapted is not None else None
+    grads = {n: np.zeros_like(params[n]) for n in names}
     val_every = settings.val_every or max(1, total // 5)
     state_dir = _resume_folder(out)
     record = {"settings": asdict(settings), "step": 0, "train": [], "validation": [],
@@ -487,6 +528,9 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     with _StopRequest() as stop:
         for step in bar:
             step_start = time.perf_counter()
+            if step == reselect_at:  # SaRA's progressive step: fewer entries, fresh moments
+                record["reselected"] = {"step": step, "frozen": adapted.reselect()}
+                optimizer = AdamW(adapted.params(), None, adam)
             for g in grads.values():
                 g.fill(0)
             sums: dict[str, float] = {}
@@ -503,10 +547,15 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
             if not all(math.isfinite(v) for v in sums.values()):
                 raise NpsparseError(f"the loss became {sums['loss']} at step {step + 1}; "
                                     "lower --lr")
-            optimizer.mask_gradients(grads)
-            norm = clip_by_global_norm(grads, settings.clip)
+            step_grads = grads
+            if adapted is not None:
+                step_grads = _adapter_gradients(adapted, grads, step, sums)
+            optimizer.mask_gradients(step_grads)
+            norm = clip_by_global_norm(step_grads, settings.clip)
             lr = learning_rate(step + 1, total, settings.lr, warmup, settings.decay)
-            optimizer.step(grads, lr)
+            optimizer.step(step_grads, lr)
+            if adapted is not None:
+                adapted.write(params, step + 1, total)  # what the next forward (or eval) sees
             seconds = time.perf_counter() - step_start
             record["train_seconds"] += seconds
             record["step"] = step + 1
@@ -523,12 +572,18 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
                 interrupted = True
                 break
     bar.close()
+    if interrupted and adapted is not None:
+        log(f"interrupted after step {record['step']} of {total}; --method {settings.method} "
+            "runs cannot be resumed yet, so nothing was saved")
+        return {"interrupted": record["step"], "resume": None}
     if interrupted:
         _save_state(state_dir, params, names, optimizer, record)
         log(f"interrupted after step {record['step']} of {total}; state saved in {state_dir}; "
             f"continue with the same command plus --resume")
         return {"interrupted": record["step"], "resume": str(state_dir)}
 
+    if adapted is not None:
+        adapted.merge_into(params)  # PST: the final, exact mask
     ppl_after = None
     if eval_windows is not None:
         ppl_after = perplexity(model, eval_windows, progress=progress).to_dict()
@@ -548,7 +603,9 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         "data": {"source": settings.data, "windows": int(len(data)), "train_windows": len(train),
                  "val_windows": len(val), "seqlen": settings.seqlen,
                  "token_sha256": token_hash(data)},
-        "trainable_parameters": int(sum(params[n].size for n in names)),
+        "method": settings.method,
+        "trainable_parameters": trained_at_start["parameters"],
+        "optimizer_state_bytes": trained_at_start["state_bytes"],
         "masked_parameters": int(sum(int((~m).sum()) for m in masks.values())),
         "train": record["train"],
         "validation": record["validation"],
@@ -563,6 +620,8 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         "machine": platform.machine(),
         "cpu": _cpu_name(),
     }
+    if adapted is not None:
+        report.update(_adapter_report(adapted, params, record))
     state = model.state_dict()
     report["weights_sha256"] = weights_digest(state)
     with HFDirWriter(out) as writer:
@@ -574,6 +633,45 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
                       extra_files={REPORT: json.dumps(report, indent=1) + "\n"})
     shutil.rmtree(state_dir, ignore_errors=True)
     return report
+
+
+def _adapted(model, params: dict, masks: dict, settings: FinetuneSettings):
+    """Adapters on every block linear weight for ``--method lora|pst|sara``; None for full."""
+    if settings.method == "full":
+        return None
+    return AdaptedModel(params, block_weight_names(model), settings.method,
+                        pattern=settings.pattern, rank=settings.rank, fraction=settings.fraction,
+                        nuclear=settings.nuclear, masks=masks, seed=settings.seed)
+
+
+def _adapter_gradients(adapted: AdaptedModel, weight_grads: dict, step: int,
+                       sums: dict) -> dict:
+    """The adapters' gradients of this step; SaRA's penalty goes into the step's record."""
+    grads, penalty = adapted.gradients(weight_grads, step)
+    if adapted.method == "sara":
+        sums["nuclear"] = penalty
+    return grads
+
+
+def _optimizer_size(optimizer: AdamW) -> dict:
+    """Trainable scalars and the bytes of their two AdamW moments."""
+    return {"parameters": int(sum(p.size for p in optimizer.params.values())),
+            "state_bytes": int(sum(a.nbytes for a in optimizer.state().values()))}
+
+
+def _adapter_report(adapted: AdaptedModel, params: dict, record: dict) -> dict:
+    """What ``finetune.json`` adds for an adapter run: PST's pattern as ``prune`` reports it."""
+    out = {"adapter": {"method": adapted.method, "matrices": len(adapted.names)}}
+    if adapted.method == "pst":
+        layers = adapted.layer_sparsity(params)
+        out["pattern"] = str(adapted.pattern)
+        out["layers"] = layers
+        out["mean_layer_sparsity"] = float(np.mean([v["sparsity"] for v in layers.values()]))
+    if adapted.method == "sara":
+        out["adapter"]["reselected"] = record.get("reselected")
+        out["adapter"]["index_bytes"] = int(sum(a.index.nbytes
+                                                for a in adapted.adapters.values()))
+    return out
 
 
 def weights_digest(state: dict) -> str:
