@@ -5,9 +5,14 @@
 
 Rows: SparseGPT 2:4 and 70% (and Wanda 50%), each fine-tuned with cross-entropy only,
 cross-entropy + SquareHead and SquareHead only; plus dense cross-entropy fine-tuning on the same
-tokens (the control). The pruned folders are ``DIR/sparsegpt-2of4``, ``DIR/sparsegpt-0.7`` and
-``DIR/wanda-0.5`` (``npsparse prune smollm2 --method ... --out ...``); a missing one is pruned
-first. Each arm runs ``npsparse finetune`` in its own process (its peak RSS is its own) with
+tokens (the control). Adapter arms (issue 14, ``--method``): PST dense -> 50% and -> 2:4 at rank
+8 (4.9% of the block parameters train), SaRA on the dense model and on SparseGPT 50% against LoRA
+rank 8 with the same trainable count (2,442,240: SaRA trains 2.3% of the dense model's block
+weights, 4.6% of the kept half of the pruned one), and full fine-tuning of SparseGPT 50% with CE
+and CE+SquareHead beside them. The pruned folders are ``DIR/sparsegpt-2of4``,
+``DIR/sparsegpt-0.7``, ``DIR/sparsegpt-0.5`` and ``DIR/wanda-0.5`` (``npsparse prune smollm2
+--method ... --out ...``); a missing one is pruned first. Each arm runs ``npsparse finetune``
+in its own process (its peak RSS is its own) with
 ``--eval-windows 40`` (perplexity on the first 40 x 512 eval tokens before and after) and is
 appended to ``OUT/results.jsonl`` as it finishes; an arm already there is not run again. The
 table reports the fraction of the log-perplexity gap closed, ``(log p_before - log p_after) /
@@ -26,16 +31,34 @@ from pathlib import Path
 
 PRUNED = {"sparsegpt-2of4": ("sparsegpt", "--pattern", "2:4"),
           "sparsegpt-0.7": ("sparsegpt", "--sparsity", "0.7"),
-          "wanda-0.5": ("wanda", "--sparsity", "0.5")}
+          "wanda-0.5": ("wanda", "--sparsity", "0.5"),
+          "sparsegpt-0.5": ("sparsegpt", "--sparsity", "0.5")}
 LOSSES = ("ce+squarehead", "ce", "squarehead")
 # Peak learning rates: higher for the more damaged models (a fixed choice, not tuned on the eval
 # windows; the rows in bench/results were run with these values).
-LR = {"sparsegpt-2of4": 2e-4, "sparsegpt-0.7": 1.6e-4, "wanda-0.5": 6e-5, "dense": 6e-5}
+LR = {"sparsegpt-2of4": 2e-4, "sparsegpt-0.7": 1.6e-4, "wanda-0.5": 6e-5, "dense": 6e-5,
+      "sparsegpt-0.5": 6e-5}
+# Adapter arms: (row name, source, loss, finetune options, peak learning rate). The learning
+# rate is a fixed choice for small trainable sets (LoRA's usual 2e-4), not tuned on eval windows.
+METHOD_ARMS = [
+    ("dense/pst-0.5/ce", "dense", "ce", ["--method", "pst", "--sparsity", "0.5", "--rank", "8"],
+     2e-4),
+    ("dense/pst-2of4/ce", "dense", "ce", ["--method", "pst", "--pattern", "2:4", "--rank", "8"],
+     2e-4),
+    ("dense/sara/ce", "dense", "ce", ["--method", "sara", "--fraction", "0.023"], 2e-4),
+    ("dense/lora-8/ce", "dense", "ce", ["--method", "lora", "--rank", "8"], 2e-4),
+    ("sparsegpt-0.5/sara/ce", "sparsegpt-0.5", "ce", ["--method", "sara", "--fraction", "0.046"],
+     2e-4),
+    ("sparsegpt-0.5/lora-8/ce", "sparsegpt-0.5", "ce", ["--method", "lora", "--rank", "8"], 2e-4),
+    ("sparsegpt-0.5/ce", "sparsegpt-0.5", "ce", [], LR["sparsegpt-0.5"]),
+    ("sparsegpt-0.5/ce+squarehead", "sparsegpt-0.5", "ce+squarehead", [], LR["sparsegpt-0.5"]),
+]
 
 
-def arms() -> list[tuple[str, str, str]]:
-    """(row name, pruned folder name or 'dense', loss), most telling first, so that a run cut
-    short still has the rows the comparison needs: both SquareHead rows, CE at 70%, the control."""
+def arms() -> list[tuple[str, str, str, list[str], float]]:
+    """(row name, pruned folder name or 'dense', loss, options, lr), most telling first, so that a
+    run cut short still has the rows the comparison needs: both SquareHead rows, CE at 70%, the
+    control; then Wanda and the adapter arms."""
     out = [("sparsegpt-2of4/ce+squarehead", "sparsegpt-2of4", "ce+squarehead"),
            ("sparsegpt-0.7/ce+squarehead", "sparsegpt-0.7", "ce+squarehead"),
            ("sparsegpt-0.7/ce", "sparsegpt-0.7", "ce"),
@@ -44,7 +67,8 @@ def arms() -> list[tuple[str, str, str]]:
            ("sparsegpt-0.7/squarehead", "sparsegpt-0.7", "squarehead"),
            ("sparsegpt-2of4/squarehead", "sparsegpt-2of4", "squarehead")]
     out += [(f"wanda-0.5/{loss}", "wanda-0.5", loss) for loss in LOSSES]
-    return out
+    out = [(name, source, loss, [], LR[source]) for name, source, loss in out]
+    return out + METHOD_ARMS
 
 
 def main(argv=None) -> int:
@@ -60,7 +84,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.out_root.mkdir(parents=True, exist_ok=True)
     results = args.out_root / "results.jsonl"
-    for name, source, loss in arms():
+    for name, source, loss, options, lr in arms():
         if args.table or name in read(results) or (args.only and name not in args.only):
             continue
         model = "smollm2" if source == "dense" else str(args.pruned_root / source)
@@ -69,10 +93,10 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", "smollm2", "--method",
                             method, flag, value, "--out", model], check=True)
         out = args.out_root / name.replace("/", "__")
-        lr = LR[source] * args.lr_scale
+        lr = lr * args.lr_scale
         command = [sys.executable, "-m", "npsparse.cli", "finetune", model, "--loss", loss,
                    "--tokens", str(args.tokens), "--lr", repr(lr), "--eval-windows", "40",
-                   "--out", str(out), "--json"]
+                   *options, "--out", str(out), "--json"]
         if loss != "ce":
             command += ["--teacher", "smollm2"]
         print(f"== {name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
@@ -84,6 +108,9 @@ def main(argv=None) -> int:
                                          "matmul_fraction", "seconds", "peak_rss_mib",
                                          "weights_sha256", "trainable_parameters",
                                          "masked_parameters", "cpu")},
+               "method": report.get("method", "full"), "options": options,
+               "optimizer_state_bytes": report.get("optimizer_state_bytes"),
+               "mean_layer_sparsity": report.get("mean_layer_sparsity"),
                "median_step_tokens_per_s": median_step_rate(report)}
         with open(results, "a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -97,6 +124,18 @@ def median_step_rate(report: dict) -> float:
     seconds = sorted(step["seconds"] for step in report["train"])
     tokens = report["settings"]["batch"] * report["settings"]["seqlen"]
     return tokens / seconds[len(seconds) // 2]
+
+
+def method_label(row: dict) -> str:
+    """``full`` or the adapter and its target, e.g. ``pst --pattern 2:4 --rank 8``."""
+    options = row.get("options") or []
+    return " ".join(options).replace("--method ", "") if options else row.get("method", "full")
+
+
+def optimizer_mib(row: dict) -> str:
+    """AdamW's two moments in MiB (rows run before it was recorded: 8 bytes per parameter)."""
+    state = row.get("optimizer_state_bytes") or 8 * row["trainable_parameters"]
+    return f"{state / 2**20:.1f}"
 
 
 def read(path: Path) -> dict:
@@ -127,8 +166,9 @@ def table(rows: dict) -> str:
     dense_ft = control["ppl_after"]["ppl"] if control else None
     lines = ["| model | loss | tokens | lr | ppl before | ppl after | gap closed (dense) | gap closed "
              "(dense control) | val CE before -> after | train tok/s (mean, median step) | "
-             "% of matmul (mean, median step) | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "% of matmul (mean, median step) | peak RSS MiB | method | trainable | "
+             "optimizer MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows.values():
         before, after = row["ppl_before"]["ppl"], row["ppl_after"]["ppl"]
         sparse = row["source"] != "dense"
@@ -142,7 +182,8 @@ def table(rows: dict) -> str:
                      f"{v0:.3f} -> {v1:.3f} | {row['train_tokens_per_s']:.1f}, "
                      f"{row.get('median_step_tokens_per_s', float('nan')):.1f} | "
                      f"{100 * row['matmul_fraction']:.0f}%, {100 * median_fraction:.0f}% | "
-                     f"{row['peak_rss_mib']:.0f} |")
+                     f"{row['peak_rss_mib']:.0f} | {method_label(row)} | "
+                     f"{row['trainable_parameters']:,} | {optimizer_mib(row)} |")
     cpu = next(iter(rows.values()))["cpu"]
     return "\n".join(lines) + f"\n\nCPU: {cpu}; perplexity on the first 40 x 512 eval tokens."
 
