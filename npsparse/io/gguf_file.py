@@ -209,6 +209,36 @@ class GGUFCheckpoint:
         # GGUF lists dimensions fastest-first; numpy (and Hugging Face) order is the reverse.
         return {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()}
 
+    def q8_0_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A tensor's own Q8_0 blocks, undequantized, if the file stores it as Q8_0.
+
+        Used for the output head / tied embedding, which llama.cpp's converters often keep in
+        Q8_0 (SmolLM2's ``token_embd.weight``): a kernel on these arrays reads exactly the
+        checkpoint's values at 1.0625 bytes per weight (:class:`npsparse.kernels.Q8Linear`).
+
+        Parameters
+        ----------
+        name : str
+            Hugging Face tensor name, e.g. ``"model.embed_tokens.weight"``.
+
+        Returns
+        -------
+        (values, scales) or None
+            ``[N, K]`` int8 and ``[N, K/32]`` float16 (see
+            :func:`npsparse.kernels.q8.q8_0_from_blocks`); None if the tensor is missing, not
+            2-D, not Q8_0, or a Q/K weight (those are stored with permuted rows).
+        """
+        from gguf import GGMLQuantizationType
+
+        from ..kernels.q8 import q8_0_from_blocks
+
+        tensor = self._tensors.get(name)
+        if (tensor is None or tensor.tensor_type != GGMLQuantizationType.Q8_0
+                or len(tensor.shape) != 2 or "q_proj" in name or "k_proj" in name):
+            return None
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        return q8_0_from_blocks(tensor.data, shape)
+
     def _load(self, name: str) -> np.ndarray:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize

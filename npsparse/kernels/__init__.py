@@ -12,6 +12,7 @@ bf16        bf16 bits                                      2
 csr         values (bf16|fp32) + uint16|int32 cols         (2|4 + 2|4) d
 bitmask     1 bit/position + values (bf16|int8+row scale)  1/8 + 2d  (int8: 1/8 + d)
 nm          M-N values + ceil(log2 M)-bit positions/group  2:4 bf16: 1.125, 4:8: 1.1875
+q8_0        int8 values + float16 scale per 32 (ggml)      1.0625 (lossy unless from a GGUF)
 ==========  =============================================  ==========================
 
 Masks are boolean ``[N, K]`` with True = weight kept. An N:M pattern "2:4" prunes 2 of every 4
@@ -31,9 +32,10 @@ from .bf16 import BF16Linear, bf16_round, from_bf16, to_bf16
 from .bitmask import BitmaskLinear
 from .csr import CSRLinear, index_dtype
 from .nm import NMLinear, index_bits, parse_pattern
+from .q8 import Q8Linear, dequantize_q8_0, q8_0_from_blocks, quantize_q8_0
 
 FORMATS = {"dense": DenseLinear, "bf16": BF16Linear, "csr": CSRLinear, "bitmask": BitmaskLinear,
-           "nm": NMLinear}
+           "nm": NMLinear, "q8_0": Q8Linear}
 NM_PATTERNS = ("2:4", "4:8")  # patterns choose_format tries
 
 
@@ -48,7 +50,7 @@ def pack(weight, mask=None, format: str = "auto", **options):
         ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros of ``weight``.
     format : str
         ``"auto"`` (:func:`choose_format`), ``"dense"`` (float32), ``"bf16"``, ``"csr"``,
-        ``"bitmask"`` or ``"nm"``.
+        ``"bitmask"``, ``"nm"`` or ``"q8_0"`` (lossy: int8 per 32, see :mod:`.q8`).
     **options
         ``values=`` ("bf16" | "fp32" for csr | "int8" for bitmask/nm) and ``pattern=`` ("2:4",
         "4:8", ... for nm).
@@ -200,6 +202,7 @@ def from_arrays(arrays: dict[str, np.ndarray], metadata: dict[str, str]):
 
 __all__ = [
     "FORMATS", "Bandwidth", "BF16Linear", "BitmaskLinear", "CSRLinear", "NMLinear", "PackedLinear",
-    "bf16_round", "choose_format", "from_arrays", "from_bf16", "measure_read_bandwidth", "pack",
-    "packed_nbytes", "set_threads", "to_arrays", "to_bf16",
+    "Q8Linear", "bf16_round", "choose_format", "dequantize_q8_0", "from_arrays", "from_bf16",
+    "measure_read_bandwidth", "pack", "packed_nbytes", "q8_0_from_blocks", "quantize_q8_0",
+    "set_threads", "to_arrays", "to_bf16",
 ]
