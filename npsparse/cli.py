@@ -56,6 +56,11 @@ def cmd_eval(args) -> None:
         print(f"{llm.path.name}: {result}")
 
 
+HEAD_HELP = ("output head: auto = the checkpoint's own Q8_0 blocks where it stores Q8_0 "
+             "(lossless), else bf16; q8_0 = int8 per 32 (lossy for other checkpoints); "
+             "dense = float32")
+
+
 def cmd_generate(args) -> None:
     """``npsparse generate``: continue a prompt, optionally with the layers repacked."""
     from .api import load
@@ -69,7 +74,8 @@ def cmd_generate(args) -> None:
     from .packing import apply_format, layer_formats
 
     if args.format != "dense":
-        apply_format(llm.model, args.format, threads=args.threads)
+        apply_format(llm.model, args.format, threads=args.threads, head=args.head,
+                     checkpoint=llm.checkpoint)
     fmt = layer_formats(llm.model)  # what runs: a packed folder stays packed with --format dense
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     if stream and not args.chat:
@@ -342,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="pydoc",
                     help="'pydoc' (eval part of the default text) or a UTF-8 text file")
     ev.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens")
+    from .packing import HEAD_CHOICES
+
+    gen.add_argument("--head", default="auto", choices=HEAD_CHOICES,
+                     help=HEAD_HELP + " (with --format other than dense)")
     ev.add_argument("--windows", type=_positive, default=None,
                     help="evaluate the first N windows (default: 40 for pydoc, all for a file)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -414,8 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(pk)
     pk.add_argument("--format", default="auto", choices=["auto", "bf16", "csr", "bitmask", "nm"],
                     help="auto = per layer, the format that reads the fewest bytes")
-    pk.add_argument("--head", default="bf16", choices=["bf16", "dense"],
-                    help="output head as dense bf16 (bf16) or float32 (dense)")
+    pk.add_argument("--head", default="auto", choices=HEAD_CHOICES, help=HEAD_HELP)
     pk.add_argument("--out", required=True, help="output folder (written atomically)")
     pk.add_argument("--json", action="store_true", help="print one JSON object")
     pk.set_defaults(func=cmd_pack)

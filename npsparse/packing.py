@@ -5,8 +5,12 @@ and saves the packed folder (``npsparse pack``; the folder format is :mod:`npspa
 
 Every prunable linear layer of the blocks is packed from its dense weight, zeros included, into one
 format (or, with ``"auto"``, each into the format that reads the fewest bytes). The output head is
-not pruned; it is packed as dense bf16 (``head="bf16"``, the default) or kept float32
-(``head="dense"``). Packing the head matters for speed twice over: it is the largest matrix of a
+not pruned; by default (``head="auto"``) it is kept as Q8_0 blocks when the checkpoint's head
+already is Q8_0 (a GGUF's own blocks, or values a pruned folder carried over from one, recognised
+by re-quantizing them losslessly; :class:`~npsparse.kernels.Q8Linear`, 1.0625 bytes per weight, no
+value changed) and packed as dense bf16 otherwise; ``"bf16"``, ``"q8_0"`` (for other checkpoints
+a lossy int8 quantization per 32 weights, opt-in) and ``"dense"`` (float32) force one. Packing
+the head matters for speed twice over: it is the largest matrix of a
 small model (SmolLM2: 49152 x 576, 113 MB in float32) and, left to NumPy, its BLAS product wakes
 OpenBLAS's thread pool, whose spinning threads then compete with Numba's for the same cores on every
 token (measured: bf16 decode at 41 tok/s with a float32 head, 92 tok/s with BLAS single-threaded).
@@ -21,6 +25,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .api import load
 from .arena import consolidate
 from .errors import NpsparseError
@@ -30,10 +36,11 @@ from .io.packed import save_packed
 FORMAT_CHOICES = ("dense", "auto", "bf16", "csr", "bitmask", "nm")
 
 
-HEAD_CHOICES = ("bf16", "dense")
+HEAD_CHOICES = ("auto", "bf16", "q8_0", "dense")
 
 
-def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "bf16") -> dict:
+def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "auto",
+                 checkpoint=None) -> dict:
     """Repack every block linear layer of ``model`` in place.
 
     Parameters
@@ -44,8 +51,12 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "bf
     threads : int, optional
         Kernel threads (see :func:`npsparse.kernels.set_threads`).
     head : str
-        Format of the output head when ``fmt`` is not ``"dense"``: ``"bf16"`` (default) or
-        ``"dense"`` (float32, NumPy BLAS). With ``fmt="dense"`` nothing is repacked.
+        Format of the output head when ``fmt`` is not ``"dense"`` (see :func:`pack_head`):
+        ``"auto"`` (default), ``"bf16"``, ``"q8_0"`` or ``"dense"`` (float32, NumPy BLAS).
+        With ``fmt="dense"`` nothing is repacked.
+    checkpoint : optional
+        The checkpoint ``model`` was loaded from (``LLM.checkpoint``); a GGUF's stored Q8_0
+        head blocks are read from it instead of re-quantizing.
 
     Returns
     -------
@@ -74,11 +85,65 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "bf
         model.set_linear(name, packed)
     if fmt != "dense":
         consolidate(model)  # the packed arrays onto huge pages, as npsparse.load does (arena)
-        if head == "bf16":
-            model.head = kernels.pack(model.head.to_dense(), None, "bf16")
+        model.head = pack_head(model, head, checkpoint)
     return {"format": fmt, "seconds": time.perf_counter() - start,
             "weight_bytes": model.weight_bytes(), "formats": chosen,
             "head": type(model.head).__name__}
+
+
+def pack_head(model, head: str = "auto", checkpoint=None):
+    """The output head of ``model`` in format ``head`` (the model is not changed).
+
+    Parameters
+    ----------
+    model : CausalLM
+    head : {"auto", "bf16", "q8_0", "dense"}
+        ``"auto"``: Q8_0 if the head is stored as Q8_0 already (a packed Q8_0 head, the GGUF's
+        own blocks, or float32 values that re-quantize to themselves exactly), else bf16.
+        ``"q8_0"``: as auto where that is lossless, else quantized per 32 (lossy, opt-in).
+        ``"dense"``: the head as it is (float32 unless a packed folder stored it packed).
+    checkpoint : optional
+        ``model``'s checkpoint; a :class:`~npsparse.io.GGUFCheckpoint` supplies its stored
+        Q8_0 blocks (:meth:`~npsparse.io.GGUFCheckpoint.q8_0_blocks`).
+
+    Returns
+    -------
+    Linear
+        ``[V, D]`` seam object.
+    """
+    from . import kernels
+
+    if head not in HEAD_CHOICES:
+        raise NpsparseError(f"unknown head format {head!r}; choose from {', '.join(HEAD_CHOICES)}")
+    if head == "dense" or (head in ("auto", "q8_0") and isinstance(model.head, kernels.Q8Linear)):
+        return model.head
+    if head == "bf16":
+        return kernels.pack(model.head.to_dense(), None, "bf16")
+    stored = _stored_q8_0_head(model, checkpoint)
+    if stored is not None:
+        return stored
+    if head == "q8_0":
+        return kernels.pack(model.head.to_dense(), None, "q8_0")
+    return kernels.pack(model.head.to_dense(), None, "bf16")
+
+
+def _stored_q8_0_head(model, checkpoint):
+    """The head as a Q8Linear holding exactly its values, or None if Q8_0 cannot hold them."""
+    from .kernels import Q8Linear, dequantize_q8_0, quantize_q8_0
+
+    tied = model.config.tie_embeddings
+    name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    blocks = getattr(checkpoint, "q8_0_blocks", lambda _: None)(name)
+    if blocks is not None and blocks[0].shape == tuple(model.head.shape):
+        return Q8Linear.from_q8_0(*blocks)
+    weight = model.head.to_dense()  # [V, D]
+    if weight.shape[1] % 32 or not np.all(np.isfinite(weight[:64])):
+        return None
+    for rows in (slice(0, 64), slice(None)):  # a cheap first look rejects most heads
+        values, scales = quantize_q8_0(weight[rows])
+        if not np.array_equal(dequantize_q8_0(values, scales), weight[rows]):
+            return None
+    return Q8Linear.from_q8_0(values, scales)
 
 
 def layer_formats(model) -> str:
@@ -114,7 +179,7 @@ def _pack_nm(weight, name: str):
     raise NpsparseError(f"{name}: the zeros do not form a 2:4 or 4:8 pattern; use another format")
 
 
-def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: str = "bf16"):
+def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: str = "auto"):
     """Load ``model``, pack its layers as ``fmt`` and save the packed folder ``out``.
 
     Parameters
@@ -126,7 +191,8 @@ def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: s
         npsparse did not write it (:func:`npsparse.io.hf_dir.check_output_folder`).
     fmt : str
         A format of :data:`FORMAT_CHOICES` other than ``"dense"``.
-    head : {"bf16", "dense"}
+    head : {"auto", "bf16", "q8_0", "dense"}
+        See :func:`pack_head`.
 
     Returns
     -------
@@ -139,7 +205,7 @@ def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: s
     check_output_folder(out, inputs=[model])
     start = time.perf_counter()
     llm = load(model)
-    info = apply_format(llm.model, fmt, head=head)
+    info = apply_format(llm.model, fmt, head=head, checkpoint=llm.checkpoint)
     path = save_packed(llm, out, {"format": fmt, "head": info["head"]})
     report = json.loads((path / "packed.json").read_text())
     return {**report, "out": str(path), "seconds": time.perf_counter() - start}

@@ -144,7 +144,7 @@ def test_help_shows_each_default_once(capsys):
     assert options["generate", "--top-p"].endswith("(default: 1.0)")
     assert options["prune", "--nsamples"].endswith("(default: 32)")
     assert options["prune", "--dsnot-guard"].endswith("(default: recon)")
-    assert options["pack", "--head"].endswith("(default: bf16)")
+    assert options["pack", "--head"].endswith("(default: auto)")
     assert options["demo", "--out"].endswith("(default: runs/demo)")
 
 

@@ -8,7 +8,9 @@
   packed format, under ``<tensor name>::<array name>`` (``model.layers.0.mlp.up_proj.weight::bits``);
   the header's metadata maps each tensor name to its format, shape and options (``layers``) and
   carries the folder schema (``npsparse_packed``);
-- everything else (embeddings, norms, biases) as float32 under its Hugging Face name.
+- everything else (embeddings, norms, biases) as float32 under its Hugging Face name, except a
+  tied embedding table that a Q8_0 head holds exactly (the GGUF's own blocks): it is not stored
+  twice; the header's ``embedding_from`` names the head, and loading dequantizes it from there.
 
 Loading DIR (``npsparse.load(DIR)``, any CLI command) memory-maps that file and rebuilds each layer
 with :func:`npsparse.kernels.from_arrays` over views of it: nothing is repacked and no dense copy is
@@ -32,6 +34,7 @@ from .weights import Weights
 PACKED_FILE = "npsparse-packed.safetensors"
 FOLDER_SCHEMA = 1
 HEAD_NAME = "lm_head.weight"
+EMBED_NAME = "model.embed_tokens.weight"
 
 
 def is_packed_dir(path: str | Path) -> bool:
@@ -91,8 +94,9 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
             else:
                 add_layer(full, layer, array.shape)
     outer = model.outer_state()
+    embed_in_head = _embedding_in_head(model, outer)
     for name, array in outer.items():
-        if name != HEAD_NAME:
+        if name != HEAD_NAME and not (name == EMBED_NAME and embed_in_head):
             tensors[name] = np.ascontiguousarray(array, dtype=np.float32)
     if not isinstance(model.head, DenseLinear):
         add_layer(HEAD_NAME, model.head, model.head.shape)
@@ -103,12 +107,24 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
               "weight_bytes_per_token": model.weight_bytes(),
               "formats": _count(layers), **(info or {})}
     metadata = {"npsparse_packed": str(FOLDER_SCHEMA), "layers": json.dumps(layers)}
+    if embed_in_head:
+        metadata["embedding_from"] = HEAD_NAME
     tokenizer = llm.tokenizer
     with HFDirWriter(out) as writer:
         writer.save_tensors(PACKED_FILE, tensors, metadata)
         return writer.finish(llm.config, tokenizer_json=tokenizer.to_json(),
                              chat_template=tokenizer.chat_template,
                              extra_files={"packed.json": json.dumps(report, indent=1) + "\n"})
+
+
+def _embedding_in_head(model, outer: dict) -> bool:
+    """Whether the tied embedding table equals the (Q8_0) head's values exactly."""
+    from ..kernels import Q8Linear
+
+    if not (model.config.tie_embeddings and isinstance(model.head, Q8Linear)):
+        return False
+    embed = outer.get(EMBED_NAME)
+    return embed is not None and np.array_equal(model.head.to_dense(), embed)
 
 
 def _count(layers: dict) -> dict[str, int]:
@@ -123,19 +139,27 @@ class PackedWeights(Weights):
 
     ``get_checked(name, shape)`` returns a packed layer (a :class:`~npsparse.linear.Linear`) for
     a packed tensor name, after checking the shape the checkpoint tensor had (``hf_shape``).
+    ``embedding_from`` names a packed head whose values are the embedding table (float32).
     """
 
-    def __init__(self, handle: SafetensorsFile, layers: dict[str, dict], source: Path):
+    def __init__(self, handle: SafetensorsFile, layers: dict[str, dict], source: Path,
+                 embedding_from: str | None = None):
         self.handle = handle
         self.layers = layers
+        self.embedding_from = embedding_from
         plain = [n for n in handle.entries if "::" not in n]
         shapes = {n: handle.shape(n) for n in plain}
         shapes.update({n: tuple(meta["hf_shape"]) for n, meta in layers.items()})
+        if embedding_from is not None:
+            plain.append(EMBED_NAME)
+            shapes[EMBED_NAME] = tuple(layers[embedding_from]["hf_shape"])
         super().__init__(plain + list(layers), self._load, shapes, source)
 
     def _load(self, name: str):
         if name in self.layers:
             return self.layer(name)
+        if name == EMBED_NAME and self.embedding_from is not None:
+            return self.layer(self.embedding_from).to_dense()  # [V, D] float32, exact
         return self.handle.load(name)
 
     def layer(self, name: str):
@@ -225,8 +249,14 @@ class PackedCheckpoint(HFCheckpoint):
         except ValueError as err:
             raise NpsparseError(f"{self.path}: corrupt packed layer table ({err})") from None
         _check_layer_table(layers, self.path)
+        embedding_from = handle.metadata.get("embedding_from")
+        if embedding_from is not None and (embedding_from not in layers
+                                           or EMBED_NAME in handle.entries):
+            raise NpsparseError(f"{self.path}: the embedding is said to come from "
+                                f"{embedding_from!r}, which is not a packed layer of the folder "
+                                "(or the embedding is stored as well)")
         self.files = {PACKED_FILE: handle}
-        self.weights = PackedWeights(handle, layers, self.path)
+        self.weights = PackedWeights(handle, layers, self.path, embedding_from)
         self.head = self.weights.layer(HEAD_NAME) if HEAD_NAME in layers else None
         if self.head is not None and self.head.shape[0] != self.config.vocab_size:
             raise NpsparseError(f"{self.path}: packed output head has {self.head.shape[0]} rows, "
