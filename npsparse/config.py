@@ -9,12 +9,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from .architectures import architecture, is_registered, names
 from .errors import NpsparseError
 
-# Architectures npsparse runs, by the family its forward pass lives in.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-GPT_FAMILY = ("gpt2", "opt")
-ARCHITECTURES = LLAMA_FAMILY + GPT_FAMILY
 
 
 @dataclass(frozen=True)
@@ -71,9 +68,9 @@ class ModelConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        if self.arch not in ARCHITECTURES:
+        if not is_registered(self.arch):
             raise NpsparseError(
-                f"architecture {self.arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+                f"architecture {self.arch!r} is not supported (supported: {', '.join(names())})"
             )
         if self.n_heads % self.n_kv_heads:
             raise NpsparseError(
@@ -82,8 +79,8 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        """``"llama"`` for the LLaMA family, else the architecture name."""
-        return "llama" if self.arch in LLAMA_FAMILY else self.arch
+        """The forward pass this architecture runs (``"llama"`` for Llama, Mistral and Qwen2)."""
+        return architecture(self.arch).FAMILY
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (the config itself is frozen).
@@ -105,6 +102,9 @@ class ModelConfig:
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         """Build from a parsed Hugging Face ``config.json``.
 
+        The architecture module's ``config_from_hf`` reads its own keys; the vocabulary size and
+        special token ids are read here for all.
+
         Parameters
         ----------
         hf : dict
@@ -123,180 +123,54 @@ class ModelConfig:
             head counts that do not divide.
         """
         model_type = hf.get("model_type")
-        if model_type not in ARCHITECTURES:
+        if not is_registered(model_type):
             raise NpsparseError(
                 f"{source}: model_type {model_type!r} is not supported "
-                f"(supported: {', '.join(ARCHITECTURES)})"
+                f"(supported: {', '.join(names())})"
             )
         try:
-            if model_type in LLAMA_FAMILY:
-                return cls._llama_from_hf(hf, model_type)
-            if model_type == "gpt2":
-                return cls._gpt2_from_hf(hf)
-            return cls._opt_from_hf(hf)
+            fields = architecture(model_type).config_from_hf(hf, model_type)
+            vocab_size = hf["vocab_size"]
         except KeyError as err:
             raise NpsparseError(f"{source}: missing key {err.args[0]!r}") from None
-
-    @classmethod
-    def _llama_from_hf(cls, hf: dict, model_type: str) -> "ModelConfig":
-        n_heads = hf["num_attention_heads"]
-        dim = hf["hidden_size"]
-        # transformers >= 5 writes "rope_parameters" (theta and scaling together); older
-        # configs have top-level "rope_theta" and "rope_scaling".
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or rope
-        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-        return cls(
-            arch=model_type,
-            vocab_size=hf["vocab_size"],
-            dim=dim,
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or dim // n_heads,
-            ffn_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position=hf.get("max_position_embeddings", 2048),
-            rope_theta=float(theta),
-            rope_scaling=_freeze_scaling(scaling),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama/Mistral may declare attention_bias.
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            activation=_check_activation(hf.get("hidden_act", "silu"), ("silu",)),
-            bos_token_id=_first_id(hf.get("bos_token_id")),
-            eos_token_id=_first_id(hf.get("eos_token_id")),
-        )
-
-    @classmethod
-    def _gpt2_from_hf(cls, hf: dict) -> "ModelConfig":
-        dim = hf["n_embd"]
-        n_heads = hf["n_head"]
-        return cls(
-            arch="gpt2",
-            vocab_size=hf["vocab_size"],
-            dim=dim,
-            n_layers=hf["n_layer"],
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=dim // n_heads,
-            ffn_dim=hf.get("n_inner") or 4 * dim,
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            max_position=hf.get("n_positions", 1024),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            qkv_bias=True,
-            activation=_check_activation(
-                hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu", "relu")
-            ),
-            bos_token_id=_first_id(hf.get("bos_token_id")),
-            eos_token_id=_first_id(hf.get("eos_token_id")),
-        )
-
-    @classmethod
-    def _opt_from_hf(cls, hf: dict) -> "ModelConfig":
-        dim = hf["hidden_size"]
-        n_heads = hf["num_attention_heads"]
-        if not hf.get("enable_bias", True):
-            raise NpsparseError("config.json: OPT with enable_bias=false is not supported")
-        return cls(
-            arch="opt",
-            vocab_size=hf["vocab_size"],
-            dim=dim,
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=dim // n_heads,
-            ffn_dim=hf["ffn_dim"],
-            norm_eps=1e-5,  # OPT's LayerNorms use PyTorch's default epsilon
-            max_position=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            qkv_bias=True,
-            activation=_check_activation(hf.get("activation_function", "relu"), ("relu", "gelu")),
-            norm_before=bool(hf.get("do_layer_norm_before", True)),
-            embed_proj_dim=hf.get("word_embed_proj_dim") or dim,
-            bos_token_id=_first_id(hf.get("bos_token_id")),
-            eos_token_id=_first_id(hf.get("eos_token_id")),
-        )
+        return cls(arch=model_type, vocab_size=vocab_size,
+                   bos_token_id=_first_id(hf.get("bos_token_id")),
+                   eos_token_id=_first_id(hf.get("eos_token_id")), **fields)
 
     def to_hf(self) -> dict:
-        """The Hugging Face ``config.json`` contents that describe this model."""
-        common = {"vocab_size": self.vocab_size, "torch_dtype": "float32"}
+        """The Hugging Face ``config.json`` contents that describe this model.
+
+        The architecture module's ``config_to_hf`` writes its own keys; the vocabulary size,
+        dtype and special token ids are common to all.
+        """
+        out = architecture(self.arch).config_to_hf(self)
+        out.update({"vocab_size": self.vocab_size, "torch_dtype": "float32"})
         if self.bos_token_id is not None:
-            common["bos_token_id"] = self.bos_token_id
+            out["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
-            common["eos_token_id"] = self.eos_token_id
-        if self.family == "llama":
-            archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                     "qwen2": "Qwen2ForCausalLM"}
-            out = {
-                "architectures": [archs[self.arch]],
-                "model_type": self.arch,
-                "hidden_size": self.dim,
-                "num_hidden_layers": self.n_layers,
-                "num_attention_heads": self.n_heads,
-                "num_key_value_heads": self.n_kv_heads,
-                "head_dim": self.head_dim,
-                "intermediate_size": self.ffn_dim,
-                "rms_norm_eps": self.norm_eps,
-                "max_position_embeddings": self.max_position,
-                "rope_theta": self.rope_theta,
-                "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-                "tie_word_embeddings": self.tie_embeddings,
-                "hidden_act": self.activation,
-            }
-            if self.arch == "llama":
-                out["attention_bias"] = self.qkv_bias
-                out["mlp_bias"] = False
-            return {**out, **common}
-        if self.arch == "gpt2":
-            return {
-                "architectures": ["GPT2LMHeadModel"],
-                "model_type": "gpt2",
-                "n_embd": self.dim,
-                "n_layer": self.n_layers,
-                "n_head": self.n_heads,
-                "n_inner": self.ffn_dim,
-                "n_positions": self.max_position,
-                "layer_norm_epsilon": self.norm_eps,
-                "activation_function": self.activation,
-                "tie_word_embeddings": self.tie_embeddings,
-                **common,
-            }
-        return {
-            "architectures": ["OPTForCausalLM"],
-            "model_type": "opt",
-            "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "ffn_dim": self.ffn_dim,
-            "max_position_embeddings": self.max_position,
-            "do_layer_norm_before": self.norm_before,
-            "word_embed_proj_dim": self.embed_proj_dim,
-            "activation_function": self.activation,
-            "enable_bias": True,
-            "tie_word_embeddings": self.tie_embeddings,
-            **common,
-        }
+            out["eos_token_id"] = self.eos_token_id
+        return out
 
     def to_json(self) -> str:
         """This config as Hugging Face ``config.json`` text (:meth:`to_hf`, sorted keys)."""
         return json.dumps(self.to_hf(), indent=2, sort_keys=True)
 
 
-def _freeze_scaling(scaling: dict | None) -> tuple | None:
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return None
-    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-    if kind not in ("linear", "llama3"):
-        raise NpsparseError(
-            f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)"
-        )
-    return tuple(sorted(scaling.items()))
+def check_activation(name: str, allowed: tuple) -> str:
+    """``name`` if it is one of the ``allowed`` activations, else a one-line error.
 
+    Parameters
+    ----------
+    name : str
+        The activation a ``config.json`` names.
+    allowed : tuple of str
+        Those the architecture's forward pass implements.
 
-def _check_activation(name: str, allowed: tuple) -> str:
+    Returns
+    -------
+    str
+        ``name``.
+    """
     if name not in allowed:
         raise NpsparseError(f"activation {name!r} is not supported here (supported: {allowed})")
     return name

@@ -1,9 +1,13 @@
-"""Forward passes, one module per architecture family, and the function that picks one."""
+"""Forward passes, one module per architecture family, and the functions that pick one.
+
+Which module runs which ``model_type`` is :mod:`npsparse.architectures`' registry.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..architectures import architecture
 from ..config import ModelConfig
 from ..io.weights import DictWeights, Weights
 from .base import CausalLM, KVCache
@@ -27,22 +31,14 @@ def build_model(config: ModelConfig, weights: Mapping, load_blocks: bool = True)
     """
     if not isinstance(weights, Weights):
         weights = DictWeights(weights)
-    if config.family == "llama":
-        return LlamaModel(config, weights, load_blocks)
-    if config.arch == "gpt2":
-        from .gpt2 import GPT2Model
-
-        return GPT2Model(config, weights, load_blocks)
-    from .opt import OPTModel
-
-    return OPTModel(config, weights, load_blocks)
+    return architecture(config.arch).Model(config, weights, load_blocks)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     """Every tensor a checkpoint of ``config.arch`` must hold, by Hugging Face name, with shape.
 
-    Dispatches on ``config.family`` to the architecture module's own ``expected_shapes``
-    (:mod:`.llama`, :mod:`.gpt2` or :mod:`.opt`), with that module's default name prefix.
+    Dispatches on ``config.arch`` to the architecture module's own ``expected_shapes``
+    (:mod:`.llama`, :mod:`.gpt2`, :mod:`.opt` or a registered one), with its default name prefix.
 
     Parameters
     ----------
@@ -56,10 +52,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
         Tensor name -> shape as the checkpoint stores it (GPT-2's Conv1D weights as ``[K, N]``,
         every other weight as ``[N, K]``).
     """
-    from . import gpt2, llama, opt
-
-    module = {"llama": llama, "gpt2": gpt2, "opt": opt}[config.family]
-    return module.expected_shapes(config)
+    return architecture(config.arch).expected_shapes(config)
 
 
 __all__ = ["CausalLM", "KVCache", "LlamaModel", "build_model", "expected_shapes"]

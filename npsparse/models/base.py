@@ -49,6 +49,10 @@ class CausalLM:
     # cache_v)`` and ``decode_final(model, x)``), or None to run the blocks' own body.
     decode_block = None
     decode_final = None
+    # Positions come from a learned table of ``config.max_position`` rows (GPT-2, OPT), so no
+    # sequence may be longer. RoPE models compute any position (generate and eval refuse
+    # prompts past ``max_position`` themselves).
+    learned_positions = False
 
     def embed(self, ids: np.ndarray, start: int) -> np.ndarray:
         """Input embeddings of the new tokens.
@@ -167,7 +171,7 @@ class CausalLM:
         return x
 
     def _check_positions(self, end: int, cache: KVCache | None) -> None:
-        if end > self.config.max_position and self.config.family != "llama":
+        if end > self.config.max_position and self.learned_positions:
             raise NpsparseError(
                 f"sequence of {end} positions exceeds the model's {self.config.max_position}"
             )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_activation
 from ..linear import DenseLinear, as_linear
 from .base import CausalLM
 from .layers import ACTIVATIONS, layer_norm, multi_head_attention
@@ -107,6 +107,8 @@ class GPT2Model(CausalLM):
     weights : Weights
     """
 
+    learned_positions = True
+
     def __init__(self, config: ModelConfig, weights, load_blocks: bool = True):
         self.config = config
         self.weights = weights
@@ -158,3 +160,68 @@ class GPT2Model(CausalLM):
         if not self.tied:
             out["lm_head.weight"] = self.head.to_dense()
         return out
+
+
+# -- the Hugging Face config.json mapping (see npsparse.architectures) ---------------------------
+
+FAMILY = "gpt2"
+Model = GPT2Model
+
+
+def config_from_hf(hf: dict, model_type: str) -> dict:
+    """The :class:`~npsparse.config.ModelConfig` fields a GPT-2 ``config.json`` sets.
+
+    Parameters
+    ----------
+    hf : dict
+        The parsed ``config.json``.
+    model_type : str
+        ``"gpt2"``.
+
+    Returns
+    -------
+    dict
+        Field name -> value (vocabulary size and special token ids are read by
+        :meth:`ModelConfig.from_hf` itself).
+    """
+    dim = hf["n_embd"]
+    n_heads = hf["n_head"]
+    return dict(
+        dim=dim,
+        n_layers=hf["n_layer"],
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        head_dim=dim // n_heads,
+        ffn_dim=hf.get("n_inner") or 4 * dim,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        max_position=hf.get("n_positions", 1024),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qkv_bias=True,
+        activation=check_activation(hf.get("activation_function", "gelu_new"),
+                                    ("gelu_new", "gelu", "relu")),
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The GPT-2 keys of ``config.json`` for ``cfg`` (the inverse of :func:`config_from_hf`).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    dict
+    """
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": cfg.dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.ffn_dim,
+        "n_positions": cfg.max_position,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": cfg.activation,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_activation
 from ..errors import NpsparseError
 from ..linear import DenseLinear, as_linear
 from .backward import attention_backward, rms_norm_backward, rope_backward, swiglu_backward
@@ -297,3 +297,101 @@ class LlamaModel(CausalLM):
         if not self.config.tie_embeddings:
             out["lm_head.weight"] = self.head.to_dense()
         return out
+
+
+# -- the Hugging Face config.json mapping (see npsparse.architectures) ---------------------------
+
+FAMILY = "llama"
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
+
+
+def config_from_hf(hf: dict, model_type: str) -> dict:
+    """The :class:`~npsparse.config.ModelConfig` fields a LLaMA-family ``config.json`` sets.
+
+    Parameters
+    ----------
+    hf : dict
+        The parsed ``config.json``.
+    model_type : str
+        ``"llama"``, ``"mistral"`` or ``"qwen2"``.
+
+    Returns
+    -------
+    dict
+        Field name -> value (the vocabulary size and special token ids are read by
+        :meth:`ModelConfig.from_hf` itself).
+    """
+    n_heads = hf["num_attention_heads"]
+    dim = hf["hidden_size"]
+    # transformers >= 5 writes "rope_parameters" (theta and scaling together); older
+    # configs have top-level "rope_theta" and "rope_scaling".
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or rope
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return dict(
+        dim=dim,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or dim // n_heads,
+        ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        rope_scaling=_freeze_scaling(scaling),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases; Llama/Mistral may declare attention_bias.
+        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        activation=check_activation(hf.get("hidden_act", "silu"), ("silu",)),
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The LLaMA-family keys of ``config.json`` for ``cfg`` (the inverse of :func:`config_from_hf`).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    dict
+    """
+    out = {
+        "architectures": [_HF_CLASSES[cfg.arch]],
+        "model_type": cfg.arch,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_position,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": cfg.activation,
+    }
+    if cfg.arch == "llama":
+        out["attention_bias"] = cfg.qkv_bias
+        out["mlp_bias"] = False
+    return out
+
+
+def _freeze_scaling(scaling: dict | None) -> tuple | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return None
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    if kind not in ("linear", "llama3"):
+        raise NpsparseError(
+            f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)"
+        )
+    return tuple(sorted(scaling.items()))
+
+
+Model = LlamaModel

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_activation
+from ..errors import NpsparseError
 from ..linear import as_linear
 from .base import CausalLM
 from .layers import ACTIVATIONS, layer_norm, multi_head_attention
@@ -157,6 +158,8 @@ class OPTModel(CausalLM):
     weights : Weights
     """
 
+    learned_positions = True
+
     def __init__(self, config: ModelConfig, weights, load_blocks: bool = True):
         self.config = config
         self.weights = weights
@@ -228,3 +231,73 @@ class OPTModel(CausalLM):
         if not self.tied:
             out["lm_head.weight"] = self.head.to_dense()
         return out
+
+
+# -- the Hugging Face config.json mapping (see npsparse.architectures) ---------------------------
+
+FAMILY = "opt"
+Model = OPTModel
+
+
+def config_from_hf(hf: dict, model_type: str) -> dict:
+    """The :class:`~npsparse.config.ModelConfig` fields an OPT ``config.json`` sets.
+
+    Parameters
+    ----------
+    hf : dict
+        The parsed ``config.json``.
+    model_type : str
+        ``"opt"``.
+
+    Returns
+    -------
+    dict
+        Field name -> value (vocabulary size and special token ids are read by
+        :meth:`ModelConfig.from_hf` itself).
+    """
+    dim = hf["hidden_size"]
+    n_heads = hf["num_attention_heads"]
+    if not hf.get("enable_bias", True):
+        raise NpsparseError("config.json: OPT with enable_bias=false is not supported")
+    return dict(
+        dim=dim,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        head_dim=dim // n_heads,
+        ffn_dim=hf["ffn_dim"],
+        norm_eps=1e-5,  # OPT's LayerNorms use PyTorch's default epsilon
+        max_position=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qkv_bias=True,
+        activation=check_activation(hf.get("activation_function", "relu"), ("relu", "gelu")),
+        norm_before=bool(hf.get("do_layer_norm_before", True)),
+        embed_proj_dim=hf.get("word_embed_proj_dim") or dim,
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The OPT keys of ``config.json`` for ``cfg`` (the inverse of :func:`config_from_hf`).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    dict
+    """
+    return {
+        "architectures": ["OPTForCausalLM"],
+        "model_type": "opt",
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "ffn_dim": cfg.ffn_dim,
+        "max_position_embeddings": cfg.max_position,
+        "do_layer_norm_before": cfg.norm_before,
+        "word_embed_proj_dim": cfg.embed_proj_dim,
+        "activation_function": cfg.activation,
+        "enable_bias": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
