@@ -16,9 +16,53 @@ import numpy as np
 from .data import read_text
 from .errors import NpsparseError
 
+NSAMPLES = 32  # calibration windows drawn from a text source unless told otherwise
+SEQLEN = 512  # and their length in tokens
 
-def calibration_windows(source: str | Path, tokenizer, vocab_size: int, *, nsamples: int = 32,
-                        seqlen: int = 512, seed: int = 0) -> np.ndarray:
+
+def calibration_shape(source: str | Path, nsamples: int | None = None,
+                      seqlen: int | None = None) -> tuple[int, int]:
+    """The ``(nsamples, seqlen)`` that calibrating on ``source`` uses.
+
+    For a text source, the values given, or :data:`NSAMPLES` and :data:`SEQLEN`. A ``.npy`` file
+    fixes both by its shape, and a given value that disagrees with it is an error rather than
+    silently ignored. Reads only the array's header, so settings can be checked before a model
+    loads.
+
+    Parameters
+    ----------
+    source : str or Path
+        As :func:`calibration_windows`.
+    nsamples, seqlen : int, optional
+        Explicit values (None: the default, or the file's own).
+
+    Returns
+    -------
+    (int, int)
+
+    Raises
+    ------
+    NpsparseError
+        An explicit value disagrees with a ``.npy`` file's shape.
+    """
+    if not str(source).endswith(".npy"):
+        return nsamples or NSAMPLES, seqlen or SEQLEN
+    try:
+        shape = np.load(source, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError):  # calibration_windows words an unreadable file itself
+        return nsamples or NSAMPLES, seqlen or SEQLEN
+    if len(shape) != 2:
+        return nsamples or NSAMPLES, seqlen or SEQLEN
+    for what, given, actual in (("nsamples", nsamples, shape[0]), ("seqlen", seqlen, shape[1])):
+        if given is not None and given != actual:
+            raise NpsparseError(f"{source} holds {shape[0]} windows of {shape[1]} tokens, so "
+                                f"{what} {given} cannot apply (leave it out)")
+    return int(shape[0]), int(shape[1])
+
+
+def calibration_windows(source: str | Path, tokenizer, vocab_size: int, *,
+                        nsamples: int | None = None, seqlen: int | None = None,
+                        seed: int = 0) -> np.ndarray:
     """Token windows to calibrate on.
 
     Parameters
@@ -30,14 +74,18 @@ def calibration_windows(source: str | Path, tokenizer, vocab_size: int, *, nsamp
         Used for text sources.
     vocab_size : int
         Token ids must be below this.
-    nsamples, seqlen, seed : int
-        Number of windows, their length, and the sampler's seed (text sources only).
+    nsamples, seqlen : int, optional
+        Number of windows and their length (defaults :data:`NSAMPLES`, :data:`SEQLEN`; a
+        ``.npy`` file's own shape, which an explicit value must match).
+    seed : int
+        The sampler's seed (text sources only).
 
     Returns
     -------
     np.ndarray
         ``[nsamples, seqlen]`` int64.
     """
+    nsamples, seqlen = calibration_shape(source, nsamples, seqlen)
     if str(source).endswith(".npy"):
         return _pinned(Path(source), vocab_size)
     if nsamples < 1:

@@ -134,13 +134,12 @@ def cmd_prune(args) -> None:
 
     if (args.sparsity is None) == (args.pattern is None):
         raise NpsparseError("give exactly one of --sparsity S or --pattern N:M")
-    nsamples, seqlen = _calibration_shape(args.calib, args.nsamples, args.seqlen)
     dsnot = asdict(replace(DSnoTOptions(), max_cycles=args.dsnot_cycles,
                            threshold=args.dsnot_threshold, same_sign=args.dsnot_same_sign,
                            guard=args.dsnot_guard))
     settings = PruneSettings(
         method=args.method, pattern=args.pattern or args.sparsity, base=args.base,
-        calib=args.calib, nsamples=nsamples, seqlen=seqlen, seed=args.seed,
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         owl=args.owl, dsnot=dsnot, error_report=args.error_report)
     report = prune_model(args.model, args.out, settings, progress=not args.json)
     summary = {k: report[k] for k in ("pattern", "mean_layer_sparsity", "seconds",
@@ -155,33 +154,6 @@ def cmd_prune(args) -> None:
           f"{report['pattern']}{' (OWL)' if args.owl else ''}: mean layer sparsity "
           f"{report['mean_layer_sparsity']:.4f}, {error}, {report['seconds']:.1f} s, peak RSS "
           f"{report['peak_rss_mib']:.0f} MiB -> {args.out}")
-
-
-def _calibration_shape(calib: str, nsamples: int | None, seqlen: int | None) -> tuple[int, int]:
-    """``--nsamples`` and ``--seqlen`` (:class:`~npsparse.sequential.PruneSettings`' defaults
-    when left out); for a ``.npy`` file its own shape, and an explicit value that disagrees with
-    it is an error rather than ignored."""
-    from .sequential import PruneSettings
-
-    explicit = nsamples, seqlen
-    nsamples = nsamples or PruneSettings.nsamples
-    seqlen = seqlen or PruneSettings.seqlen
-    if not str(calib).endswith(".npy"):
-        return nsamples, seqlen
-    import numpy as np
-
-    try:
-        shape = np.load(calib, mmap_mode="r", allow_pickle=False).shape
-    except (OSError, ValueError):  # the pruner reports an unreadable file in its own words
-        return nsamples, seqlen
-    if len(shape) != 2:
-        return nsamples, seqlen
-    for flag, given, actual in (("--nsamples", explicit[0], shape[0]),
-                                ("--seqlen", explicit[1], shape[1])):
-        if given is not None and given != actual:
-            raise NpsparseError(f"{calib} holds {shape[0]} windows of {shape[1]} tokens, so {flag} "
-                                f"{given} cannot apply (leave it out)")
-    return int(shape[0]), int(shape[1])
 
 
 def cmd_pack(args) -> None:
@@ -335,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .prune import METHODS, DSnoTOptions, bases
     from .prune.dsnot import GUARDS
 
+    from .calibration import NSAMPLES, SEQLEN
     from .sequential import PruneSettings
 
     DSNOT, P = DSnoTOptions(), PruneSettings("", "")  # the library's defaults, shown by --help
@@ -348,10 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="pydoc",
                     help="'pydoc' (eval part of the default text) or a UTF-8 text file")
     ev.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens")
-    from .packing import HEAD_CHOICES
-
-    gen.add_argument("--head", default="auto", choices=HEAD_CHOICES,
-                     help=HEAD_HELP + " (with --format other than dense)")
     ev.add_argument("--windows", type=_positive, default=None,
                     help="evaluate the first N windows (default: 40 for pydoc, all for a file)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -379,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "fewest bytes per layer)")
     gen.add_argument("--threads", type=_positive, default=None,
                      help="kernel threads (default: NUMBA_NUM_THREADS, all cores unless set)")
+    from .packing import HEAD_CHOICES
+
+    gen.add_argument("--head", default="auto", choices=HEAD_CHOICES,
+                     help=HEAD_HELP + " (with --format other than dense)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 
@@ -394,10 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
     pr.add_argument("--nsamples", type=_positive,
                     help=f"calibration windows, or a .npy file's own row count (default: "
-                         f"{P.nsamples})")
+                         f"{NSAMPLES})")
     pr.add_argument("--seqlen", type=_positive,
                     help=f"calibration window length in tokens, or a .npy file's own (default: "
-                         f"{P.seqlen})")
+                         f"{SEQLEN})")
     pr.add_argument("--seed", type=int, default=P.seed,
                     help="seed of the calibration window sampler (text sources)")
     pr.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity")
@@ -445,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="wanda", choices=bases(),
                       help="pruning method")
     demo.add_argument("--sparsity", default="0.5", help="unstructured sparsity or N:M")
-    demo.add_argument("--nsamples", type=_positive, default=32, help="calibration windows")
+    demo.add_argument("--nsamples", type=_positive, default=NSAMPLES, help="calibration windows")
     demo.add_argument("--format", default="auto", help="kernel format for the pruned model")
     demo.add_argument("--out", default="runs/demo", help="where the pruned model is written")
     demo.add_argument("-p", "--prompt", default="Explain what a Python generator is.",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .calibration import calibration_windows
+from .calibration import calibration_shape, calibration_windows
 from .data import token_hash
 from .errors import NpsparseError
 from .io import HFDirWriter, open_checkpoint
@@ -45,8 +45,9 @@ class PruneSettings:
     pattern: str
     base: str | None = None
     calib: str = "pydoc"
-    nsamples: int = 32
-    seqlen: int = 512
+    # Calibration windows and their length; None: 32 x 512 from a text, a .npy file's own shape.
+    nsamples: int | None = None
+    seqlen: int | None = None
     seed: int = 0
     owl: bool = False
     owl_m: float = 5.0
@@ -182,6 +183,8 @@ def _checked(settings: PruneSettings) -> tuple[PruneSettings, Pattern]:
     """The settings with their defaults resolved, and the pattern; refuses impossible ones."""
     pattern = Pattern.parse(settings.pattern)
     method = get_method(settings.method)  # refuses an unknown name
+    nsamples, seqlen = calibration_shape(settings.calib, settings.nsamples, settings.seqlen)
+    settings = replace(settings, nsamples=nsamples, seqlen=seqlen)
     if settings.error_report is None:
         settings = replace(settings, error_report=bool(method.needs) or settings.owl)
     if settings.base is not None and not method.takes_base:

@@ -10,7 +10,7 @@ from helpers import tiny_model
 
 import npsparse
 import npsparse.sequential as seq
-from npsparse.calibration import calibration_windows
+from npsparse.calibration import calibration_shape, calibration_windows
 from npsparse.errors import NpsparseError
 from npsparse.io import open_checkpoint, write_hf_dir
 from npsparse.prune import check_nm
@@ -147,6 +147,23 @@ def test_cli_records_the_pinned_windows_shape(tiny_dir, tmp_path):
     assert (report["calibration"]["windows"], report["calibration"]["seqlen"]) == (3, 24)
 
 
+def test_a_pinned_file_shape_is_checked_by_the_library(tiny_dir, tmp_path, tokenizer):
+    """The library, not only the CLI, refuses an explicit shape that a .npy file contradicts,
+    before any model loads, and fills in the file's own shape when none is given."""
+    path = tmp_path / "calib.npy"
+    np.save(path, np.ones((3, 24), dtype=np.int64))
+    assert calibration_shape(path) == (3, 24)
+    assert calibration_shape(path, 3, 24) == (3, 24)
+    assert calibration_shape("pydoc") == (32, 512)
+    with pytest.raises(NpsparseError, match="holds 3 windows of 24 tokens, so nsamples 4"):
+        calibration_windows(path, tokenizer, tokenizer.vocab_size, nsamples=4)
+    with pytest.raises(NpsparseError, match="so seqlen 64 cannot apply"):
+        prune_model(tmp_path / "no-model-needed", tmp_path / "o",
+                    PruneSettings(method="wanda", pattern="0.5", calib=str(path), seqlen=64),
+                    progress=False)
+    assert calibration_windows(path, tokenizer, tokenizer.vocab_size).shape == (3, 24)
+
+
 def test_calibration_text_is_disjoint_from_eval_text(tokenizer):
     ids = calibration_windows("pydoc", tokenizer, tokenizer.vocab_size, nsamples=8, seqlen=128)
     text = npsparse.pydoc_text("eval")
@@ -163,7 +180,7 @@ def test_calibration_text_is_disjoint_from_eval_text(tokenizer):
     (["--method", "wanda", "--sparsity", "0.5", "--calib", "{empty}"], "the file is empty"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib", "{bad_npy}"], "token ids must lie in"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib", "{short_npy}"],
-     "holds 2 windows of 16 tokens, so --seqlen 32 cannot apply"),
+     "holds 2 windows of 16 tokens, so seqlen 32 cannot apply"),
     (["--method", "wanda"], "give exactly one of --sparsity"),
 ])
 def test_prune_user_errors(tiny_dir, tmp_path, args, message):
