@@ -173,6 +173,8 @@ def cmd_bench(args) -> None:
     """``npsparse bench``: run the kernel or decode benchmark with its own options."""
     if args.which == "kernels":
         from .benchmarks.kernels import main
+    elif args.which == "head":
+        from .benchmarks.head import main
     else:
         from .benchmarks.decode import main
     status = main(args.rest)
@@ -406,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=_HelpFormatter,
                         description="npsparse bench kernels --help / npsparse bench decode --help "
                                     "list each benchmark's options.")
-    bn.add_argument("which", choices=["kernels", "decode"])
+    bn.add_argument("which", choices=["kernels", "decode", "head"])
     bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bn.set_defaults(func=cmd_bench)
 
