@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 from npsparse.errors import NpsparseError
 from npsparse.prune.patterns import Pattern, check_nm, lowest_mask, nm_mask
 from npsparse.train.adapters import (PST, LoRA, SaRA, SparsitySchedule, check_fraction,
-                                     check_rank, cubic_sparsity, nm_ramp_mask,
+                                     check_rank, cubic_sparsity, nm_keep, nm_ramp_mask,
                                      nuclear_norm_subgradient, top_k_mask)
 from npsparse.train.optim import AdamW, AdamWSettings
 
@@ -75,6 +75,14 @@ def test_nm_ramp_mask_prunes_the_count_and_ends_on_the_pattern(rows, groups, nm,
     final = nm_ramp_mask(score, most, n, m)
     assert check_nm(final, n, m)
     np.testing.assert_array_equal(final, nm_mask(score, n, m))
+
+
+@given(rows=st.integers(1, 6), groups=st.integers(1, 5), nm=st.sampled_from([(2, 4), (1, 4),
+       (3, 4), (4, 8), (1, 2)]), levels=st.integers(1, 5), seed=seeds)
+def test_nm_keep_equals_the_sorting_nm_mask(rows, groups, nm, levels, seed):
+    n, m = nm
+    score = np.random.default_rng(seed).integers(0, levels, (rows, groups * m)).astype(float)
+    np.testing.assert_array_equal(nm_keep(score, n, m), nm_mask(score, n, m))  # ties included
 
 
 @given(total=st.integers(1, 300), final=st.floats(0, 0.95), initial_frac=st.floats(0, 1),
