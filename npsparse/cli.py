@@ -228,19 +228,16 @@ def cmd_finetune(args) -> None:
           f"{report['peak_rss_mib']:.0f} MiB -> {args.out}")
 
 
-def _add_finetune(sub) -> None:
+def _finetune_options(ft) -> None:
     from .train.adapted import METHODS
     from .train.finetune import FinetuneSettings
     from .train.optim import DECAYS
 
     F = FinetuneSettings()  # the library's defaults, shown by --help
-    ft = sub.add_parser(
-        "finetune", help="train a (pruned) model's kept weights against a teacher",
-        formatter_class=_HelpFormatter,
-        description="Sparse fine-tuning: the zeros of a pruned folder stay zero; the kept "
-                    "weights, the norms (and with --train-embeddings the embedding) train on "
-                    "the calibration part of the default text. A dense model fine-tunes "
-                    "without masks (the control).")
+    ft.description = ("Sparse fine-tuning: the zeros of a pruned folder stay zero; the kept "
+                      "weights, the norms (and with --train-embeddings the embedding) train on "
+                      "the calibration part of the default text. A dense model fine-tunes "
+                      "without masks (the control).")
     _add_model(ft)
     ft.add_argument("--loss", default=F.loss,
                     help="terms ce, kd, squarehead joined by +, each optionally WEIGHT*TERM")
@@ -296,29 +293,7 @@ def _add_finetune(sub) -> None:
     ft.set_defaults(func=cmd_finetune)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``npsparse`` argument parser.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        With subcommands ``eval``, ``generate``, ``prune``, ``pack``, ``bench`` and ``demo``;
-        each sets ``func`` to its ``cmd_*`` function, which :func:`main` calls with the parsed
-        namespace.
-    """
-    from .prune import METHODS, DSnoTOptions, bases
-    from .prune.dsnot import GUARDS
-
-    from .calibration import NSAMPLES, SEQLEN
-    from .sequential import PruneSettings
-
-    DSNOT, P = DSnoTOptions(), PruneSettings("", "")  # the library's defaults, shown by --help
-    parser = argparse.ArgumentParser(
-        prog="npsparse", description="Sparse LLMs in NumPy and Numba: evaluate, prune, generate.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    ev = sub.add_parser("eval", help="perplexity on non-overlapping token windows",
-                        formatter_class=_HelpFormatter)
+def _eval_options(ev) -> None:
     _add_model(ev)
     ev.add_argument("--data", default="pydoc",
                     help="'pydoc' (eval part of the default text) or a UTF-8 text file")
@@ -328,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
 
-    gen = sub.add_parser("generate", help="generate text from a prompt",
-                         formatter_class=_HelpFormatter)
+
+def _generate_options(gen) -> None:
+    from .packing import HEAD_CHOICES
+
     _add_model(gen)
     gen.add_argument("-p", "--prompt", required=True,
                      help="text to continue (with --chat: the user's message)")
@@ -350,15 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "fewest bytes per layer)")
     gen.add_argument("--threads", type=_positive, default=None,
                      help="kernel threads (default: NUMBA_NUM_THREADS, all cores unless set)")
-    from .packing import HEAD_CHOICES
-
     gen.add_argument("--head", default="auto", choices=HEAD_CHOICES,
                      help=HEAD_HELP + " (with --format other than dense)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 
-    pr = sub.add_parser("prune", help="prune a model block by block and write a HF folder",
-                        formatter_class=_HelpFormatter)
+
+def _prune_options(pr) -> None:
+    from .calibration import NSAMPLES, SEQLEN
+    from .prune import METHODS, DSnoTOptions, bases
+    from .prune.dsnot import GUARDS
+    from .sequential import PruneSettings
+
+    DSNOT, P = DSnoTOptions(), PruneSettings("", "")  # the library's defaults, shown by --help
     _add_model(pr)
     pr.add_argument("--method", required=True, choices=list(METHODS), help="pruning method")
     pr.add_argument("--base", choices=bases(),
@@ -394,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     pr.set_defaults(func=cmd_prune)
 
-    pk = sub.add_parser("pack", help="save a model with its layers packed in a kernel format",
-                        formatter_class=_HelpFormatter)
+
+def _pack_options(pk) -> None:
+    from .packing import HEAD_CHOICES
+
     _add_model(pk)
     pk.add_argument("--format", default="auto", choices=["auto", "bf16", "csr", "bitmask", "nm"],
                     help="auto = per layer, the format that reads the fewest bytes")
@@ -404,16 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--json", action="store_true", help="print one JSON object")
     pk.set_defaults(func=cmd_pack)
 
-    bn = sub.add_parser("bench", help="kernel or decode benchmarks against the memory roofline",
-                        formatter_class=_HelpFormatter,
-                        description="npsparse bench kernels --help / npsparse bench decode --help "
-                                    "list each benchmark's options.")
+
+def _bench_options(bn) -> None:
+    bn.description = ("npsparse bench kernels --help / npsparse bench decode --help list each "
+                      "benchmark's options.")
     bn.add_argument("which", choices=["kernels", "decode", "head"])
     bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bn.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded model: evaluate and generate",
-                          formatter_class=_HelpFormatter)
+
+def _demo_options(demo) -> None:
+    from .calibration import NSAMPLES
+    from .prune import bases
+
     demo.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
                       help="model to evaluate, prune and run")
     demo.add_argument("--windows", type=_positive, default=8, help="eval windows of 512 tokens")
@@ -427,7 +413,43 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chat message for the dense and the pruned model")
     demo.add_argument("-n", type=_positive, default=64, help="new tokens")
     demo.set_defaults(func=cmd_demo)
-    _add_finetune(sub)
+
+
+# Subcommand -> (its one-line help, the function adding its options). Options are added only to
+# the subcommand being run, so running one imports only the modules it needs.
+SUBCOMMANDS = {
+    "eval": ("perplexity on non-overlapping token windows", _eval_options),
+    "generate": ("generate text from a prompt", _generate_options),
+    "prune": ("prune a model block by block and write a HF folder", _prune_options),
+    "pack": ("save a model with its layers packed in a kernel format", _pack_options),
+    "bench": ("kernel or decode benchmarks against the memory roofline", _bench_options),
+    "demo": ("the main job on the embedded model: evaluate and generate", _demo_options),
+    "finetune": ("train a (pruned) model's kept weights against a teacher", _finetune_options),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``npsparse`` argument parser.
+
+    Parameters
+    ----------
+    command : str, optional
+        Build only this subcommand's options (the others are listed with their help line), so
+        that running one subcommand imports only what it needs; None builds them all.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        With the subcommands of :data:`SUBCOMMANDS`; each sets ``func`` to its ``cmd_*``
+        function, which :func:`main` calls with the parsed namespace.
+    """
+    parser = argparse.ArgumentParser(
+        prog="npsparse", description="Sparse LLMs in NumPy and Numba: evaluate, prune, generate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_line, add_options) in SUBCOMMANDS.items():
+        subparser = sub.add_parser(name, help=help_line, formatter_class=_HelpFormatter)
+        if command in (None, name):
+            add_options(subparser)
     return parser
 
 
@@ -449,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         (``npsparse generate ... | head``), silently, as a process killed by SIGPIPE; 1 when
         out of memory. Bad arguments make argparse exit with status 2 itself.
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     previous = _catch_sigterm()
     try:

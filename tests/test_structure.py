@@ -1,6 +1,8 @@
 """The package's import graph: no module depends on itself through others."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import npsparse
@@ -80,3 +82,16 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_cycle_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_a_subcommand_imports_only_what_it_needs():
+    """Running ``npsparse prune`` builds only prune's options: the training engine, packing and
+    the packed-folder reader are not imported (they were, to show finetune's defaults)."""
+    code = ("import sys\nfrom npsparse.cli import main\n"
+            "try:\n    main(['prune', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('npsparse')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    loaded = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    assert "npsparse.sequential" in loaded and "npsparse.prune" in loaded  # it did build prune
+    assert not {m for m in loaded if m.startswith(("npsparse.train", "npsparse.packing",
+                                                    "npsparse.io.packed"))}
