@@ -287,7 +287,8 @@ def _finetune_options(ft) -> None:
     ft.add_argument("--nuclear", type=float, default=F.nuclear,
                     help="SaRA's nuclear-norm penalty weight on one matrix per step")
     ft.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run from OUT.resume (--method full only)")
+                    help="continue an interrupted run (any --method) from OUT.resume; the "
+                         "other options must be those of the interrupted run")
     ft.add_argument("--out", required=True, help="output folder (written when the run ends)")
     ft.add_argument("--json", action="store_true", help="print one JSON object")
     ft.set_defaults(func=cmd_finetune)

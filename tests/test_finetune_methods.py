@@ -1,6 +1,8 @@
 """`npsparse finetune --method lora|pst|sara` on a tiny model with SmolLM2's tokenizer."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -115,7 +117,7 @@ def test_cli_lora_merges_into_every_weight(tiny, tmp_path):
     (["--method", "sara", "--fraction", "1.5"], "0 < F < 1"),
     (["--method", "sara", "--fraction", "0"], "0 < F < 1"),
     (["--fraction", "0.1"], "only it takes it"),
-    (["--method", "lora", "--resume"], "not supported"),
+    (["--method", "lora", "--rank", "2", "--resume"], "nothing to resume"),
 ])
 def test_bad_method_settings_are_one_line_before_any_model_loads(tmp_path, extra, message):
     result = run_cli(tmp_path / "no-such-model", "--steps", 2, "--out", tmp_path / "out", *extra)
@@ -131,3 +133,69 @@ def test_pst_refuses_a_pruned_folder(tiny, tmp_path):
                      "--steps", 2, "--seqlen", 64, "--eval-windows", 0, "--out", tmp_path / "o")
     assert result.returncode == 2 and "dense model" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+RESUMABLE = {
+    "lora": ("dense", dict(method="lora", rank=2)),
+    "pst": ("dense", dict(method="pst", pattern="2:4", rank=2)),
+    "sara": ("p50", dict(method="sara", fraction=0.1)),  # re-selects before step 3 (0-based)
+}
+TIMINGS = ("seconds", "train_seconds", "train_tokens_per_s", "matmul_gflops", "matmul_fraction",
+           "peak_rss_mib")
+
+
+def without_timings(value):
+    """A report with every wall-clock figure removed (they differ from run to run)."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def stop_after(*steps):
+    def on_step(record):
+        if record["step"] in steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_step
+
+
+@pytest.mark.parametrize("method", sorted(RESUMABLE))
+def test_adapter_run_interrupted_twice_and_resumed_equals_uninterrupted(tiny, tmp_path, method):
+    """Cut after steps 2 and 4 of 6: before and after SaRA's re-selection, mid-way through PST's
+    sparsity ramp."""
+    source, changes = RESUMABLE[method]
+    settings = small(steps=6, **changes)
+    whole = finetune(tiny / source, tmp_path / "whole", settings, progress=False)
+    notes = []
+    first = finetune(tiny / source, tmp_path / "cut", settings, progress=False,
+                     on_step=stop_after(2), log=notes.append)
+    assert first == {"interrupted": 2, "resume": str(tmp_path / "cut.resume")}
+    assert "--resume" in notes[-1] and not (tmp_path / "cut").exists()
+    second = finetune(tiny / source, tmp_path / "cut", settings, resume=True, progress=False,
+                      on_step=stop_after(4), log=notes.append)
+    assert second["interrupted"] == 4
+    done = finetune(tiny / source, tmp_path / "cut", settings, resume=True, progress=False,
+                    log=notes.append)
+    assert done["weights_sha256"] == whole["weights_sha256"]
+    saved = json.loads((tmp_path / "cut" / "finetune.json").read_text())
+    expected = json.loads((tmp_path / "whole" / "finetune.json").read_text())
+    assert without_timings(saved) == without_timings(expected)
+    assert not (tmp_path / "cut.resume").exists()
+
+
+@pytest.mark.parametrize("changed,name", [(["--method", "sara", "--fraction", "0.1"], "method"),
+                                          (["--method", "lora", "--rank", "3"], "rank")])
+def test_resuming_with_other_adapter_settings_is_one_line(tiny, tmp_path, changed, name):
+    settings = small(steps=4, method="lora", rank=2)
+    part = finetune(tiny / "dense", tmp_path / "cut", settings, progress=False,
+                    on_step=stop_after(1), log=lambda text: None)
+    assert part["interrupted"] == 1
+    result = run_cli(tiny / "dense", "--loss", "ce", "--steps", 4, "--seqlen", 64, "--lr", "1e-2",
+                     "--eval-windows", 0, "--val-windows", 2, "--out", tmp_path / "cut",
+                     "--resume", *changed)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "other settings" in lines[0] and name in lines[0]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "cut.resume").is_dir() and not (tmp_path / "cut").exists()

@@ -97,6 +97,30 @@ class AdaptedModel:
         return {f"{name}/{key}": array for name, adapter in self.adapters.items()
                 for key, array in adapter.params().items()}
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Every adapter's :meth:`~npsparse.train.adapters.Adapter.state`, as ``WEIGHT_NAME/KEY``.
+
+        With the step and the seed this is all a resumed run needs: every random draw is keyed
+        by ``(seed, matrix)`` or ``(seed, step)``, so no generator state is kept.
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+        """
+        return {f"{name}/{key}": array for name, adapter in self.adapters.items()
+                for key, array in adapter.state().items()}
+
+    def load_state(self, arrays: dict) -> None:
+        """Restore what :meth:`state` returned (then build the optimizer on :meth:`params`).
+
+        Parameters
+        ----------
+        arrays : dict of str -> np.ndarray
+            By the names of :meth:`state`.
+        """
+        for name, adapter in self.adapters.items():
+            adapter.load_state({key: arrays[f"{name}/{key}"] for key in adapter.state()})
+
     def write(self, params: dict, step: int, total: int) -> None:
         """Write every effective weight for optimizer step ``step`` into the model's arrays.
 

@@ -277,6 +277,29 @@ class Adapter:
         """
         raise NotImplementedError
 
+    def state(self) -> dict[str, np.ndarray]:
+        """What a resumed run needs besides the frozen weight: by default :meth:`params`.
+
+        Everything else is a function of the weight, the seed and the step (PST's mask is
+        recomputed by the next :meth:`effective`).
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+        """
+        return self.params()
+
+    def load_state(self, arrays: dict) -> None:
+        """Restore what :meth:`state` returned, into an adapter built from the same weight.
+
+        Parameters
+        ----------
+        arrays : dict of str -> np.ndarray
+            By the names of :meth:`state`.
+        """
+        for key, array in self.params().items():
+            array[...] = arrays[key]
+
     def trainable_count(self) -> int:
         """Number of trainable scalars.
 
@@ -545,10 +568,23 @@ class SaRA(Adapter):
         self.index = np.flatnonzero(selected).astype(index_dtype)  # [P], ascending
         self.threshold = float(magnitude.ravel()[self.index].max()) if n_select else 0.0
         self.delta = np.zeros(len(self.index), dtype=self.base.dtype)  # [P]
+        self.frozen = np.zeros(0, dtype=index_dtype)  # entries reselect() moved into the base
 
     def params(self) -> dict[str, np.ndarray]:
         """``{"delta": [P]}``: the update of the selected entries, flat order."""
         return {"delta": self.delta}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The selection as it is now, ``delta``, and the base's values at the frozen entries."""
+        return {"index": self.index, "delta": self.delta, "frozen": self.frozen,
+                "frozen_base": self.base.ravel()[self.frozen]}
+
+    def load_state(self, arrays: dict) -> None:
+        """Restore the selection (it shrinks at :meth:`reselect`) and the frozen updates."""
+        self.index = np.array(arrays["index"], dtype=self.index.dtype)
+        self.delta = np.array(arrays["delta"], dtype=self.base.dtype)
+        self.frozen = np.array(arrays["frozen"], dtype=self.index.dtype)
+        self.base.ravel()[self.frozen] = arrays["frozen_base"]
 
     def update(self) -> np.ndarray:
         """``dW`` as a dense matrix (zero outside the selection).
@@ -608,6 +644,7 @@ class SaRA(Adapter):
         stay = current <= self.threshold
         frozen = self.index[~stay]
         self.base.ravel()[frozen] += self.delta[~stay]
+        self.frozen = np.concatenate([self.frozen, frozen])
         self.index = self.index[stay]
         self.delta = self.delta[stay].copy()
         return int(len(frozen))

@@ -13,7 +13,8 @@ Windows come from the calibration part of the default text (never the eval part)
 seed; the last ``val_windows`` windows are held out for a validation loss. The optimizer step
 ``s`` reads the same windows whatever happened before it, so a run interrupted (Ctrl-C or
 SIGTERM: the current step finishes, then a resumable state is written atomically beside
-``out``) and resumed with ``--resume`` ends with the same weights as an uninterrupted one.
+``out``) and resumed with ``--resume`` ends with the same weights as an uninterrupted one, with
+or without adapters.
 """
 
 from __future__ import annotations
@@ -365,18 +366,17 @@ def _resume_folder(out: Path) -> Path:
     return out.with_name(out.name + ".resume")
 
 
-def _save_state(folder: Path, params: dict, names: list[str], optimizer: AdamW,
-               record: dict) -> None:
-    """Write the trainable weights, the moments and the run's record atomically."""
+def _save_state(folder: Path, trained: dict, optimizer: AdamW, record: dict) -> None:
+    """Write what trains (:func:`_trained_state`), the moments and the record atomically."""
     from safetensors.numpy import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
-        arrays = {f"param/{n}": params[n] for n in names}
-        arrays.update(optimizer.state())
+        arrays = {**trained, **optimizer.state()}
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                   str(tmp / "state.safetensors"))
+        record = {**record, "optimizer_steps": optimizer.step_count}
         (tmp / "state.json").write_text(json.dumps(record, indent=1) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
@@ -385,11 +385,12 @@ def _save_state(folder: Path, params: dict, names: list[str], optimizer: AdamW,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_state(folder: Path, params: dict, names: list[str], optimizer: AdamW,
-               settings: dict) -> dict:
-    """Restore what :func:`_save_state` wrote, after checking it belongs to the same run."""
+def _read_state(folder: Path, settings: dict) -> tuple[dict, dict]:
+    """The record and arrays :func:`_save_state` wrote, after checking the settings match."""
     from safetensors.numpy import load_file
 
+    if not folder.is_dir():
+        raise NpsparseError(f"nothing to resume: {folder} does not exist")
     try:
         record = json.loads((folder / "state.json").read_text())
         arrays = load_file(str(folder / "state.safetensors"))
@@ -399,10 +400,32 @@ def _load_state(folder: Path, params: dict, names: list[str], optimizer: AdamW,
         changed = sorted(k for k in settings if record.get("settings", {}).get(k) != settings[k])
         raise NpsparseError(f"{folder} was written with other settings ({', '.join(changed)}); "
                             "resume with the same command")
-    for n in names:
-        params[n][...] = arrays[f"param/{n}"]
-    optimizer.load_state(arrays, record["step"])
-    return record
+    return record, arrays
+
+
+def _trained_state(params: dict, names: list[str], adapted) -> dict:
+    """What trains, for the resumable state: the weights, or the adapters' state (not W_eff)."""
+    if adapted is None:
+        return {f"param/{n}": params[n] for n in names}
+    return {f"adapter/{k}": a for k, a in adapted.state().items()}
+
+
+def _restore_trained(arrays: dict, params: dict, names: list[str], adapted) -> None:
+    """Put back what :func:`_trained_state` saved."""
+    if adapted is None:
+        for n in names:
+            params[n][...] = arrays[f"param/{n}"]
+    else:
+        adapted.load_state({k[len("adapter/"):]: a for k, a in arrays.items()
+                            if k.startswith("adapter/")})
+
+
+def _new_optimizer(params: dict, names: list[str], masks: dict, adapted,
+                   adam: AdamWSettings) -> AdamW:
+    """AdamW on the kept weights of a full run, or on the adapters' arrays (masked inside)."""
+    if adapted is None:
+        return AdamW({n: params[n] for n in names}, masks, adam)
+    return AdamW(adapted.params(), None, adam)
 
 
 class _StopRequest:
@@ -457,10 +480,13 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         The contents of ``finetune.json`` (``{"interrupted": step, ...}`` if stopped early).
     """
     settings.check()
-    if resume and settings.method != "full":
-        raise NpsparseError(f"--resume is not supported for --method {settings.method} yet")
     out = Path(out).absolute()
     check_replaceable(out)
+    state_dir = _resume_folder(out)
+    saved = _read_state(state_dir, asdict(settings)) if resume else None  # before any loading
+    if not resume and state_dir.exists():
+        raise NpsparseError(f"{state_dir} holds an interrupted run: add --resume to continue it "
+                            "or delete it")
     started = time.perf_counter()
     losses = LossWeights.parse(settings.loss, settings.temperature)
     report_in = source_report(model_path)
@@ -492,28 +518,24 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     total, warmup = settings.total_steps, settings.warmup_steps
     adam = AdamWSettings(lr=settings.lr, weight_decay=settings.weight_decay)
     adapted = _adapted(model, params, masks, settings)  # None for full fine-tuning
-    if adapted is None:
-        names = _trainable_names(model, settings.train_embeddings)
-        optimizer = AdamW({n: params[n] for n in names}, masks, adam)
-    else:  # the engine gives dL/dW_eff of the adapted weights; the optimizer sees the adapters
-        names = adapted.names
-        optimizer = AdamW(adapted.params(), None, adam)
-        adapted.write(params, 0, total)
-    trained_at_start = _optimizer_size(optimizer)
+    # the weights the engine differentiates; with adapters (dL/dW_eff) the optimizer sees the
+    # adapters' arrays instead
+    names = _trainable_names(model, settings.train_embeddings) if adapted is None else adapted.names
+    record = {"settings": asdict(settings), "step": 0, "train": [], "validation": [],
+              "train_seconds": 0.0, "ppl_before": None}
+    if saved is not None:
+        record, arrays = saved
+        _restore_trained(arrays, params, names, adapted)  # before the optimizer: SaRA's shrink
+    optimizer = _new_optimizer(params, names, masks, adapted, adam)
+    record.setdefault("trainable", _optimizer_size(optimizer))  # SaRA's is the first selection's
+    if saved is not None:
+        optimizer.load_state(arrays, record.get("optimizer_steps", record["step"]))
+        log(f"resuming {out.name} at step {record['step']} of {total}")
+    if adapted is not None:
+        adapted.write(params, record["step"], total)  # PST: this step's mask, recomputed
     reselect_at = adapted.reselect_step(total) if adapted is not None else None
     grads = {n: np.zeros_like(params[n]) for n in names}
     val_every = settings.val_every or max(1, total // 5)
-    state_dir = _resume_folder(out)
-    record = {"settings": asdict(settings), "step": 0, "train": [], "validation": [],
-              "train_seconds": 0.0, "ppl_before": None}
-    if resume:
-        if not state_dir.is_dir():
-            raise NpsparseError(f"nothing to resume: {state_dir} does not exist")
-        record = _load_state(state_dir, params, names, optimizer, asdict(settings))
-        log(f"resuming {out.name} at step {record['step']} of {total}")
-    elif state_dir.exists():
-        raise NpsparseError(f"{state_dir} holds an interrupted run: add --resume to continue it "
-                            "or delete it")
 
     if eval_windows is not None and record["ppl_before"] is None:
         record["ppl_before"] = perplexity(model, eval_windows, progress=progress).to_dict()
@@ -530,7 +552,7 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
             step_start = time.perf_counter()
             if step == reselect_at:  # SaRA's progressive step: fewer entries, fresh moments
                 record["reselected"] = {"step": step, "frozen": adapted.reselect()}
-                optimizer = AdamW(adapted.params(), None, adam)
+                optimizer = _new_optimizer(params, names, masks, adapted, adam)
             for g in grads.values():
                 g.fill(0)
             sums: dict[str, float] = {}
@@ -572,12 +594,8 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
                 interrupted = True
                 break
     bar.close()
-    if interrupted and adapted is not None:
-        log(f"interrupted after step {record['step']} of {total}; --method {settings.method} "
-            "runs cannot be resumed yet, so nothing was saved")
-        return {"interrupted": record["step"], "resume": None}
     if interrupted:
-        _save_state(state_dir, params, names, optimizer, record)
+        _save_state(state_dir, _trained_state(params, names, adapted), optimizer, record)
         log(f"interrupted after step {record['step']} of {total}; state saved in {state_dir}; "
             f"continue with the same command plus --resume")
         return {"interrupted": record["step"], "resume": str(state_dir)}
@@ -604,8 +622,8 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
                  "val_windows": len(val), "seqlen": settings.seqlen,
                  "token_sha256": token_hash(data)},
         "method": settings.method,
-        "trainable_parameters": trained_at_start["parameters"],
-        "optimizer_state_bytes": trained_at_start["state_bytes"],
+        "trainable_parameters": record["trainable"]["parameters"],
+        "optimizer_state_bytes": record["trainable"]["state_bytes"],
         "masked_parameters": int(sum(int((~m).sum()) for m in masks.values())),
         "train": record["train"],
         "validation": record["validation"],
