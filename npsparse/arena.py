@@ -71,7 +71,7 @@ def _layer_arrays(layer) -> dict[str, np.ndarray] | None:
 def _signature(layer):
     """Layers with equal signatures can be stacked row-wise into one layer of their format."""
     arrays = _layer_arrays(layer)
-    if arrays is None:
+    if arrays is None or not getattr(layer, "STACKABLE", True):
         return None
     options = tuple(sorted(layer.to_arrays()[1].items())) if hasattr(layer, "to_arrays") else ()
     options = tuple(item for item in options if item[0] != "shape")

@@ -169,6 +169,25 @@ def cmd_pack(args) -> None:
           f"per token -> {report['out']}")
 
 
+def cmd_monarch(args) -> None:
+    """``npsparse monarch``: project chosen linear layers onto Monarch matrices, save a folder."""
+    from .monarch import monarch_model
+
+    report = monarch_model(args.model, args.out, args.blocks, layers=args.layers,
+                           values=args.values)
+    if args.json:
+        _print_json(report)
+        return
+    info = report["monarch"]
+    errors = [layer["relative_error"] for layer in info["layers"].values()]
+    share = info["parameters"] / info["dense_parameters"]
+    print(f"projected {len(errors)} layers of {args.model} onto {args.blocks}-block Monarch "
+          f"matrices ({args.values}): {info['parameters']:,} parameters for "
+          f"{info['dense_parameters']:,} dense ({share:.1%}), relative Frobenius error mean "
+          f"{sum(errors) / len(errors):.4f} max {max(errors):.4f}, {report['seconds']:.1f} s "
+          f"-> {report['out']}")
+
+
 def cmd_bench(args) -> None:
     """``npsparse bench``: run the kernel or decode benchmark with its own options."""
     if args.which == "kernels":
@@ -389,6 +408,22 @@ def _pack_options(pk) -> None:
     pk.set_defaults(func=cmd_pack)
 
 
+def _monarch_options(mo) -> None:
+    _add_model(mo)
+    mo.add_argument("--blocks", type=int, required=True,
+                    help="b, the diagonal blocks of each factor (b >= 2 dividing N and K, b^2 "
+                         "dividing min(N, K))")
+    mo.add_argument("--layers", nargs="+", metavar="PATTERN",
+                    help="layers to project, as shell patterns or block prefixes "
+                         "('model.layers.2?.mlp.*', 'model.layers.3'); default: every block "
+                         "linear layer")
+    mo.add_argument("--values", default="fp32", choices=["fp32", "bf16"],
+                    help="storage of the factors")
+    mo.add_argument("--out", required=True, help="output folder (written atomically)")
+    mo.add_argument("--json", action="store_true", help="print one JSON object")
+    mo.set_defaults(func=cmd_monarch)
+
+
 def _bench_options(bn) -> None:
     bn.description = ("npsparse bench kernels --help / npsparse bench decode --help list each "
                       "benchmark's options.")
@@ -423,6 +458,8 @@ SUBCOMMANDS = {
     "generate": ("generate text from a prompt", _generate_options),
     "prune": ("prune a model block by block and write a HF folder", _prune_options),
     "pack": ("save a model with its layers packed in a kernel format", _pack_options),
+    "monarch": ("project linear layers onto Monarch matrices and save a packed folder",
+                _monarch_options),
     "bench": ("kernel or decode benchmarks against the memory roofline", _bench_options),
     "demo": ("the main job on the embedded model: evaluate and generate", _demo_options),
     "finetune": ("train a (pruned) model's kept weights against a teacher", _finetune_options),

@@ -36,56 +36,21 @@ factors ``blockdiag_butterfly_multiply`` multiplies in exactly this layout.
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import time
+from pathlib import Path
+
 import numpy as np
 
+from .api import load
 from .errors import NpsparseError
-from .kernels._layer import as_float32
-from .kernels.monarch import (MonarchLinear, MonarchSizes, from_middle, monarch_dense,
-                              monarch_forward, monarch_sizes, parameter_count, to_middle)
-
-
-def project_factors(weight: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """The Monarch factors closest to ``W`` in Frobenius norm (closed form, batched SVD).
-
-    Parameters
-    ----------
-    weight : np.ndarray
-        ``W [N, K]``, float32 or float64.
-    blocks : int
-        ``b`` (see :func:`~npsparse.kernels.monarch.monarch_sizes` for what fits).
-
-    Returns
-    -------
-    right : np.ndarray
-        ``R [b, q, p]``.
-    left : np.ndarray
-        ``L [b, s, q]``; both float64 for a float64 ``W``, else float32 (the SVD runs in
-        float64 either way). The split of each singular value between the two factors is
-        symmetric (``sqrt(S)`` to each).
-
-    Raises
-    ------
-    NpsparseError
-        ``W`` not 2-D or not numeric, or ``b`` that does not fit its shape.
-    """
-    weight = np.asarray(weight)
-    out_dtype = np.float64 if weight.dtype == np.float64 else np.float32
-    if weight.dtype != np.float64:
-        weight = as_float32(weight, "weight")
-    if weight.ndim != 2:
-        raise NpsparseError(f"weight must be 2-D [N, K], got shape {weight.shape}")
-    sizes = monarch_sizes(weight.shape, blocks)
-    b, p, s, r = sizes.blocks, sizes.in_block, sizes.out_block, sizes.rank
-    w4 = weight.astype(np.float64).reshape(s, b, b, p)  # [o, l, k, i]
-    sub = w4.transpose(1, 2, 0, 3)  # [l, k, s, p]: sub-block (l, k)
-    u, sv, vt = np.linalg.svd(sub, full_matrices=False)  # [l,k,s,m], [l,k,m], [l,k,m,p]
-    root = np.sqrt(sv[..., :r])  # [l, k, r]
-    left = u[..., :r] * root[..., None, :]  # [l, k, s, r]: left[l, o, k r + j]
-    right = vt[..., :r, :] * root[..., :, None]  # [l, k, r, p]: right[k, j b + l, i]
-    left = left.transpose(0, 2, 1, 3).reshape(sizes.left_shape)  # [l, s, k, r] -> [b, s, q]
-    right = right.transpose(1, 2, 0, 3).reshape(sizes.right_shape)  # [k, r, l, p] -> [b, q, p]
-    return (np.ascontiguousarray(right, dtype=out_dtype),
-            np.ascontiguousarray(left, dtype=out_dtype))
+from .io.output import check_output_folder
+from .io.packed import save_packed
+from .kernels.monarch import (MonarchLinear, MonarchSizes, check_blocks, from_middle,
+                              monarch_dense,
+                              monarch_forward, monarch_sizes, parameter_count, project_factors,
+                              to_middle)
 
 
 def project(weight: np.ndarray, blocks: int, values: str = "fp32") -> MonarchLinear:
@@ -108,10 +73,10 @@ def project(weight: np.ndarray, blocks: int, values: str = "fp32") -> MonarchLin
     Raises
     ------
     NpsparseError
-        As :func:`project_factors`, or an unknown ``values``.
+        ``W`` not 2-D or not numeric, ``b`` that does not fit its shape, or an unknown
+        ``values``.
     """
-    right, left = project_factors(weight, blocks)
-    return MonarchLinear.from_factors(right, left, values=values)
+    return MonarchLinear.pack(weight, None, blocks=blocks, values=values)
 
 
 def monarch_backward(d_y: np.ndarray, x: np.ndarray, right: np.ndarray, left: np.ndarray,
@@ -160,5 +125,107 @@ def monarch_backward(d_y: np.ndarray, x: np.ndarray, right: np.ndarray, left: np
     return d_x, d_right, d_left
 
 
+def select_layers(names, patterns=None) -> list[str]:
+    """The linear layer names that any of ``patterns`` selects, in model order.
+
+    Parameters
+    ----------
+    names : iterable of str
+        Every block linear layer of a model (``model.linears()``), e.g.
+        ``model.layers.3.mlp.up_proj``.
+    patterns : list of str, optional
+        Shell-style patterns (``"model.layers.2?.mlp.*"``, ``"*.self_attn.o_proj"``) or name
+        prefixes ending at a dot (``"model.layers.3"`` = every layer of block 3). None selects
+        every name.
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    NpsparseError
+        A pattern that selects nothing (one line, with an example of the names).
+    """
+    names = list(names)
+    if patterns is None:
+        return names
+    chosen = set()
+    for pattern in patterns:
+        found = {n for n in names
+                 if fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern.rstrip(".") + ".")}
+        if not found:
+            example = names[0] if names else "none"
+            raise NpsparseError(f"no linear layer matches {pattern!r} (names look like "
+                                f"{example!r})")
+        chosen |= found
+    return [n for n in names if n in chosen]
+
+
+def monarch_model(model: str | Path, out: str | Path, blocks: int, *,
+                  layers: list[str] | None = None, values: str = "fp32") -> dict:
+    """Project a model's chosen linear layers onto Monarch matrices and save a packed folder.
+
+    The folder (:mod:`npsparse.io.packed`) stores the factors, not dense weights; the other
+    layers stay as loaded (float32 for a checkpoint). ``npsparse eval`` and ``generate`` load
+    it like any packed folder. Every chosen layer is checked against ``b`` before any work.
+
+    Parameters
+    ----------
+    model : str or Path
+        Anything :func:`npsparse.load` accepts.
+    out : str or Path
+        Output folder (written atomically; see :func:`npsparse.io.output.check_output_folder`).
+    blocks : int
+        ``b`` for every chosen layer.
+    layers : list of str, optional
+        Patterns of :func:`select_layers`; None = every block linear layer.
+    values : {"fp32", "bf16"}
+        Storage of the factors.
+
+    Returns
+    -------
+    dict
+        The ``packed.json`` report (``monarch``: blocks, values, and per layer its shape,
+        parameters and relative Frobenius error ``||W - M|| / ||W||``; totals) plus ``out`` and
+        ``seconds``.
+
+    Raises
+    ------
+    NpsparseError
+        A pattern that selects nothing, ``b`` that does not fit a chosen layer (named), an
+        unknown ``values``, or an output folder that may not be written.
+    """
+    if values not in ("fp32", "bf16"):
+        raise NpsparseError(f"monarch values must be one of ['bf16', 'fp32'], got {values!r}")
+    blocks = check_blocks(blocks)  # before loading anything
+    check_output_folder(out, inputs=[model])
+    start = time.perf_counter()
+    llm = load(model)
+    linears = llm.model.linears()
+    names = select_layers(linears, layers)
+    for name in names:
+        try:
+            monarch_sizes(linears[name].shape, blocks)
+        except NpsparseError as error:
+            raise NpsparseError(f"{name}: {error}") from None
+    report = {}
+    for name in names:
+        weight = linears[name].to_dense()  # [N, K] float32
+        layer = MonarchLinear.pack(weight, None, blocks=blocks, values=values)
+        error = np.linalg.norm(weight - layer.to_dense()) / max(np.linalg.norm(weight), 1e-30)
+        report[name] = {"shape": list(layer.shape), "parameters": layer.nnz,
+                        "relative_error": float(error)}
+        llm.model.set_linear(name, layer)
+    parameters = sum(r["parameters"] for r in report.values())
+    dense = sum(r["shape"][0] * r["shape"][1] for r in report.values())
+    info = {"monarch": {"blocks": blocks, "values": values, "parameters": parameters,
+                        "dense_parameters": dense, "layers": report}}
+    path = save_packed(llm, out, info)
+    saved = json.loads((path / "packed.json").read_text())
+    return {**saved, "out": str(path), "seconds": time.perf_counter() - start}
+
+
 __all__ = ["MonarchLinear", "MonarchSizes", "monarch_backward", "monarch_dense",
-           "monarch_forward", "monarch_sizes", "parameter_count", "project", "project_factors"]
+           "monarch_forward", "monarch_model", "monarch_sizes", "parameter_count", "project",
+           "project_factors", "select_layers"]

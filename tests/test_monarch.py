@@ -7,6 +7,8 @@ back unchanged. Products (batched, GEMV, naive) are checked against ``x @ to_den
 ``to_dense()`` against ``P L P^T R`` built from explicit permutation and block-diagonal matrices.
 """
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -276,3 +278,98 @@ def test_from_arrays_refuses_what_does_not_fit():
         MonarchLinear.from_arrays(arrays, {**metadata, "values": "int8"})
     with pytest.raises(NpsparseError, match="3-D"):
         MonarchLinear.from_factors(arrays["right"][0], arrays["left"])
+
+
+# ---- a model's layers as Monarch matrices: npsparse monarch ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_path):
+    """A tiny random LLaMA folder (the SmolLM2 tokenizer, so the CLI can load it)."""
+    from helpers import tiny_model
+
+    from npsparse.io import open_checkpoint, write_hf_dir
+    from npsparse.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(open_checkpoint(smollm2_path))
+    model = tiny_model("llama", vocab_size=tokenizer.vocab_size)
+    out = tmp_path_factory.mktemp("tiny") / "llama"
+    write_hf_dir(out, model.config, model.state_dict(), tokenizer_json=tokenizer.to_json())
+    return out
+
+
+def test_select_layers():
+    from npsparse.monarch import select_layers
+
+    names = [f"model.layers.{i}.{n}" for i in (0, 1, 12) for n in ("mlp.up_proj", "self_attn.q")]
+    assert select_layers(names) == names
+    assert select_layers(names, ["*.mlp.*"]) == names[0::2]
+    assert select_layers(names, ["model.layers.1", "model.layers.12.self_attn.q"]) == [
+        "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q", "model.layers.12.self_attn.q"]
+    with pytest.raises(NpsparseError, match="no linear layer matches 'model.layers.2'"):
+        select_layers(names, ["model.layers.2"])
+
+
+def test_monarch_model_stores_factors_and_runs(tiny_dir, tmp_path):
+    import npsparse
+    from npsparse.linear import DenseLinear
+    from npsparse.monarch import monarch_model
+
+    report = monarch_model(tiny_dir, tmp_path / "m", 2, layers=["*.mlp.*"])
+    chosen = [f"model.layers.{i}.mlp.{n}" for i in (0, 1) for n in ("gate_proj", "up_proj",
+                                                                     "down_proj")]
+    assert sorted(report["monarch"]["layers"]) == sorted(chosen)
+    assert report["formats"] == {"monarch": 6, "dense": 8}
+    dense = npsparse.load(tiny_dir)
+    loaded = npsparse.load(tmp_path / "m")
+    expected = npsparse.load(tiny_dir)
+    for name, layer in loaded.model.linears().items():
+        weight = dense.model.linears()[name].to_dense()
+        if name in chosen:
+            assert isinstance(layer, MonarchLinear) and layer.blocks == 2
+            projected = project(weight, 2)
+            for key in ("right", "left"):
+                np.testing.assert_array_equal(layer.arrays[key], projected.arrays[key])
+            error = np.linalg.norm(weight - projected.to_dense()) / np.linalg.norm(weight)
+            assert report["monarch"]["layers"][name]["relative_error"] == pytest.approx(error)
+            expected.model.set_linear(name, DenseLinear(projected.to_dense()))
+        else:
+            assert isinstance(layer, DenseLinear)
+    for block in loaded.model.blocks:  # gate/up are not stacked into one (wrong) Monarch layer
+        assert not any(isinstance(f.layer, MonarchLinear) for f in block.fused.values())
+    ids = loaded.encode("def area(r):\n    return 3.14159 * r ** 2")
+    np.testing.assert_allclose(loaded.logits(ids), expected.logits(ids), rtol=1e-4, atol=1e-4)
+    out = loaded.generate("x = ", 4)  # the one-token path (GEMV) through the decode body
+    assert len(out.ids) == 4
+
+
+def test_cli_monarch_and_its_errors(tiny_dir, tmp_path, capsys):
+    from npsparse.cli import main
+
+    out = tmp_path / "m"
+    assert main(["monarch", str(tiny_dir), "--blocks", "4", "--values", "bf16",
+                 "--layers", "model.layers.1", "--out", str(out)]) == 0
+    assert "projected 7 layers" in capsys.readouterr().out
+    packed = json.loads((out / "packed.json").read_text())
+    assert packed["formats"] == {"monarch": 7, "dense": 7} and packed["monarch"]["values"] == "bf16"
+    assert main(["eval", str(out), "--data", str(tiny_dir / "config.json"), "--seqlen", "8",
+                 "--windows", "1"]) == 0
+    for argv, message in [
+        (["--blocks", "1"], "at least 2"),
+        (["--blocks", "3"], "model.layers.0.self_attn.q_proj: Monarch blocks b = 3 must divide"),
+        (["--blocks", "2", "--layers", "model.layers.9"], "no linear layer matches"),
+    ]:
+        capsys.readouterr()
+        assert main(["monarch", str(tiny_dir), *argv, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+        assert not (tmp_path / "bad").exists()
+
+
+def test_pack_monarch_through_the_format_registry():
+    weight = np.random.default_rng(5).standard_normal((32, 16)).astype(np.float32)
+    layer = nk.pack(weight, None, "monarch", blocks=2, values="bf16")
+    assert isinstance(layer, MonarchLinear) and layer.values_type == "bf16"
+    again = nk.from_arrays(*nk.to_arrays(layer))
+    np.testing.assert_array_equal(again.to_dense(), layer.to_dense())
+    with pytest.raises(NpsparseError, match="no mask"):
+        nk.pack(weight, weight > 0, "monarch", blocks=2)

@@ -13,7 +13,11 @@ csr         values (bf16|fp32) + uint16|int32 cols         (2|4 + 2|4) d
 bitmask     1 bit/position + values (bf16|int8+row scale)  1/8 + 2d  (int8: 1/8 + d)
 nm          M-N values + ceil(log2 M)-bit positions/group  2:4 bf16: 1.125, 4:8: 1.1875
 q8_0        int8 values + float16 scale per 32 (ggml)      1.0625 (lossy unless from a GGUF)
+monarch     two block-diagonal factors (fp32|bf16)         (4|2) min(N,K) (N+K) / (b N K)
 ==========  =============================================  ==========================
+
+``monarch`` (:mod:`.monarch`, ``blocks=b``) is not a mask format: packing projects ``W`` onto
+Monarch matrices (lossy, see :mod:`npsparse.monarch`), and ``auto`` never picks it.
 
 Masks are boolean ``[N, K]`` with True = weight kept. An N:M pattern "2:4" prunes 2 of every 4
 consecutive input columns (Wanda/SparseGPT ``prune_n:prune_m``).
@@ -31,11 +35,12 @@ from ._numba import set_threads
 from .bf16 import BF16Linear, bf16_round, from_bf16, to_bf16
 from .bitmask import BitmaskLinear
 from .csr import CSRLinear, index_dtype
+from .monarch import MonarchLinear
 from .nm import NMLinear, index_bits, parse_pattern
 from .q8 import Q8Linear, dequantize_q8_0, q8_0_from_blocks, quantize_q8_0
 
 FORMATS = {"dense": DenseLinear, "bf16": BF16Linear, "csr": CSRLinear, "bitmask": BitmaskLinear,
-           "nm": NMLinear, "q8_0": Q8Linear}
+           "nm": NMLinear, "q8_0": Q8Linear, "monarch": MonarchLinear}
 NM_PATTERNS = ("2:4", "4:8")  # patterns choose_format tries
 
 
@@ -50,10 +55,11 @@ def pack(weight, mask=None, format: str = "auto", **options):
         ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros of ``weight``.
     format : str
         ``"auto"`` (:func:`choose_format`), ``"dense"`` (float32), ``"bf16"``, ``"csr"``,
-        ``"bitmask"``, ``"nm"`` or ``"q8_0"`` (lossy: int8 per 32, see :mod:`.q8`).
+        ``"bitmask"``, ``"nm"``, ``"q8_0"`` (lossy: int8 per 32, see :mod:`.q8`) or
+        ``"monarch"`` (lossy: the projection, see :mod:`.monarch`).
     **options
-        ``values=`` ("bf16" | "fp32" for csr | "int8" for bitmask/nm) and ``pattern=`` ("2:4",
-        "4:8", ... for nm).
+        ``values=`` ("bf16" | "fp32" for csr and monarch | "int8" for bitmask/nm),
+        ``pattern=`` ("2:4", "4:8", ... for nm) and ``blocks=`` (monarch).
 
     Returns
     -------
@@ -201,8 +207,8 @@ def from_arrays(arrays: dict[str, np.ndarray], metadata: dict[str, str]):
 
 
 __all__ = [
-    "FORMATS", "Bandwidth", "BF16Linear", "BitmaskLinear", "CSRLinear", "NMLinear", "PackedLinear",
-    "Q8Linear", "bf16_round", "choose_format", "dequantize_q8_0", "from_arrays", "from_bf16",
-    "measure_read_bandwidth", "pack", "packed_nbytes", "q8_0_from_blocks", "quantize_q8_0",
-    "set_threads", "to_arrays", "to_bf16",
+    "FORMATS", "Bandwidth", "BF16Linear", "BitmaskLinear", "CSRLinear", "MonarchLinear",
+    "NMLinear", "PackedLinear", "Q8Linear", "bf16_round", "choose_format", "dequantize_q8_0",
+    "from_arrays", "from_bf16", "measure_read_bandwidth", "pack", "packed_nbytes",
+    "q8_0_from_blocks", "quantize_q8_0", "set_threads", "to_arrays", "to_bf16",
 ]

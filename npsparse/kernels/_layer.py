@@ -256,6 +256,7 @@ class PackedLinear:
     """
 
     FORMAT = ""
+    STACKABLE = True  # two layers' arrays concatenated are the layer of their stacked rows
 
     def __init__(self, arrays: dict[str, np.ndarray], shape: tuple[int, int]):
         self.arrays = arrays

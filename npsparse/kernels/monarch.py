@@ -17,6 +17,10 @@ which is what the naive kernel computes. Several tokens go through two batched m
 then ``L`` once each, parallel over rows, like the dense GEMV. Its dot products are plain loops
 that LLVM vectorises for the host (float32, or bf16 bits widened by a shift), so no CPU-feature
 dispatch is needed here. Bytes per product: ``(b q p + b s q) * 4`` (fp32) or ``* 2`` (bf16).
+
+Packing is the projection (:func:`project_factors`): lossy, like ``q8_0``, and never chosen by
+``format="auto"``. A Monarch layer does not stack row-wise with another (``STACKABLE``): two
+Monarch matrices one above the other are not one, so the arena keeps them apart.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numba
 import numpy as np
 
 from ..errors import NpsparseError
-from ._layer import PackedLinear, as_float32, check_arrays, check_option, check_shapes
+from ._layer import (PackedLinear, as_float32, check_arrays, check_option, check_shapes,
+                     check_weight_mask)
 from ._numba import jit, pjit, row_block
 from ._simd import value_at
 from .bf16 import from_bf16, to_bf16
@@ -91,6 +96,31 @@ class MonarchSizes:
         return self.inner * (self.n_rows + self.k_cols)
 
 
+def check_blocks(blocks) -> int:
+    """``b`` as an int, refusing what no shape fits: not an integer, or below 2.
+
+    Parameters
+    ----------
+    blocks : int
+        The number of diagonal blocks asked for.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    NpsparseError
+        One line; ``b = 1`` is the dense matrix itself (as two full factors), never wanted.
+    """
+    if isinstance(blocks, (bool, np.bool_)) or not isinstance(blocks, (int, np.integer)):
+        raise NpsparseError(f"Monarch blocks must be an integer, got {blocks!r}")
+    if blocks < 2:
+        raise NpsparseError(f"Monarch blocks must be at least 2, got {blocks} (b = 1 is the dense "
+                            "matrix itself)")
+    return int(blocks)
+
+
 def monarch_sizes(shape: tuple[int, int], blocks: int) -> MonarchSizes:
     """The sizes of a ``b``-block Monarch matrix of ``shape``, refusing ``b`` that do not fit.
 
@@ -112,12 +142,7 @@ def monarch_sizes(shape: tuple[int, int], blocks: int) -> MonarchSizes:
         One line naming ``b`` and the dimension it does not fit.
     """
     n_rows, k_cols = (int(d) for d in shape)
-    if isinstance(blocks, (bool, np.bool_)) or not isinstance(blocks, (int, np.integer)):
-        raise NpsparseError(f"Monarch blocks must be an integer, got {blocks!r}")
-    blocks = int(blocks)
-    if blocks < 2:
-        raise NpsparseError(f"Monarch blocks must be at least 2, got {blocks} (b = 1 is the dense "
-                            "matrix itself)")
+    blocks = check_blocks(blocks)
     if n_rows % blocks or k_cols % blocks:
         raise NpsparseError(f"Monarch blocks b = {blocks} must divide both dimensions of the "
                             f"{n_rows}x{k_cols} weight")
@@ -242,6 +267,54 @@ def monarch_dense(right: np.ndarray, left: np.ndarray) -> np.ndarray:
     return m4.reshape(s * b, b * p)
 
 
+def project_factors(weight: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Monarch factors closest to ``W`` in Frobenius norm (closed form, batched SVD).
+
+    Sub-block ``(l, k)`` of ``W`` (rows ``o b + l``, columns ``k p + i``) is a sum of ``r``
+    outer products of its own parameters (see :mod:`npsparse.monarch`), so its best
+    rank-``r`` approximation (truncated SVD, Eckart-Young) is the projection: ``U sqrt(S)`` goes
+    to ``L``, ``sqrt(S) V^T`` to ``R``.
+
+    Parameters
+    ----------
+    weight : np.ndarray
+        ``W [N, K]``, float32 or float64.
+    blocks : int
+        ``b`` (see :func:`monarch_sizes` for what fits).
+
+    Returns
+    -------
+    right : np.ndarray
+        ``R [b, q, p]``.
+    left : np.ndarray
+        ``L [b, s, q]``; both float64 for a float64 ``W``, else float32 (the SVD runs in
+        float64 either way).
+
+    Raises
+    ------
+    NpsparseError
+        ``W`` not 2-D or not numeric, or ``b`` that does not fit its shape.
+    """
+    weight = np.asarray(weight)
+    out_dtype = np.float64 if weight.dtype == np.float64 else np.float32
+    if weight.dtype != np.float64:
+        weight = as_float32(weight, "weight")
+    if weight.ndim != 2:
+        raise NpsparseError(f"weight must be 2-D [N, K], got shape {weight.shape}")
+    sizes = monarch_sizes(weight.shape, blocks)
+    b, p, s, r = sizes.blocks, sizes.in_block, sizes.out_block, sizes.rank
+    w4 = weight.astype(np.float64).reshape(s, b, b, p)  # [o, l, k, i]
+    sub = w4.transpose(1, 2, 0, 3)  # [l, k, s, p]: sub-block (l, k)
+    u, sv, vt = np.linalg.svd(sub, full_matrices=False)  # [l,k,s,m], [l,k,m], [l,k,m,p]
+    root = np.sqrt(sv[..., :r])  # [l, k, r]
+    left = u[..., :r] * root[..., None, :]  # [l, k, s, r]: left[l, o, k r + j]
+    right = vt[..., :r, :] * root[..., :, None]  # [l, k, r, p]: right[k, j b + l, i]
+    left = left.transpose(0, 2, 1, 3).reshape(sizes.left_shape)  # [l, s, k, r] -> [b, s, q]
+    right = right.transpose(1, 2, 0, 3).reshape(sizes.right_shape)  # [k, r, l, p] -> [b, q, p]
+    return (np.ascontiguousarray(right, dtype=out_dtype),
+            np.ascontiguousarray(left, dtype=out_dtype))
+
+
 # ---- kernels: right [b, q, p], left [b, s, q] float32|uint16 (bf16), x [T, K] -> y [T, N] ----
 
 @jit
@@ -299,10 +372,42 @@ class MonarchLinear(PackedLinear):
     """
 
     FORMAT = "monarch"
+    STACKABLE = False
+
+    @classmethod
+    def pack(cls, weight, mask=None, blocks: int = 4, values: str = "fp32"):
+        """Project ``W [N, K]`` onto ``b``-block Monarch matrices (:func:`project_factors`).
+
+        Parameters
+        ----------
+        weight : array-like
+            ``[N, K]`` float32 (or exactly convertible).
+        mask : None
+            Monarch matrices have no mask; anything but ``None`` or all-True is refused.
+        blocks : int
+            ``b``, see :func:`monarch_sizes`.
+        values : {"fp32", "bf16"}
+            Storage of the factors (bf16: nearest, ties to even).
+
+        Returns
+        -------
+        MonarchLinear
+            The closest Monarch matrix in Frobenius norm (lossy).
+
+        Raises
+        ------
+        NpsparseError
+            A mask that drops weights, ``b`` that does not fit, or an unknown ``values``.
+        """
+        weight, keep = check_weight_mask(weight, np.ones(np.shape(weight), bool)
+                                         if mask is None else mask)
+        if not keep.all():
+            raise NpsparseError("monarch format takes no mask (it projects the whole weight)")
+        return cls.from_factors(*project_factors(weight, blocks), values=values)
 
     @classmethod
     def from_factors(cls, right, left, values: str = "fp32"):
-        """A layer from the two factors (as :func:`npsparse.monarch.project_factors` gives them).
+        """A layer from the two factors (as :func:`project_factors` gives them).
 
         Parameters
         ----------
