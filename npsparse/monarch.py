@@ -1,9 +1,11 @@
-"""Monarch matrices (Dao et al., ICML 2022): projection of a dense weight, and the backward.
+"""Monarch matrices (Dao et al., ICML 2022): definition, projection, backward, model conversion.
 
 A Monarch matrix with ``b`` blocks is ``M = P L P^T R``: ``R`` and ``L`` are block-diagonal with
 ``b`` blocks each, and ``P`` is the "reshape to ``[b, n/b]``, transpose" permutation. The format
-(storage, product, GEMV) is :mod:`npsparse.kernels.monarch`; this module holds what is computed
-*onto* it: the closed-form projection of a dense ``W`` and the gradients of the product.
+(storage, product, GEMV, and the projection as its packing step, ``project_factors``) is
+:mod:`npsparse.kernels.monarch`; this module states the math, projects a weight
+(:func:`project`), differentiates the product (:func:`monarch_backward`) and converts a model's
+layers (:func:`monarch_model`, ``npsparse monarch``).
 
 Sizes, square and rectangular (fly's ``MonarchLinear`` convention, HazyResearch/fly
 ``src/models/layers/monarch_linear.py``: ``blkdiag1 = R``, ``blkdiag2 = L``). For ``W [N, K]``::
