@@ -353,3 +353,17 @@ def test_sara_same_inputs_same_selection():
     a, b = SaRA(w, 0.1), SaRA(w, 0.1)
     np.testing.assert_array_equal(a.index, b.index)
     assert a.delta.dtype == np.float32
+
+
+@given(final=st.floats(0.05, 0.95), total=st.integers(1, 60))
+def test_a_schedule_fits_a_run_exactly_when_its_last_step_trains_at_the_final_sparsity(final,
+                                                                                        total):
+    schedule = SparsitySchedule(final)
+    if schedule.at(total - 1, total) == final:
+        schedule.check_fits(total)
+        return
+    with pytest.raises(NpsparseError, match=f"{total} steps never train") as error:
+        schedule.check_fits(total)
+    shortest = int(str(error.value).rsplit(" ", 1)[1])
+    assert shortest > total and schedule.at(shortest - 1, shortest) == final
+    assert all(schedule.at(t - 1, t) != final for t in range(total, shortest))

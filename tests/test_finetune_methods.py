@@ -118,6 +118,8 @@ def test_cli_lora_merges_into_every_weight(tiny, tmp_path):
     (["--method", "sara", "--fraction", "0"], "0 < F < 1"),
     (["--fraction", "0.1"], "only it takes it"),
     (["--method", "lora", "--rank", "2", "--resume"], "nothing to resume"),
+    (["--method", "pst", "--sparsity", "0.5"], "longer than the run: 2 steps never train"),
+    (["--warmup", "3"], "--warmup 3 is longer than the run (2 steps)"),
 ])
 def test_bad_method_settings_are_one_line_before_any_model_loads(tmp_path, extra, message):
     result = run_cli(tmp_path / "no-such-model", "--steps", 2, "--out", tmp_path / "out", *extra)
@@ -130,7 +132,7 @@ def test_bad_method_settings_are_one_line_before_any_model_loads(tmp_path, extra
 
 def test_pst_refuses_a_pruned_folder(tiny, tmp_path):
     result = run_cli(tiny / "p50", "--method", "pst", "--sparsity", 0.5, "--loss", "ce",
-                     "--steps", 2, "--seqlen", 64, "--eval-windows", 0, "--out", tmp_path / "o")
+                     "--steps", 4, "--seqlen", 64, "--eval-windows", 0, "--out", tmp_path / "o")
     assert result.returncode == 2 and "dense model" in result.stderr
     assert "Traceback" not in result.stderr
 

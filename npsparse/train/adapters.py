@@ -88,6 +88,29 @@ class SparsitySchedule:
         return cubic_sparsity(step, total, self.initial, self.final, self.initial_warmup,
                               self.final_warmup)
 
+    def check_fits(self, total: int) -> None:
+        """Refuse a run too short for the schedule: its last step must train at ``s_f``.
+
+        Parameters
+        ----------
+        total : int
+            Number of optimizer steps of the run.
+
+        Raises
+        ------
+        NpsparseError
+            If step ``total - 1`` is still before the final sparsity (for the default warm-ups,
+            a run of fewer than 4 steps), naming the shortest run that fits.
+        """
+        if self.at(total - 1, total) == self.final:
+            return
+        shortest = next(t for t in range(total + 1, 100 * (total + 1))
+                        if self.at(t - 1, t) == self.final)
+        raise NpsparseError(
+            f"the sparsity schedule ({self.initial_warmup:.0%} of the steps at {self.initial:g}, "
+            f"a cubic ramp, the last {self.final_warmup:.0%} at {self.final:g}) is longer than "
+            f"the run: {total} steps never train at the final sparsity; use at least {shortest}")
+
 
 def cubic_sparsity(step: int, total: int, initial: float, final: float,
                    initial_warmup: float = 0.1, final_warmup: float = 0.3) -> float:

@@ -44,7 +44,7 @@ from ..models import build_model
 from ..tokenizer import load_tokenizer
 from ..prune.patterns import Pattern
 from .adapted import METHODS, AdaptedModel, block_weight_names
-from .adapters import check_fraction, check_rank
+from .adapters import SparsitySchedule, check_fraction, check_rank
 from .engine import LossWeights, head_of, hidden_states, loss_and_grads, parameters
 from .losses import head_losses, squarehead
 from .optim import AdamW, AdamWSettings, clip_by_global_norm, learning_rate
@@ -105,6 +105,11 @@ class FinetuneSettings:
             raise NpsparseError("--val-windows and --eval-windows must be 0 or more")
         if self.warmup is not None and self.warmup < 0:
             raise NpsparseError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.warmup is not None and self.warmup > self.total_steps:
+            raise NpsparseError(f"--warmup {self.warmup} is longer than the run "
+                                f"({self.total_steps} steps)")
+        if self.method == "pst":
+            SparsitySchedule(Pattern.parse(self.pattern).sparsity).check_fits(self.total_steps)
         learning_rate(1, 1, 1.0, 0, self.decay)  # refuses an unknown decay
         LossWeights.parse(self.loss, self.temperature)
 
