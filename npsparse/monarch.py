@@ -2,10 +2,10 @@
 
 A Monarch matrix with ``b`` blocks is ``M = P L P^T R``: ``R`` and ``L`` are block-diagonal with
 ``b`` blocks each, and ``P`` is the "reshape to ``[b, n/b]``, transpose" permutation. The format
-(storage, product, GEMV, and the projection as its packing step, ``project_factors``) is
-:mod:`npsparse.kernels.monarch`; this module states the math, projects a weight
-(:func:`project`), differentiates the product (:func:`monarch_backward`) and converts a model's
-layers (:func:`monarch_model`, ``npsparse monarch``).
+(storage, product, GEMV, the product's backward ``monarch_backward`` that fine-tuning calls, and
+the projection as its packing step, ``project_factors``) is :mod:`npsparse.kernels.monarch`; this
+module states the math, projects a weight (:func:`project`) and converts a model's layers
+(:func:`monarch_model`, ``npsparse monarch``).
 
 Sizes, square and rectangular (fly's ``MonarchLinear`` convention, HazyResearch/fly
 ``src/models/layers/monarch_linear.py``: ``blkdiag1 = R``, ``blkdiag2 = L``). For ``W [N, K]``::
@@ -49,10 +49,9 @@ from .api import load
 from .errors import NpsparseError
 from .io.output import check_output_folder
 from .io.packed import save_packed
-from .kernels.monarch import (MonarchLinear, MonarchSizes, check_blocks, from_middle,
-                              monarch_dense,
-                              monarch_forward, monarch_sizes, parameter_count, project_factors,
-                              to_middle)
+from .kernels.monarch import (MonarchLinear, MonarchSizes, check_blocks, monarch_backward,
+                              monarch_dense, monarch_forward, monarch_sizes, parameter_count,
+                              project_factors)
 
 
 def project(weight: np.ndarray, blocks: int, values: str = "fp32") -> MonarchLinear:
@@ -79,52 +78,6 @@ def project(weight: np.ndarray, blocks: int, values: str = "fp32") -> MonarchLin
         ``values``.
     """
     return MonarchLinear.pack(weight, None, blocks=blocks, values=values)
-
-
-def monarch_backward(d_y: np.ndarray, x: np.ndarray, right: np.ndarray, left: np.ndarray,
-                     middle: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Backward of ``y = x @ M.T`` with ``M = P L P^T R``, through the two batched matmuls.
-
-    Forward (:func:`~npsparse.kernels.monarch.monarch_forward`): ``u_k = x_k R_k^T`` per block,
-    ``v = P^T u``, ``w_l = v_l L_l^T``, ``y = P w``. Backward: ``dw = P^T dy``,
-    ``dL_l = dw_l^T v_l``, ``dv_l = dw_l L_l``, ``du = P dv``, ``dR_k = du_k^T x_k``,
-    ``dx_k = du_k R_k``.
-
-    Parameters
-    ----------
-    d_y : np.ndarray
-        ``[T, N]`` gradient with respect to the output.
-    x : np.ndarray
-        ``[T, K]`` the forward's input.
-    right : np.ndarray
-        ``R [b, q, p]``.
-    left : np.ndarray
-        ``L [b, s, q]``.
-    middle : np.ndarray, optional
-        ``[b, T, q]``, the forward's inner values (``monarch_forward(...)[1]``); recomputed
-        (one batched matmul) when not given.
-
-    Returns
-    -------
-    (np.ndarray, np.ndarray, np.ndarray)
-        ``dx [T, K]``, ``d_right [b, q, p]``, ``d_left [b, s, q]``, in the inputs' dtype
-        (float64 in, float64 out: the finite-difference tests run so).
-    """
-    b, q, p = right.shape
-    s = left.shape[1]
-    t = x.shape[0]
-    if middle is None:
-        middle = to_middle(np.matmul(x.reshape(t, b, p).transpose(1, 0, 2),
-                                     right.transpose(0, 2, 1)))  # [b, T, q]
-    d_w = d_y.reshape(t, s, b).transpose(2, 0, 1)  # [b, T, s]: d_w[l, t, o] = d_y[t, o b + l]
-    d_left = np.matmul(d_w.transpose(0, 2, 1), middle)  # [b, s, T] @ [b, T, q] -> [b, s, q]
-    d_middle = np.matmul(d_w, left)  # [b, T, s] @ [b, s, q] -> [b, T, q]
-    d_u = from_middle(d_middle)  # [b, T, q], R's output order
-    xb = x.reshape(t, b, p).transpose(1, 0, 2)  # [b, T, p]
-    d_right = np.matmul(d_u.transpose(0, 2, 1), xb)  # [b, q, T] @ [b, T, p] -> [b, q, p]
-    d_x = np.matmul(d_u, right).transpose(1, 0, 2).reshape(t, b * p)  # [b, T, p] -> [T, K]
-    return d_x, d_right, d_left
 
 
 def select_layers(names, patterns=None) -> list[str]:

@@ -257,6 +257,7 @@ class PackedLinear:
 
     FORMAT = ""
     STACKABLE = True  # two layers' arrays concatenated are the layer of their stacked rows
+    TRAINABLE = False  # fine-tuning trains its arrays (parameters(), backward(d_y, x))
 
     def __init__(self, arrays: dict[str, np.ndarray], shape: tuple[int, int]):
         self.arrays = arrays

@@ -21,6 +21,10 @@ dispatch is needed here. Bytes per product: ``(b q p + b s q) * 4`` (fp32) or ``
 Packing is the projection (:func:`project_factors`): lossy, like ``q8_0``, and never chosen by
 ``format="auto"``. A Monarch layer does not stack row-wise with another (``STACKABLE``): two
 Monarch matrices one above the other are not one, so the arena keeps them apart.
+
+It is the one packed format that trains (``TRAINABLE``): fine-tuning updates the two factors in
+place (:meth:`MonarchLinear.parameters`) from :func:`monarch_backward` of the product
+(:meth:`MonarchLinear.backward`), so a Monarch model trains at its own cost and stays Monarch.
 """
 
 from __future__ import annotations
@@ -242,6 +246,52 @@ def monarch_forward(x: np.ndarray, right: np.ndarray,
     return y, middle
 
 
+def monarch_backward(d_y: np.ndarray, x: np.ndarray, right: np.ndarray, left: np.ndarray,
+                     middle: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward of ``y = x @ M.T`` with ``M = P L P^T R``, through the two batched matmuls.
+
+    Forward (:func:`~npsparse.kernels.monarch.monarch_forward`): ``u_k = x_k R_k^T`` per block,
+    ``v = P^T u``, ``w_l = v_l L_l^T``, ``y = P w``. Backward: ``dw = P^T dy``,
+    ``dL_l = dw_l^T v_l``, ``dv_l = dw_l L_l``, ``du = P dv``, ``dR_k = du_k^T x_k``,
+    ``dx_k = du_k R_k``.
+
+    Parameters
+    ----------
+    d_y : np.ndarray
+        ``[T, N]`` gradient with respect to the output.
+    x : np.ndarray
+        ``[T, K]`` the forward's input.
+    right : np.ndarray
+        ``R [b, q, p]``.
+    left : np.ndarray
+        ``L [b, s, q]``.
+    middle : np.ndarray, optional
+        ``[b, T, q]``, the forward's inner values (``monarch_forward(...)[1]``); recomputed
+        (one batched matmul) when not given.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray, np.ndarray)
+        ``dx [T, K]``, ``d_right [b, q, p]``, ``d_left [b, s, q]``, in the inputs' dtype
+        (float64 in, float64 out: the finite-difference tests run so).
+    """
+    b, q, p = right.shape
+    s = left.shape[1]
+    t = x.shape[0]
+    if middle is None:
+        middle = to_middle(np.matmul(x.reshape(t, b, p).transpose(1, 0, 2),
+                                     right.transpose(0, 2, 1)))  # [b, T, q]
+    d_w = d_y.reshape(t, s, b).transpose(2, 0, 1)  # [b, T, s]: d_w[l, t, o] = d_y[t, o b + l]
+    d_left = np.matmul(d_w.transpose(0, 2, 1), middle)  # [b, s, T] @ [b, T, q] -> [b, s, q]
+    d_middle = np.matmul(d_w, left)  # [b, T, s] @ [b, s, q] -> [b, T, q]
+    d_u = from_middle(d_middle)  # [b, T, q], R's output order
+    xb = x.reshape(t, b, p).transpose(1, 0, 2)  # [b, T, p]
+    d_right = np.matmul(d_u.transpose(0, 2, 1), xb)  # [b, q, T] @ [b, T, p] -> [b, q, p]
+    d_x = np.matmul(d_u, right).transpose(1, 0, 2).reshape(t, b * p)  # [b, T, p] -> [T, K]
+    return d_x, d_right, d_left
+
+
 def monarch_dense(right: np.ndarray, left: np.ndarray) -> np.ndarray:
     """The dense matrix ``M = P L P^T R`` of two factors.
 
@@ -373,6 +423,7 @@ class MonarchLinear(PackedLinear):
 
     FORMAT = "monarch"
     STACKABLE = False
+    TRAINABLE = True
 
     @classmethod
     def pack(cls, weight, mask=None, blocks: int = 4, values: str = "fp32"):
@@ -491,12 +542,73 @@ class MonarchLinear(PackedLinear):
         Returns
         -------
         tuple of np.ndarray
-            The stored arrays themselves when they are float32.
+            The stored arrays themselves when they are float32 (or float64: a copy made by
+            :meth:`trainable_copy` for gradient checks).
         """
         right, left = self.arrays["right"], self.arrays["left"]
         if right.dtype == np.uint16:
             return from_bf16(right), from_bf16(left)
         return right, left
+
+    def trainable_copy(self, dtype=np.float32) -> "MonarchLinear":
+        """The same matrix over writable copies of its factors, for fine-tuning.
+
+        Parameters
+        ----------
+        dtype : numpy dtype
+            float32 (training; bf16 factors are widened exactly) or float64 (gradient checks:
+            the product, :meth:`backward` and :meth:`to_dense` then run in float64).
+
+        Returns
+        -------
+        MonarchLinear
+            A new layer; this one (often over a read-only memory map) is not changed.
+        """
+        right, left = self.factors()
+        return MonarchLinear({"right": np.array(right, dtype=dtype),
+                              "left": np.array(left, dtype=dtype)}, self.shape)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The factors an optimizer updates in place: ``{"right": R, "left": L}``.
+
+        Returns
+        -------
+        dict of str -> np.ndarray
+            The live float arrays (``right [b, q, p]``, ``left [b, s, q]``), not copies.
+
+        Raises
+        ------
+        NpsparseError
+            For bf16 factors, which cannot take small updates: train a :meth:`trainable_copy`.
+        """
+        if self.values_type == "bf16":
+            raise NpsparseError("bf16 Monarch factors cannot train in place; train a float32 "
+                                "copy (trainable_copy)")
+        return {"right": self.arrays["right"], "left": self.arrays["left"]}
+
+    def backward(self, d_y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Gradients of ``y = x @ M.T`` for the input and both factors (:func:`monarch_backward`).
+
+        Parameters
+        ----------
+        d_y : np.ndarray
+            ``[T, N]`` gradient with respect to the output.
+        x : np.ndarray
+            ``[T, K]`` the product's input.
+
+        Returns
+        -------
+        (np.ndarray, dict)
+            ``d_x [T, K]`` and ``{"right": [b, q, p], "left": [b, s, q]}``, named as
+            :meth:`parameters` names the factors.
+        """
+        d_x, d_right, d_left = monarch_backward(d_y, x, *self.factors())
+        return d_x, {"right": d_right, "left": d_left}
+
+    def __call__(self, x):
+        if self.arrays["right"].dtype == np.float64:  # a float64 copy, for gradient checks
+            return monarch_forward(np.asarray(x, dtype=np.float64), *self.factors())[0]
+        return super().__call__(x)
 
     def _options(self):
         return {"values": self.values_type, "blocks": str(self.blocks)}
@@ -513,8 +625,9 @@ class MonarchLinear(PackedLinear):
                              np.ascontiguousarray(x, dtype=np.float32))
 
     def to_dense(self):
-        """``M = P L P^T R`` as a dense float32 ``[N, K]``."""
-        return monarch_dense(*self.factors()).astype(np.float32, copy=False)
+        """``M = P L P^T R`` as a dense float32 ``[N, K]`` (float64 for a float64 copy)."""
+        dense = monarch_dense(*self.factors())
+        return dense if dense.dtype == np.float64 else dense.astype(np.float32, copy=False)
 
     @property
     def nnz(self) -> int:

@@ -157,15 +157,24 @@ class LlamaBlock:
         (np.ndarray, dict)
             ``d_x [T, D]`` and the parameter gradients by name, of the parameters' shapes.
             A linear weight's gradient is the dense ``dY^T X``; masking it is the optimizer's.
+            A trainable packed layer (Monarch) gives its own arrays' gradients instead, named
+            ``mlp.up_proj.weight::right`` as :meth:`parameters` names the arrays.
         """
         cfg, lin, eps, t = self.cfg, self.linears, self.cfg.norm_eps, tape
         want = (lambda name: True) if trainable is None else trainable.__contains__
         grads = {}
 
         def linear(name: str, d_y: np.ndarray, x: np.ndarray) -> np.ndarray:
+            layer = lin[name]
+            if getattr(layer, "TRAINABLE", False):  # Monarch: the factors' gradients, no [N, K]
+                d_x, layer_grads = layer.backward(d_y, x)  # [T, K], by array name
+                for key, grad in layer_grads.items():
+                    if want(f"{name}.weight::{key}"):
+                        grads[f"{name}.weight::{key}"] = grad
+                return d_x
             if want(name + ".weight"):
                 grads[name + ".weight"] = d_y.T @ x  # [N, K]
-            return d_y @ lin[name].to_dense()  # [T, K]
+            return d_y @ layer.to_dense()  # [T, K]
 
         def norm(name: str, d_y: np.ndarray, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
             d_x, d_w = rms_norm_backward(d_y, x, weight, eps)
@@ -196,20 +205,26 @@ class LlamaBlock:
         return d_x, grads
 
     def parameters(self) -> dict:
-        """The block's own arrays by name inside the block (linears must be dense).
+        """The block's own arrays by name inside the block (linears dense or trainable packed).
 
         Returns
         -------
         dict of str -> np.ndarray
-            The live arrays (not copies): norm gains ``[D]``, linear weights ``[N, K]``, biases.
+            The live arrays (not copies): norm gains ``[D]``, linear weights ``[N, K]``, biases;
+            a trainable packed layer's arrays under ``NAME.weight::ARRAY``, as a packed folder
+            names them (Monarch: ``mlp.up_proj.weight::right`` ``[b, q, p]`` and ``::left``).
         """
         out = {"input_layernorm.weight": self.attn_norm,
                "post_attention_layernorm.weight": self.mlp_norm}
         for name, layer in self.linears.items():
-            if not isinstance(layer, DenseLinear):
+            if isinstance(layer, DenseLinear):
+                out[name + ".weight"] = layer.weight
+            elif getattr(layer, "TRAINABLE", False):
+                out.update({f"{name}.weight::{key}": array
+                            for key, array in layer.parameters().items()})
+            else:
                 raise NpsparseError(f"{name} is packed ({type(layer).__name__}); training needs "
                                     "the unpacked model")
-            out[name + ".weight"] = layer.weight
         out.update({f"self_attn.{k}_proj.bias": b for k, b in self.bias.items() if b is not None})
         return out
 

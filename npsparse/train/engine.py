@@ -81,7 +81,8 @@ def parameters(model) -> dict[str, np.ndarray]:
     Parameters
     ----------
     model : LlamaModel
-        Built with dense (unpacked) layers.
+        Built with dense layers, or trainable packed ones (Monarch), whose arrays are listed
+        as ``NAME.weight::ARRAY`` (``model.layers.0.mlp.up_proj.weight::right``).
 
     Returns
     -------
