@@ -256,13 +256,15 @@ def _finetune_options(ft) -> None:
     ft.description = ("Sparse fine-tuning: the zeros of a pruned folder stay zero; the kept "
                       "weights, the norms (and with --train-embeddings the embedding) train on "
                       "the calibration part of the default text. A dense model fine-tunes "
-                      "without masks (the control).")
+                      "without masks (the control); a folder of 'npsparse monarch' trains its "
+                      "Monarch factors and stays Monarch.")
     _add_model(ft)
     ft.add_argument("--loss", default=F.loss,
                     help="terms ce, kd, squarehead joined by +, each optionally WEIGHT*TERM")
     ft.add_argument("--teacher", default=None,
                     help="dense teacher for kd/squarehead (default: the model the pruned "
-                         "folder came from, as its pruning.json names it)")
+                         "or Monarch folder came from, as its pruning.json or packed.json "
+                         "names it)")
     budget = ft.add_mutually_exclusive_group(required=True)
     budget.add_argument("--tokens", type=_positive, help="training tokens (rounded up to steps)")
     budget.add_argument("--steps", type=_positive, help="optimizer steps")

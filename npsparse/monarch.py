@@ -47,7 +47,7 @@ import numpy as np
 
 from .api import load
 from .errors import NpsparseError
-from .io.output import check_output_folder
+from .io.output import check_output_folder, npsparse_report
 from .io.packed import save_packed
 from .kernels.monarch import (MonarchLinear, MonarchSizes, check_blocks, monarch_backward,
                               monarch_dense, monarch_forward, monarch_sizes, parameter_count,
@@ -123,7 +123,9 @@ def monarch_model(model: str | Path, out: str | Path, blocks: int, *,
 
     The folder (:mod:`npsparse.io.packed`) stores the factors, not dense weights; the other
     layers stay as loaded (float32 for a checkpoint). ``npsparse eval`` and ``generate`` load
-    it like any packed folder. Every chosen layer is checked against ``b`` before any work.
+    it like any packed folder, ``npsparse finetune`` trains its factors against the dense model
+    its ``packed.json`` names as ``teacher``. Every chosen layer is checked against ``b``
+    before any work.
 
     Parameters
     ----------
@@ -142,8 +144,10 @@ def monarch_model(model: str | Path, out: str | Path, blocks: int, *,
     -------
     dict
         The ``packed.json`` report (``monarch``: blocks, values, and per layer its shape,
-        parameters and relative Frobenius error ``||W - M|| / ||W||``; totals) plus ``out`` and
-        ``seconds``.
+        parameters and relative Frobenius error ``||W - M|| / ||W||``; totals; ``teacher``, the
+        dense model: ``model`` itself, or the model a pruned or fine-tuned ``model`` came from;
+        ``mask_from_zeros``: whether the dense layers' zeros are a pruning mask) plus ``out``
+        and ``seconds``.
 
     Raises
     ------
@@ -174,11 +178,27 @@ def monarch_model(model: str | Path, out: str | Path, blocks: int, *,
         llm.model.set_linear(name, layer)
     parameters = sum(r["parameters"] for r in report.values())
     dense = sum(r["shape"][0] * r["shape"][1] for r in report.values())
+    teacher, mask_from_zeros = _lineage(model, llm.path)
     info = {"monarch": {"blocks": blocks, "values": values, "parameters": parameters,
-                        "dense_parameters": dense, "layers": report}}
+                        "dense_parameters": dense, "layers": report},
+            "teacher": teacher, "mask_from_zeros": mask_from_zeros}
     path = save_packed(llm, out, info)
     saved = json.loads((path / "packed.json").read_text())
     return {**saved, "out": str(path), "seconds": time.perf_counter() - start}
+
+
+def _lineage(model, path: Path) -> tuple[str, bool]:
+    """The dense model ``model`` came from (as ``finetune`` finds a pruned folder's teacher) and
+    whether its zeros are a pruning mask (an npsparse pruned or fine-tuned folder's are)."""
+    folder = Path(model)
+    name = npsparse_report(folder) if folder.is_dir() else None
+    if name is None:
+        return str(path), False
+    report = json.loads((folder / name).read_text())
+    teacher = report.get("teacher") or report.get("source") or str(path)
+    if name == "packed.json":
+        return teacher, bool(report.get("mask_from_zeros"))
+    return teacher, True
 
 
 __all__ = ["MonarchLinear", "MonarchSizes", "monarch_backward", "monarch_dense",

@@ -1,4 +1,4 @@
-"""Training Monarch layers: the factors' gradients through a whole model.
+"""Fine-tuning a Monarch folder: factor gradients, whole runs, and packing that keeps Monarch.
 
 The factor gradients are checked twice in float64: against central finite differences through
 the whole model (every parameter at once, Monarch and dense layers mixed), and against the other
@@ -6,15 +6,26 @@ route to them, the engine's ``dL/dW`` of a dense model holding ``W = to_dense()`
 ``to_dense`` by the chain rule.
 """
 
+import json
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from helpers import random_weights, tiny_config
 
+import npsparse
+from npsparse.io import open_checkpoint, write_hf_dir
 from npsparse.io.weights import DictWeights
 from npsparse.linear import DenseLinear
 from npsparse.models import build_model
-from npsparse.monarch import project
-from npsparse.train import LossWeights, hidden_states, loss_and_grads, parameters
+from npsparse.monarch import MonarchLinear, monarch_model, project
+from npsparse.sequential import PruneSettings, prune_model
+from npsparse.tokenizer import Tokenizer
+from npsparse.train import FinetuneSettings, LossWeights, finetune, hidden_states, loss_and_grads
+from npsparse.train import parameters
 from npsparse.train.engine import head_of
 
 # (layer, b): MLP layers with 2 blocks, attention with 4 (k/v are 16 x 32: b^2 = 16 divides 16)
@@ -121,3 +132,130 @@ def test_factor_gradients_equal_the_chain_rule_through_to_dense():
     assert set(grads) == set(dense_grads)
     for name, grad in grads.items():
         np.testing.assert_allclose(grad, dense_grads[name], rtol=1e-9, atol=1e-12)
+
+
+# ---- whole runs on a tiny Monarch folder (SmolLM2's tokenizer) --------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_path):
+    tokenizer = Tokenizer.from_gguf(open_checkpoint(smollm2_path))
+    root = tmp_path_factory.mktemp("monarch_ft")
+    config = tiny_config("llama", vocab_size=tokenizer.vocab_size, dim=32, ffn_dim=64,
+                         max_position=256)
+    write_hf_dir(root / "dense", config, random_weights(config), tokenizer_json=tokenizer.to_json())
+    monarch_model(root / "dense", root / "m", 2, layers=["*.mlp.*"])
+    monarch_model(root / "dense", root / "m16", 2, layers=["*.mlp.*"], values="bf16")
+    prune_model(root / "dense", root / "p50",
+                PruneSettings(method="magnitude", pattern="0.5", nsamples=4, seqlen=64),
+                progress=False)
+    monarch_model(root / "p50", root / "pm", 2, layers=["model.layers.1.mlp.*"])
+    return root
+
+
+def small(**changes):
+    values = dict(loss="ce+squarehead", steps=4, seqlen=64, batch=2, lr=1e-2, eval_windows=0,
+                  val_windows=2)
+    values.update(changes)
+    return FinetuneSettings(**values)
+
+
+def monarch_names(llm):
+    return sorted(n for n, layer in llm.model.linears().items()
+                  if isinstance(layer, MonarchLinear))
+
+
+def test_finetune_trains_the_factors_and_writes_a_monarch_folder(tiny, tmp_path):
+    report = finetune(tiny / "m", tmp_path / "out", small(eval_windows=1), progress=False)
+    assert report["teacher"].endswith("dense")  # packed.json names the model it came from
+    before, after = npsparse.load(tiny / "m"), npsparse.load(tmp_path / "out")
+    chosen = [f"model.layers.{i}.mlp.{n}" for i in (0, 1) for n in ("down_proj", "gate_proj",
+                                                                     "up_proj")]
+    assert monarch_names(before) == monarch_names(after) == chosen
+    for name, layer in after.model.linears().items():
+        old = before.model.linears()[name]
+        if name in chosen:
+            assert layer.values_type == "fp32" and layer.blocks == 2
+            for key in ("right", "left"):
+                assert np.any(layer.arrays[key] != old.arrays[key]), (name, key)
+        else:
+            assert isinstance(layer, DenseLinear) and np.any(layer.weight != old.weight), name
+    packed = json.loads((tmp_path / "out" / "packed.json").read_text())
+    assert packed["formats"] == {"monarch": 6, "dense": 8}
+    assert packed["teacher"] == report["teacher"] and packed["mask_from_zeros"] is False
+    saved = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert saved["weights_sha256"] == report["weights_sha256"]
+    assert saved["monarch"] == {"blocks": 2, "values": "fp32", "layers": 6,
+                                "parameters": packed["monarch"]["parameters"],
+                                "dense_parameters": 6 * 64 * 32}
+    assert report["masked_parameters"] == 0 and report["ppl_after"]["windows"] == 1
+    state = npsparse.load(tiny / "dense").model.state_dict()
+    dense_count = sum(a.size for n, a in state.items() if n not in ("model.embed_tokens.weight",
+                                                                    "lm_head.weight"))
+    monarch_count = report["monarch"]["parameters"]
+    assert report["trainable_parameters"] == dense_count - 6 * 64 * 32 + monarch_count
+    ids = after.encode("def f(x):\n    return x")
+    assert np.all(np.isfinite(after.logits(ids)))
+    assert len(after.generate("x = ", 3).ids) == 3
+
+
+def test_training_loss_falls_on_an_overfit_sequence(tiny, tmp_path):
+    """One window over and over: cross-entropy falls from chance (ln V = 10.8) towards 0."""
+    window = np.random.default_rng(0).integers(0, 1000, 64)
+    np.save(tmp_path / "one.npy", np.stack([window] * 3))
+    settings = small(loss="ce", steps=24, val_windows=1, decay="constant", warmup=0,
+                     data=str(tmp_path / "one.npy"))
+    report = finetune(tiny / "m", tmp_path / "out", settings, progress=False)
+    losses = [r["loss"] for r in report["train"]]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_same_seed_same_sha256_and_resume_equals_uninterrupted(tiny, tmp_path):
+    settings = small(steps=5)
+    a = finetune(tiny / "m", tmp_path / "a", settings, progress=False)
+    b = finetune(tiny / "m", tmp_path / "b", settings, progress=False)
+    c = finetune(tiny / "m", tmp_path / "c", small(steps=5, seed=1), progress=False)
+    assert a["weights_sha256"] == b["weights_sha256"] != c["weights_sha256"]
+
+    def stop(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cut = finetune(tiny / "m", tmp_path / "cut", settings, progress=False, on_step=stop,
+                   log=lambda text: None)
+    assert cut["interrupted"] == 2 and not (tmp_path / "cut").exists()
+    done = finetune(tiny / "m", tmp_path / "cut", settings, resume=True, progress=False,
+                    log=lambda text: None)
+    assert done["weights_sha256"] == a["weights_sha256"]
+    assert [r["loss"] for r in done["train"]] == [r["loss"] for r in a["train"]]
+    assert (tmp_path / "cut" / "packed.json").is_file()
+
+
+def test_bf16_factors_train_in_float32(tiny, tmp_path):
+    finetune(tiny / "m16", tmp_path / "out", small(loss="ce", steps=2), progress=False)
+    after = npsparse.load(tmp_path / "out")
+    assert {after.model.linears()[n].values_type for n in monarch_names(after)} == {"fp32"}
+
+
+def test_a_monarch_folder_of_a_pruned_model_keeps_its_zeros(tiny, tmp_path):
+    packed = json.loads((tiny / "pm" / "packed.json").read_text())
+    assert packed["teacher"].endswith("dense") and packed["mask_from_zeros"] is True
+    report = finetune(tiny / "pm", tmp_path / "out", small(), progress=False)
+    assert report["teacher"].endswith("dense") and report["masked_parameters"] > 0
+    before, after = npsparse.load(tiny / "pm"), npsparse.load(tmp_path / "out")
+    for name, layer in after.model.linears().items():
+        if isinstance(layer, DenseLinear):
+            np.testing.assert_array_equal(layer.weight == 0,
+                                          before.model.linears()[name].to_dense() == 0)
+    assert monarch_names(after) == [f"model.layers.1.mlp.{n}" for n in ("down_proj",
+                                                                      "gate_proj", "up_proj")]
+
+
+def test_adapters_refuse_a_monarch_folder_in_one_line(tiny, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "npsparse.cli", "finetune", str(tiny / "m"), "--method", "lora",
+         "--rank", "2", "--loss", "ce", "--steps", "2", "--seqlen", "64", "--out",
+         str(tmp_path / "o")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Monarch folder" in lines[0] and "--method full" in lines[0]

@@ -53,7 +53,8 @@ def is_packed_dir(path: str | Path) -> bool:
     return (Path(path) / PACKED_FILE).is_file()
 
 
-def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
+def save_packed(llm, out: str | Path, info: dict | None = None,
+                extra_files: dict[str, str] | None = None) -> Path:
     """Write ``llm`` (already packed with :func:`npsparse.packing.apply_format`) to folder ``out``.
 
     Parameters
@@ -65,6 +66,9 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
         existing folder refused (:func:`npsparse.io.hf_dir.check_replaceable`).
     info : dict, optional
         Extra fields for ``packed.json`` (e.g. the ``apply_format`` report).
+    extra_files : dict of str -> str, optional
+        More text files for the folder by name (a fine-tuned Monarch model's
+        ``finetune.json``).
 
     Returns
     -------
@@ -114,7 +118,8 @@ def save_packed(llm, out: str | Path, info: dict | None = None) -> Path:
         writer.save_tensors(PACKED_FILE, tensors, metadata)
         return writer.finish(llm.config, tokenizer_json=tokenizer.to_json(),
                              chat_template=tokenizer.chat_template,
-                             extra_files={"packed.json": json.dumps(report, indent=1) + "\n"})
+                             extra_files={"packed.json": json.dumps(report, indent=1) + "\n",
+                                          **(extra_files or {})})
 
 
 def _embedding_in_head(model, outer: dict) -> bool:

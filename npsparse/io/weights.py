@@ -14,9 +14,10 @@ from ..errors import NpsparseError
 class Weights(Mapping):
     """Read-only ``name -> float32 array`` mapping; each tensor is read when first asked for.
 
-    The one exception is a packed folder's mapping (:class:`npsparse.io.packed.PackedWeights`):
-    there a packed tensor's name gives its packed layer (a :class:`~npsparse.linear.Linear` with
-    ``to_dense()``), which is what the models are built from; use ``.layers`` to tell them apart.
+    The exception is a packed folder's mapping (:class:`npsparse.io.packed.PackedWeights`), and
+    a :class:`DictWeights` given layers (training a Monarch folder): there a packed tensor's name
+    gives its packed layer (a :class:`~npsparse.linear.Linear` with ``to_dense()``), which is
+    what the models are built from; use ``.layers`` to tell them apart.
     Nothing is cached here: a model keeps the arrays it builds, and a pruning driver can stream
     one block at a time from a memory-mapped checkpoint without holding the rest.
 
@@ -94,10 +95,14 @@ class Weights(Mapping):
 class DictWeights(Weights):
     """A :class:`Weights` over arrays already in memory (tests, pruned models, training).
 
+    Like a packed folder's mapping it may also hold layer objects (a Monarch model's trainable
+    layers), listed in ``layers`` and returned as they are.
+
     Parameters
     ----------
-    arrays : Mapping of str -> np.ndarray
-        Tensors by Hugging Face name; converted to ``dtype`` (not copied if they already are).
+    arrays : Mapping of str -> np.ndarray or layer
+        Tensors by Hugging Face name; arrays are converted to ``dtype`` (not copied if they
+        already are), layers (objects with ``to_dense``, ``shape`` ``(N, K)``) kept as given.
     source : str or Path
         Named in error messages.
     dtype : numpy dtype
@@ -106,10 +111,21 @@ class DictWeights(Weights):
 
     def __init__(self, arrays: Mapping[str, np.ndarray], source: str | Path = "<memory>",
                  dtype=np.float32):
-        arrays = {k: np.asarray(v, dtype=dtype) for k, v in arrays.items()}
+        arrays = {k: v if hasattr(v, "to_dense") else np.asarray(v, dtype=dtype)
+                  for k, v in arrays.items()}
+        self.layers = {k: v for k, v in arrays.items() if not isinstance(v, np.ndarray)}
         super().__init__(
             names=list(arrays),
             loader=arrays.__getitem__,
-            shapes={k: v.shape for k, v in arrays.items()},
+            shapes={k: tuple(v.shape) for k, v in arrays.items()},
             source=Path(source),
         )
+
+    def get_checked(self, name: str, shape: tuple):
+        """The array (checked as :meth:`Weights.get_checked` does) or layer ``name``."""
+        if name in self.layers:
+            if tuple(self.layers[name].shape) != tuple(shape):
+                raise NpsparseError(f"{self.source}: layer {name} has shape "
+                                    f"{list(self.layers[name].shape)}, expected {list(shape)}")
+            return self.layers[name]
+        return super().get_checked(name, shape)

@@ -15,6 +15,23 @@ seed; the last ``val_windows`` windows are held out for a validation loss. The o
 SIGTERM: the current step finishes, then a resumable state is written atomically beside
 ``out``) and resumed with ``--resume`` ends with the same weights as an uninterrupted one, with
 or without adapters.
+
+A folder written by ``npsparse monarch`` trains as it is stored: its Monarch layers' factors
+``R`` and ``L`` are parameters (``NAME.weight::right``, ``::left``) beside the other layers' dense
+weights and the norms, and the output is again a Monarch folder (:mod:`npsparse.io.packed`)
+holding the trained factors in float32, with ``finetune.json``. Design: the block's backward
+hands each Monarch layer its ``(x, dY)`` and the layer returns ``dx`` and the factor gradients
+from :func:`~npsparse.kernels.monarch.monarch_backward` (two batched matmuls). The other route,
+training a dense ``W_eff = to_dense()`` as the adapters do and turning the engine's ``dL/dW_eff``
+into factor gradients by the chain rule through ``to_dense`` (linear in each factor), would
+reuse the adapter loop but densify every Monarch layer before each step, run its forward and
+backward at dense cost (three ``[N, K]`` products instead of ``q (N + K) / (N K)`` of that,
+34% for SmolLM2's MLPs at ``b = 4``) and keep ``[N, K]`` weights and gradients in memory; it
+also needs a second parameter path (factors beside dense weights) through the loop, the state
+and the output. The direct route needs no change to the loop: the factors are named arrays like
+any weight, so AdamW, clipping, ``--resume`` and the same-seed sha256 work as they do for dense
+weights (a test checks both routes give the same factor gradients). Adapters (``--method``) are
+for dense weights and refuse a Monarch folder.
 """
 
 from __future__ import annotations
@@ -34,12 +51,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..api import LLM
 from ..data import read_text, token_hash, windows as make_windows
 from ..errors import NpsparseError
 from ..evaluate import perplexity
 from ..io import HFDirWriter, open_checkpoint
 from ..io.hf_dir import check_replaceable
+from ..io.packed import save_packed
 from ..io.weights import DictWeights
+from ..linear import DenseLinear
 from ..models import build_model
 from ..tokenizer import load_tokenizer
 from ..prune.patterns import Pattern
@@ -50,7 +70,9 @@ from .losses import head_losses, squarehead
 from .optim import AdamW, AdamWSettings, clip_by_global_norm, learning_rate
 
 REPORT = "finetune.json"
-SOURCE_REPORTS = ("pruning.json", "finetune.json")  # a folder npsparse pruned (or fine-tuned)
+# a folder npsparse pruned, converted to Monarch (packed.json names its dense teacher, first: a
+# ce-only run's finetune.json names none) or fine-tuned
+SOURCE_REPORTS = ("pruning.json", "packed.json", "finetune.json")
 
 
 @dataclass
@@ -214,27 +236,35 @@ def load_trainable(path) -> tuple:
     Parameters
     ----------
     path : str or Path
-        ``"smollm2"``, a GGUF file or a Hugging Face folder (not a packed folder).
+        ``"smollm2"``, a GGUF file, a Hugging Face folder, or a folder of ``npsparse monarch``
+        (its Monarch layers get writable float32 factors; other packed folders are refused).
 
     Returns
     -------
     (LlamaModel, checkpoint, Tokenizer)
     """
     checkpoint = open_checkpoint(path)
-    if getattr(checkpoint, "head", None) is not None:
+    packed = getattr(checkpoint.weights, "layers", {})  # a packed folder's packed tensors
+    others = {meta.get("format") for meta in packed.values()} - {"monarch", "dense"}
+    if getattr(checkpoint, "head", None) is not None or others:
         raise NpsparseError(f"{path} is a packed folder; fine-tune the folder it was packed from")
     config = checkpoint.config
     if config.family != "llama":
         raise NpsparseError(f"fine-tuning supports the LLaMA family, not {config.arch}")
     weights = checkpoint.weights
-    arrays = {name: np.array(weights.get_checked(name, weights.shapes[name]), dtype=np.float32)
-              for name in weights}
-    model = build_model(config, DictWeights(arrays, source=checkpoint.path))
+    tensors = {}
+    for name in weights:
+        value = weights.get_checked(name, weights.shapes[name])
+        if getattr(value, "TRAINABLE", False):  # Monarch factors
+            tensors[name] = value.trainable_copy()
+        else:  # an array, or a packed folder's dense layer
+            tensors[name] = np.array(value.to_dense() if name in packed else value, np.float32)
+    model = build_model(config, DictWeights(tensors, source=checkpoint.path))
     return model, checkpoint, load_tokenizer(checkpoint)
 
 
 def source_report(path) -> dict | None:
-    """The ``pruning.json`` (or ``finetune.json``) of an npsparse output folder, else None.
+    """The report of an npsparse output folder (:data:`SOURCE_REPORTS`, first found), else None.
 
     Parameters
     ----------
@@ -279,10 +309,12 @@ def _check_teacher(student_config, teacher_config, teacher: str) -> None:
 
 
 def masks_of(model, report: dict | None) -> dict[str, np.ndarray]:
-    """Boolean masks (``True`` = kept) of every block linear weight of a pruned model.
+    """Boolean masks (``True`` = kept) of every dense block linear weight of a pruned model.
 
     A folder that npsparse pruned (it holds ``pruning.json``) has its zeros as the pattern; a
-    dense model gets no masks (dense fine-tuning, the control).
+    dense model gets no masks (dense fine-tuning, the control). A Monarch folder's dense layers
+    keep their zeros if its ``packed.json`` says so (``mask_from_zeros``: it was made from a
+    pruned folder); its Monarch layers have no mask.
 
     Parameters
     ----------
@@ -294,10 +326,11 @@ def masks_of(model, report: dict | None) -> dict[str, np.ndarray]:
     -------
     dict of str -> np.ndarray
     """
-    if report is None:
+    if report is None or ("npsparse_packed" in report and not report.get("mask_from_zeros")):
         return {}
     return {f"{model.block_prefix(i)}.{name}.weight": layer.weight != 0
-            for i, block in enumerate(model.blocks) for name, layer in block.linears.items()}
+            for i, block in enumerate(model.blocks) for name, layer in block.linears.items()
+            if isinstance(layer, DenseLinear)}
 
 
 def _trainable_names(model, train_embeddings: bool) -> list[str]:
@@ -495,6 +528,9 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     started = time.perf_counter()
     losses = LossWeights.parse(settings.loss, settings.temperature)
     report_in = source_report(model_path)
+    if settings.method != "full" and "monarch" in (report_in or {}):
+        raise NpsparseError(f"--method {settings.method} adapts dense weights; {model_path} is a "
+                            "Monarch folder, whose factors train with --method full")
     model, checkpoint, tokenizer = load_trainable(model_path)
     config = model.config
     if settings.seqlen > config.max_position:
@@ -645,17 +681,40 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     }
     if adapted is not None:
         report.update(_adapter_report(adapted, params, record))
+    monarch = _monarch_layers(model)
+    if monarch:
+        report["monarch"] = _monarch_summary(monarch)
     state = model.state_dict()
     report["weights_sha256"] = weights_digest(state)
-    with HFDirWriter(out) as writer:
-        for i in range(config.n_layers):
-            writer.add_shard(model.block_state(i))
-        writer.add_shard(model.outer_state())
-        writer.finish(config, tokenizer_json=tokenizer.to_json(),
-                      chat_template=tokenizer.chat_template,
-                      extra_files={REPORT: json.dumps(report, indent=1) + "\n"})
+    files = {REPORT: json.dumps(report, indent=1) + "\n"}
+    if monarch:  # the trained factors, in a Monarch folder like the one read
+        teacher = teacher_name or (report_in or {}).get("teacher")
+        info = {"monarch": report["monarch"], "teacher": teacher, "mask_from_zeros": bool(masks)}
+        save_packed(LLM(model, tokenizer, checkpoint.path), out, info, extra_files=files)
+    else:
+        with HFDirWriter(out) as writer:
+            for i in range(config.n_layers):
+                writer.add_shard(model.block_state(i))
+            writer.add_shard(model.outer_state())
+            writer.finish(config, tokenizer_json=tokenizer.to_json(),
+                          chat_template=tokenizer.chat_template, extra_files=files)
     shutil.rmtree(state_dir, ignore_errors=True)
     return report
+
+
+def _monarch_layers(model) -> dict:
+    """The model's Monarch layers (trainable packed layers) by module name."""
+    return {name: layer for name, layer in model.linears().items()
+            if getattr(layer, "TRAINABLE", False)}
+
+
+def _monarch_summary(layers: dict) -> dict:
+    """What ``finetune.json`` and the output's ``packed.json`` say of the trained factors."""
+    blocks = sorted({layer.blocks for layer in layers.values()})
+    return {"blocks": blocks[0] if len(blocks) == 1 else blocks, "values": "fp32",
+            "layers": len(layers),
+            "parameters": int(sum(layer.nnz for layer in layers.values())),
+            "dense_parameters": int(sum(n * k for n, k in (l.shape for l in layers.values())))}
 
 
 def _adapted(model, params: dict, masks: dict, settings: FinetuneSettings):
