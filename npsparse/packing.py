@@ -4,7 +4,8 @@
 and saves the packed folder (``npsparse pack``; the folder format is :mod:`npsparse.io.packed`).
 
 Every prunable linear layer of the blocks is packed from its dense weight, zeros included, into one
-format (or, with ``"auto"``, each into the format that reads the fewest bytes). The output head is
+format (or, with ``"auto"``, each into the format that reads the fewest bytes); a Monarch layer
+(a folder of ``npsparse monarch``) stays Monarch. The output head is
 not pruned; by default (``head="auto"``) it is kept as Q8_0 blocks when the checkpoint's head
 already is Q8_0 (a GGUF's own blocks, or values a pruned folder carried over from one, recognised
 by re-quantizing them losslessly; :class:`~npsparse.kernels.Q8Linear`, 1.0625 bytes per weight, no
@@ -48,6 +49,7 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "au
     model : CausalLM
     fmt : str
         One of :data:`FORMAT_CHOICES`. ``"nm"`` picks 2:4 or 4:8 from each layer's zeros.
+        Monarch layers (a folder of ``npsparse monarch``) stay Monarch in every format.
     threads : int, optional
         Kernel threads (see :func:`npsparse.kernels.set_threads`).
     head : str
@@ -75,6 +77,11 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "au
     start = time.perf_counter()
     chosen: dict[str, int] = {}
     for name, layer in model.linears().items():
+        if getattr(layer, "FORMAT", "") == "monarch":
+            # kept as it is: its dense product has no zeros, so any other format would read
+            # more bytes, and projecting it again could only lose
+            chosen["MonarchLinear"] = chosen.get("MonarchLinear", 0) + 1
+            continue
         weight = layer.to_dense()
         if fmt == "nm":
             packed = _pack_nm(weight, name)

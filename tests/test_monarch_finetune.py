@@ -259,3 +259,33 @@ def test_adapters_refuse_a_monarch_folder_in_one_line(tiny, tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Monarch folder" in lines[0] and "--method full" in lines[0]
+
+
+# ---- pack and generate keep Monarch layers -----------------------------------------------------
+
+def test_pack_and_generate_keep_monarch_layers(tiny, tmp_path):
+    from npsparse.packing import apply_format, pack_model
+
+    source = npsparse.load(tiny / "m")
+    ids = source.encode("def area(r):\n    return 3.14159 * r ** 2")
+    expected = source.logits(ids)
+    report = pack_model(tiny / "m", tmp_path / "bf16", "bf16")
+    assert report["formats"] == {"monarch": 6, "bf16": 9}  # 8 block layers and the head
+    packed = npsparse.load(tmp_path / "bf16")
+    assert monarch_names(packed) == monarch_names(source)
+    for name in monarch_names(source):
+        for key in ("right", "left"):
+            np.testing.assert_array_equal(packed.model.linears()[name].arrays[key],
+                                          source.model.linears()[name].arrays[key])
+    np.testing.assert_allclose(packed.logits(ids), expected, rtol=0.05, atol=0.05)
+    info = apply_format(source.model, "auto")
+    assert info["formats"]["MonarchLinear"] == 6
+    assert monarch_names(source) == monarch_names(packed)
+
+
+def test_cli_generate_with_a_format_runs_the_monarch_layers(tiny, capsys):
+    from npsparse.cli import main
+
+    assert main(["generate", str(tiny / "m"), "-p", "x = ", "-n", "2", "--format", "bf16",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "bf16 8 + monarch 6"
