@@ -60,7 +60,8 @@ def project(weight: np.ndarray, blocks: int, values: str = "fp32") -> MonarchLin
     Parameters
     ----------
     weight : np.ndarray
-        ``W [N, K]`` float32 (or float64).
+        ``W [N, K]`` float32 (or exactly convertible), or float64, which is projected as given
+        (not rounded to float32 first); the factors are stored as ``values`` says either way.
     blocks : int
         ``b >= 2`` dividing ``N`` and ``K``, with ``b^2`` dividing ``min(N, K)``.
     values : {"fp32", "bf16"}

@@ -17,6 +17,7 @@ from scipy.linalg import block_diag
 
 import npsparse.kernels as nk
 from npsparse.errors import NpsparseError
+from npsparse.kernels.bf16 import to_bf16
 from npsparse.kernels.monarch import from_middle, to_middle
 from npsparse.monarch import (MonarchLinear, monarch_backward, monarch_dense, monarch_forward,
                               monarch_sizes, parameter_count, project, project_factors)
@@ -86,6 +87,25 @@ def test_bad_weights_are_refused():
         project(np.zeros((8, 8), np.complex64), 2)
     with pytest.raises(NpsparseError, match="values"):
         project(np.zeros((8, 8), np.float32), 2, values="int8")
+
+
+def test_float64_weight_is_projected_as_given():
+    # float32 cannot hold these values; project used to refuse them though its docstring
+    # promised float64
+    weight = np.random.default_rng(11).standard_normal((48, 24))  # [N, K] float64
+    right, left = project_factors(weight, 2)  # float64 factors of W itself
+    layer = project(weight, 2)
+    assert layer.values_type == "fp32" and layer.shape == (48, 24)
+    np.testing.assert_array_equal(layer.arrays["right"], right.astype(np.float32))
+    np.testing.assert_array_equal(layer.arrays["left"], left.astype(np.float32))
+    best = error(weight, right, left)
+    assert np.linalg.norm(weight - layer.to_dense()) == pytest.approx(best, rel=1e-5)
+    in_bf16 = project(weight, 2, values="bf16")
+    np.testing.assert_array_equal(in_bf16.arrays["right"], to_bf16(right.astype(np.float32)))
+    layer = nk.pack(weight, np.ones(weight.shape, bool), "monarch", blocks=2)  # all kept: fine
+    np.testing.assert_array_equal(layer.arrays["left"], left.astype(np.float32))
+    with pytest.raises(NpsparseError, match="no mask"):
+        nk.pack(weight, weight > 0, "monarch", blocks=2)
 
 
 def permutation(b, m):

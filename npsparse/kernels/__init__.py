@@ -50,7 +50,8 @@ def pack(weight, mask=None, format: str = "auto", **options):
     Parameters
     ----------
     weight : np.ndarray
-        ``W [N, K]`` float32 (other dtypes only if float32 holds the values exactly).
+        ``W [N, K]`` float32 (other dtypes only if float32 holds the values exactly; monarch
+        also takes float64, which it projects as given).
     mask : np.ndarray or None
         ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros of ``weight``.
     format : str

@@ -432,7 +432,9 @@ class MonarchLinear(PackedLinear):
         Parameters
         ----------
         weight : array-like
-            ``[N, K]`` float32 (or exactly convertible).
+            ``[N, K]`` float32 (or exactly convertible), or float64: projected as given, not
+            rounded to float32 first (the SVD runs in float64 either way); only the factors
+            are rounded, to ``values``.
         mask : None
             Monarch matrices have no mask; anything but ``None`` or all-True is refused.
         blocks : int
@@ -450,10 +452,14 @@ class MonarchLinear(PackedLinear):
         NpsparseError
             A mask that drops weights, ``b`` that does not fit, or an unknown ``values``.
         """
-        weight, keep = check_weight_mask(weight, np.ones(np.shape(weight), bool)
-                                         if mask is None else mask)
-        if not keep.all():
-            raise NpsparseError("monarch format takes no mask (it projects the whole weight)")
+        check_option(values, VALUE_TYPES, "monarch values")  # before the SVDs
+        weight = np.asarray(weight)
+        if weight.dtype != np.float64:  # float64 goes to project_factors as it is
+            weight = as_float32(weight, "weight")
+        if mask is not None:
+            _, keep = check_weight_mask(np.zeros(weight.shape, np.float32), mask)
+            if not keep.all():
+                raise NpsparseError("monarch format takes no mask (it projects the whole weight)")
         return cls.from_factors(*project_factors(weight, blocks), values=values)
 
     @classmethod
