@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -51,6 +50,7 @@ from npsparse.io import open_checkpoint
 from npsparse.kernels.monarch import monarch_dense, monarch_sizes, project_factors
 from npsparse.models import build_model
 from npsparse.prune.patterns import lowest_mask
+from npsparse.roofline import cpu_name
 from npsparse.sequential import collect_block_stats
 from npsparse.tokenizer import load_tokenizer
 
@@ -201,16 +201,6 @@ def plot(rows: list[dict], blocks_list, path: Path, calibration: dict) -> None:
                  f"dense-model inputs; magnitude ignores index overhead", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:

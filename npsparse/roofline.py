@@ -7,8 +7,10 @@ where ``B`` is the measured read bandwidth. ``B`` is measured as a parallel read
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -79,3 +81,20 @@ def measure_read_bandwidth(nbytes: int = 512 * 2**20, passes: int = 7) -> Bandwi
     times.sort()
     return Bandwidth(best=array.nbytes / times[0], median=array.nbytes / times[len(times) // 2],
                      nbytes=array.nbytes, passes=passes, threads=numba.get_num_threads())
+
+
+def cpu_name() -> str:
+    """This machine's CPU model as ``/proc/cpuinfo`` names it (what benchmarks and reports print).
+
+    Returns
+    -------
+    str
+        The first ``model name``, else ``platform.processor()``, else ``"unknown"``.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -4,10 +4,11 @@
 zero), the norms, and optionally the embedding, against a loss of cross-entropy, KL to a teacher
 and/or SquareHead (Kurtic et al. 2023). With ``settings.method`` ``lora``, ``pst`` or ``sara``
 only adapters on the block weights train instead (:mod:`npsparse.train.adapted`): PST prunes a
-dense model while it trains, and every adapter is merged into the weights that are saved. The teacher is the dense model the pruned folder came
-from; it runs forward only, *online*: its block outputs for one 512-token window are 35 MB
-(SmolLM2), so caching them for every window of a run would take several GB of disk per run,
-read back at every step, while recomputing them costs a quarter of a step's arithmetic.
+dense model while it trains, and every adapter is merged into the weights that are saved. The
+teacher is the dense model the pruned folder came from; it runs forward only, *online*: its
+block outputs for one 512-token window are 35 MB (SmolLM2), so caching them for every window of
+a run would take several GB of disk per run, read back at every step, while recomputing them
+costs a quarter of a step's arithmetic.
 
 Windows come from the calibration part of the default text (never the eval part), shuffled by
 seed; the last ``val_windows`` windows are held out for a validation loss. The optimizer step
@@ -63,6 +64,7 @@ from ..linear import DenseLinear
 from ..models import build_model
 from ..tokenizer import load_tokenizer
 from ..prune.patterns import Pattern
+from ..roofline import cpu_name
 from .adapted import METHODS, AdaptedModel, block_weight_names
 from .adapters import SparsitySchedule, check_fraction, check_rank
 from .engine import LossWeights, head_of, hidden_states, loss_and_grads, parameters
@@ -677,7 +679,7 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         "seconds": time.perf_counter() - started,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "machine": platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
     }
     if adapted is not None:
         report.update(_adapter_report(adapted, params, record))
@@ -771,14 +773,3 @@ def weights_digest(state: dict) -> str:
     for name in sorted(state):
         digest.update(name.encode() + np.ascontiguousarray(state[name], np.float32).tobytes())
     return digest.hexdigest()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
