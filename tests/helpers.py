@@ -4,6 +4,7 @@ import numpy as np
 
 from npsparse.config import ModelConfig
 from npsparse.models import build_model, expected_shapes
+from npsparse.train import loss_and_grads
 
 TINY = {
     "llama": dict(arch="llama", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -39,3 +40,22 @@ def random_weights(config: ModelConfig, seed: int = 0) -> dict:
 def tiny_model(arch: str, seed: int = 0, **changes):
     config = tiny_config(arch, **changes)
     return build_model(config, random_weights(config, seed))
+
+
+def loss_with_values(student, params: dict, ids, losses, teacher_view):
+    """The student's loss as a function of new values for some parameters (finite differences).
+
+    The returned ``loss_at({name: value})`` writes the values into ``params`` (the live arrays),
+    runs the loss without gradients, and puts every parameter back, whatever happens.
+    """
+    def loss_at(values):
+        saved = {n: p.copy() for n, p in params.items()}
+        for n, value in values.items():
+            params[n][...] = value
+        try:
+            terms, _ = loss_and_grads(student, ids, losses, teacher=teacher_view, trainable=())
+            return terms["loss"]
+        finally:
+            for n, value in saved.items():
+                params[n][...] = value
+    return loss_at

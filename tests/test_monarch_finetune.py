@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import random_weights, tiny_config
+from helpers import loss_with_values, random_weights, tiny_config
 
 import npsparse
 from npsparse.io import open_checkpoint, write_hf_dir
@@ -71,16 +71,7 @@ def test_whole_model_gradient_with_monarch_layers_equals_finite_differences(loss
     t_out, t_h = hidden_states(teacher, ids)
     teacher_view = (t_out, t_h, head_of(teacher))
 
-    def loss_at(values):
-        saved = {n: p.copy() for n, p in params.items()}
-        for n, value in values.items():
-            params[n][...] = value
-        try:
-            terms, _ = loss_and_grads(student, ids, losses, teacher=teacher_view, trainable=())
-            return terms["loss"]
-        finally:
-            for n, value in saved.items():
-                params[n][...] = value
+    loss_at = loss_with_values(student, params, ids, losses, teacher_view)
 
     terms, grads = loss_and_grads(student, ids, losses, teacher=teacher_view)
     assert set(grads) == set(params)
