@@ -9,9 +9,10 @@ tokens (the control). Adapter arms (issue 14, ``--method``): PST dense -> 50% an
 8 (4.9% of the block parameters train), SaRA on the dense model and on SparseGPT 50% against LoRA
 rank 8 with the same trainable count (2,442,240: SaRA trains 2.3% of the dense model's block
 weights, 4.6% of the kept half of the pruned one), and full fine-tuning of SparseGPT 50% with CE
-and CE+SquareHead beside them. The pruned folders are ``DIR/sparsegpt-2of4``,
-``DIR/sparsegpt-0.7``, ``DIR/sparsegpt-0.5`` and ``DIR/wanda-0.5`` (``npsparse prune smollm2
---method ... --out ...``); a missing one is pruned first. Each arm runs ``npsparse finetune``
+and CE+SquareHead beside them. Monarch arms (issue 15): the last 10 MLPs projected onto 4-block
+Monarch matrices against SparseGPT 50% of the same layers, both CE + SquareHead. The source
+folders are ``DIR/NAME`` for each name of ``PRUNED`` (made by ``npsparse prune`` or ``npsparse
+monarch`` as ``PRUNED`` says); a missing one is made first. Each arm runs ``npsparse finetune``
 in its own process (its peak RSS is its own) with
 ``--eval-windows 40`` (perplexity on the first 40 x 512 eval tokens before and after) and is
 appended to ``OUT/results.jsonl`` as it finishes; an arm already there is not run again. The
@@ -29,10 +30,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-PRUNED = {"sparsegpt-2of4": ("sparsegpt", "--pattern", "2:4"),
-          "sparsegpt-0.7": ("sparsegpt", "--sparsity", "0.7"),
-          "wanda-0.5": ("wanda", "--sparsity", "0.5"),
-          "sparsegpt-0.5": ("sparsegpt", "--sparsity", "0.5")}
+LAST10_MLP = "model.layers.2?.mlp.*"  # the MLPs of blocks 20-29, SmolLM2's last 10
+# How each source folder is made: the npsparse command after "npsparse" and before "--out".
+PRUNED = {"sparsegpt-2of4": ["prune", "smollm2", "--method", "sparsegpt", "--pattern", "2:4"],
+          "sparsegpt-0.7": ["prune", "smollm2", "--method", "sparsegpt", "--sparsity", "0.7"],
+          "wanda-0.5": ["prune", "smollm2", "--method", "wanda", "--sparsity", "0.5"],
+          "sparsegpt-0.5": ["prune", "smollm2", "--method", "sparsegpt", "--sparsity", "0.5"],
+          "sparsegpt-0.5-last10mlp": ["prune", "smollm2", "--method", "sparsegpt", "--sparsity",
+                                      "0.5", "--layers", LAST10_MLP],
+          "monarch-b4-last10mlp": ["monarch", "smollm2", "--blocks", "4", "--layers",
+                                   LAST10_MLP]}
 LOSSES = ("ce+squarehead", "ce", "squarehead")
 # Peak learning rates: higher for the more damaged models (a fixed choice, not tuned on the eval
 # windows; the rows in bench/results were run with these values).
@@ -53,6 +60,15 @@ METHOD_ARMS = [
     ("sparsegpt-0.5/ce", "sparsegpt-0.5", "ce", [], LR["sparsegpt-0.5"]),
     ("sparsegpt-0.5/ce+squarehead", "sparsegpt-0.5", "ce+squarehead", [], LR["sparsegpt-0.5"]),
 ]
+# Monarch recovery (issue 15): the last 10 MLPs as 4-block Monarch matrices (34.4% of their
+# weights), every factor and every other weight training, against SparseGPT 50% of the same
+# layers; CE + SquareHead, the dense teacher. Learning rate by damage, as above: the Monarch
+# projection moves these layers far more than SparseGPT 50% does.
+MONARCH_ARMS = [
+    ("monarch-b4-last10mlp/ce+squarehead", "monarch-b4-last10mlp", "ce+squarehead", [], 2e-4),
+    ("sparsegpt-0.5-last10mlp/ce+squarehead", "sparsegpt-0.5-last10mlp", "ce+squarehead", [],
+     6e-5),
+]
 
 
 def arms() -> list[tuple[str, str, str, list[str], float]]:
@@ -68,7 +84,7 @@ def arms() -> list[tuple[str, str, str, list[str], float]]:
            ("sparsegpt-2of4/squarehead", "sparsegpt-2of4", "squarehead")]
     out += [(f"wanda-0.5/{loss}", "wanda-0.5", loss) for loss in LOSSES]
     out = [(name, source, loss, [], LR[source]) for name, source, loss in out]
-    return out + METHOD_ARMS
+    return out + METHOD_ARMS + MONARCH_ARMS
 
 
 def main(argv=None) -> int:
@@ -89,9 +105,8 @@ def main(argv=None) -> int:
             continue
         model = "smollm2" if source == "dense" else str(args.pruned_root / source)
         if source != "dense" and not Path(model).is_dir():
-            method, flag, value = PRUNED[source]
-            subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", "smollm2", "--method",
-                            method, flag, value, "--out", model], check=True)
+            subprocess.run([sys.executable, "-m", "npsparse.cli", *PRUNED[source], "--out", model],
+                           check=True)
         out = args.out_root / name.replace("/", "__")
         lr = lr * args.lr_scale
         command = [sys.executable, "-m", "npsparse.cli", "finetune", model, "--loss", loss,

@@ -140,7 +140,7 @@ def cmd_prune(args) -> None:
     settings = PruneSettings(
         method=args.method, pattern=args.pattern or args.sparsity, base=args.base,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        owl=args.owl, dsnot=dsnot, error_report=args.error_report)
+        owl=args.owl, dsnot=dsnot, error_report=args.error_report, layers=args.layers)
     report = prune_model(args.model, args.out, settings, progress=not args.json)
     summary = {k: report[k] for k in ("pattern", "mean_layer_sparsity", "seconds",
                                       "peak_rss_mib", "weights_sha256", "calibration")}
@@ -150,7 +150,9 @@ def cmd_prune(args) -> None:
     errors = [v["recon_rel"] for v in report["layers"].values() if "recon_rel" in v]
     error = (f"mean relative reconstruction error {sum(errors) / len(errors):.4f}" if errors else
              "no reconstruction error measured (--error-report measures it)")
-    print(f"pruned {args.model} with {args.method}{' + ' + args.base if args.base else ''} at "
+    chosen = f" ({len(report['layers'])} layers)" if args.layers else ""
+    print(f"pruned {args.model}{chosen} with {args.method}"
+          f"{' + ' + args.base if args.base else ''} at "
           f"{report['pattern']}{' (OWL)' if args.owl else ''}: mean layer sparsity "
           f"{report['mean_layer_sparsity']:.4f}, {error}, {report['seconds']:.1f} s, peak RSS "
           f"{report['peak_rss_mib']:.0f} MiB -> {args.out}")
@@ -379,6 +381,10 @@ def _prune_options(pr) -> None:
     pr.add_argument("--seed", type=int, default=P.seed,
                     help="seed of the calibration window sampler (text sources)")
     pr.add_argument("--owl", action="store_true", help="OWL non-uniform block sparsity")
+    pr.add_argument("--layers", nargs="+", metavar="PATTERN",
+                    help="prune only these layers, as shell patterns or block prefixes "
+                         "('model.layers.2?.mlp.*', 'model.layers.3'); the others stay as "
+                         "loaded; default: every block linear layer")
     pr.add_argument("--error-report", action=argparse.BooleanOptionalAction,
                     help="measure each layer's reconstruction error on the calibration windows "
                          "(default: on, except for magnitude pruning, which needs no calibration "

@@ -38,7 +38,6 @@ factors ``blockdiag_butterfly_multiply`` multiplies in exactly this layout.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from .io.packed import save_packed
 from .kernels.monarch import (MonarchLinear, MonarchSizes, check_blocks, monarch_backward,
                               monarch_dense, monarch_forward, monarch_sizes, parameter_count,
                               project_factors)
+from .models import select_layers  # re-exported (npsparse monarch and prune --layers)
 
 
 def project(weight: np.ndarray, blocks: int, values: str = "fp32") -> MonarchLinear:
@@ -79,43 +79,6 @@ def project(weight: np.ndarray, blocks: int, values: str = "fp32") -> MonarchLin
         ``values``.
     """
     return MonarchLinear.pack(weight, None, blocks=blocks, values=values)
-
-
-def select_layers(names, patterns=None) -> list[str]:
-    """The linear layer names that any of ``patterns`` selects, in model order.
-
-    Parameters
-    ----------
-    names : iterable of str
-        Every block linear layer of a model (``model.linears()``), e.g.
-        ``model.layers.3.mlp.up_proj``.
-    patterns : list of str, optional
-        Shell-style patterns (``"model.layers.2?.mlp.*"``, ``"*.self_attn.o_proj"``) or name
-        prefixes ending at a dot (``"model.layers.3"`` = every layer of block 3). None selects
-        every name.
-
-    Returns
-    -------
-    list of str
-
-    Raises
-    ------
-    NpsparseError
-        A pattern that selects nothing (one line, with an example of the names).
-    """
-    names = list(names)
-    if patterns is None:
-        return names
-    chosen = set()
-    for pattern in patterns:
-        found = {n for n in names
-                 if fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern.rstrip(".") + ".")}
-        if not found:
-            example = names[0] if names else "none"
-            raise NpsparseError(f"no linear layer matches {pattern!r} (names look like "
-                                f"{example!r})")
-        chosen |= found
-    return [n for n in names if n in chosen]
 
 
 def monarch_model(model: str | Path, out: str | Path, blocks: int, *,

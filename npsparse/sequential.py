@@ -31,7 +31,7 @@ from .errors import NpsparseError
 from .io import HFDirWriter, open_checkpoint
 from .io.hf_dir import check_output_folder
 from .linear import DenseLinear
-from .models import build_model
+from .models import build_model, select_layers
 from .prune import (DSnoTOptions, InputStats, Pattern, get_method, outlier_ratio, owl_sparsities,
                     prune_layer, stats_needed, wanda_score)
 from .tokenizer import load_tokenizer
@@ -59,6 +59,9 @@ class PruneSettings:
     # Measure each layer's reconstruction error on the calibration windows. None: yes, unless it
     # would be the only reason to run them (magnitude without OWL, which then takes seconds).
     error_report: bool | None = None
+    # Prune only the linear layers these patterns select (npsparse.models.select_layers: shell
+    # patterns or block prefixes); the others stay as loaded. None: every block linear layer.
+    layers: list[str] | None = None
 
 
 class _Recorder:
@@ -140,8 +143,11 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
     config = checkpoint.config
     tokenizer = load_tokenizer(checkpoint)
     model = build_model(config, checkpoint.weights, load_blocks=False)
+    first = model.load_block(0).linears
+    chosen = set(select_layers([f"{model.block_prefix(i)}.{name}" for i in range(config.n_layers)
+                                for name in first], settings.layers))  # refuses before any work
     if pattern.structured:  # refuse impossible N:M widths before any work is done
-        for name, layer in model.load_block(0).linears.items():
+        for name, layer in first.items():
             pattern.check_width(layer.shape[1], f"{model.block_prefix(0)}.{name}")
     calib, x = None, None
     if calibrate:
@@ -162,7 +168,7 @@ def prune_model(model_path, out: str | Path, settings: PruneSettings, *,
             block_start = time.perf_counter()
             layer_pattern = pattern if pattern.structured else Pattern(block_sparsity[i])
             block, x = _prune_block(model, i, x, needs, layer_pattern, settings, dsnot_options,
-                                    layers)
+                                    layers, chosen)
             state = model.block_state(i, block)
             for name in sorted(state):
                 digest.update(name.encode() + np.ascontiguousarray(state[name]).tobytes())
@@ -195,12 +201,14 @@ def _checked(settings: PruneSettings) -> tuple[PruneSettings, Pattern]:
 
 
 def _prune_block(model, i: int, x, needs, pattern: Pattern, settings: PruneSettings,
-                 dsnot_options: DSnoTOptions, layers: dict):
-    """Block ``i`` pruned (its layers' reports added to ``layers``) and, when calibrating, its
-    outputs on ``x`` ``[S, L, D]``, which the next block calibrates on."""
+                 dsnot_options: DSnoTOptions, layers: dict, chosen: set):
+    """Block ``i`` with its ``chosen`` layers pruned (their reports added to ``layers``) and, when
+    calibrating, its outputs on ``x`` ``[S, L, D]``, which the next block calibrates on."""
     block = model.load_block(i)
-    stats = collect_block_stats(block, x, needs)[0] if x is not None else {}
-    for name, layer in list(block.linears.items()):
+    prune = [name for name in block.linears if f"{model.block_prefix(i)}.{name}" in chosen]
+    stats = collect_block_stats(block, x, needs)[0] if x is not None and prune else {}
+    for name in prune:
+        layer = block.linears[name]
         new, _, info = prune_layer(
             settings.method, layer.to_dense(), stats.get(name), pattern, base=settings.base,
             magnitude_group=settings.magnitude_group, blocksize=settings.blocksize,

@@ -235,3 +235,35 @@ def test_a_new_method_is_one_registry_line(tiny_dir, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):  # and --base is refused for it, like for any non-DSnoT method
         main(["prune", str(tiny_dir), "--method", "lastcols", "--base", "lastcols",
               "--sparsity", "0.5", "--out", str(tmp_path / "p")])
+
+
+def test_layers_prunes_only_the_chosen_ones(tiny_dir, tmp_path):
+    """--layers: the chosen layers are pruned to the pattern, every other tensor is the loaded
+    one, bit for bit; choosing every layer is the same run as choosing none."""
+    report = prune_model(tiny_dir, tmp_path / "mlp1",
+                         small("sparsegpt", "0.5", layers=["model.layers.1.mlp.*"]),
+                         progress=False)
+    chosen = {f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+    assert set(report["layers"]) == chosen
+    pruned, original = npsparse.load(tmp_path / "mlp1"), npsparse.load(tiny_dir)
+    for name, layer in pruned.model.linears().items():
+        weight, before = layer.to_dense(), original.model.linears()[name].to_dense()
+        if name in chosen:
+            assert (weight == 0).mean() >= 0.5, name  # SparseGPT's mask is per 128 columns
+        else:
+            np.testing.assert_array_equal(weight, before)
+    every = prune_model(tiny_dir, tmp_path / "all", small("sparsegpt", "0.5", layers=["*"]),
+                        progress=False)
+    default = prune_model(tiny_dir, tmp_path / "none", small("sparsegpt", "0.5"), progress=False)
+    assert every["weights_sha256"] == default["weights_sha256"]
+    out = subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", str(tiny_dir), "--method",
+                          "magnitude", "--sparsity", "0.5", "--layers", "model.layers.1",
+                          "--out", str(tmp_path / "cli")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "(7 layers)" in out.stdout, out.stderr
+    out = subprocess.run([sys.executable, "-m", "npsparse.cli", "prune", str(tiny_dir), "--method",
+                          "wanda", "--sparsity", "0.5", "--layers", "model.layers.9.mlp.*",
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "no linear layer matches 'model.layers.9.mlp.*'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -5,10 +5,12 @@ Which module runs which ``model_type`` is :mod:`npsparse.architectures`' registr
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 
 from ..architectures import architecture
 from ..config import ModelConfig
+from ..errors import NpsparseError
 from ..io.weights import DictWeights, Weights
 from .base import CausalLM, KVCache
 from .llama import LlamaModel
@@ -55,4 +57,42 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     return architecture(config.arch).expected_shapes(config)
 
 
-__all__ = ["CausalLM", "KVCache", "LlamaModel", "build_model", "expected_shapes"]
+def select_layers(names, patterns=None) -> list[str]:
+    """The linear layer names that any of ``patterns`` selects, in model order.
+
+    Parameters
+    ----------
+    names : iterable of str
+        Every block linear layer of a model (``model.linears()``), e.g.
+        ``model.layers.3.mlp.up_proj``.
+    patterns : list of str, optional
+        Shell-style patterns (``"model.layers.2?.mlp.*"``, ``"*.self_attn.o_proj"``) or name
+        prefixes ending at a dot (``"model.layers.3"`` = every layer of block 3). None selects
+        every name.
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    NpsparseError
+        A pattern that selects nothing (one line, with an example of the names).
+    """
+    names = list(names)
+    if patterns is None:
+        return names
+    chosen = set()
+    for pattern in patterns:
+        found = {n for n in names
+                 if fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern.rstrip(".") + ".")}
+        if not found:
+            example = names[0] if names else "none"
+            raise NpsparseError(f"no linear layer matches {pattern!r} (names look like "
+                                f"{example!r})")
+        chosen |= found
+    return [n for n in names if n in chosen]
+
+
+__all__ = ["CausalLM", "KVCache", "LlamaModel", "build_model", "expected_shapes",
+           "select_layers"]
