@@ -179,12 +179,16 @@ def test_bench_decode_and_kernels_run(tiny_dir, tmp_path):
             if line.startswith("| /")}
     assert set(rows) == {f"{packed}@bf16", f"{tiny_dir}@dense"}
     assert rows[f"{tiny_dir}@dense"][5] == "1.00" and rows[f"{packed}@bf16"][6] == "1.00"
-    out = run("bench", "kernels", "--shapes", "64x64", "--sparsities", "50", "--formats",
-              "bitmask-bf16", "--tokens", "--passes", 1, "--calls", 1, "--bw-passes", 1,
+    out = run("bench", "kernels", "--shapes", "64x64", "--sparsities", "0", "50", "--formats",
+              "bitmask-bf16", "monarch4-bf16", "--tokens", "--passes", 1, "--calls", 1, "--bw-passes", 1,
               "--no-scipy", "--cold-bytes", 2**20, "--out", tmp_path / "t.md",
               "--plot", tmp_path / "p.png")
     assert out.returncode == 0, out.stderr
     assert "bitmask-bf16" in out.stdout and "Command: npsparse bench kernels" in out.stdout
+    # Monarch runs on the dense row only (2 x 16 x (64 + 64) of 64 x 64 parameters), with its floor.
+    monarch = [line for line in out.stdout.splitlines() if "| monarch4-bf16 |" in line]
+    assert len(monarch) == 1 and monarch[0].startswith("| 64x64 | 0% |"), out.stdout
+    assert "64x64: monarch4-bf16 (50.0% of the dense parameters)" in out.stdout
     assert "bitmask-bf16" in (tmp_path / "t.md").read_text()
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "t.md"]

@@ -10,6 +10,9 @@ format reads per product, achieved GB/s and % of the read bandwidth ``B`` measur
 Weights are cold, as in decode where the model is far larger than the cache: each timed pass cycles
 through enough copies of the packed layer to exceed ``--cold-bytes`` (default 3 x 32 MiB L3).
 Masks are uniform random (unstructured) or magnitude N:M; weights are standard normal.
+``monarch4-bf16`` is not a mask format: it runs on the dense ("0") rows of every shape that
+4 blocks fit, as a Monarch matrix with random bf16 factors (``2 min(N, K) (N + K) / 4`` bytes;
+the product's cost does not depend on the values, so no projection is computed).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ FORMATS = {
     "bitmask-int8": ("bitmask", {"values": "int8"}),
     "nm-bf16": ("nm", {"values": "bf16"}),
     "nm-int8": ("nm", {"values": "int8"}),
+    "monarch4-bf16": ("monarch", {"blocks": 4, "values": "bf16"}),
 }
 DENSE = ("fp32", "bf16")
 
@@ -146,6 +150,19 @@ class Roofline:
         return f"B = {self.best / 1e9:.1f} GB/s (best of: " + "; ".join(notes) + ")"
 
 
+def monarch_layer(rng, shape, blocks: int, values: str):
+    """A Monarch layer of ``shape`` with random factors, or None when ``blocks`` does not fit."""
+    from npsparse.kernels.monarch import MonarchLinear, monarch_sizes
+
+    try:
+        sizes = monarch_sizes(shape, blocks)
+    except nk.NpsparseError:
+        return None
+    right = rng.standard_normal(sizes.right_shape, dtype=np.float32)
+    left = rng.standard_normal(sizes.left_shape, dtype=np.float32)
+    return MonarchLinear.from_factors(right, left, values=values)
+
+
 def copies_for(nbytes: int, cold_bytes: int, max_copies: int = 256) -> int:
     return int(min(max_copies, max(1, -(-cold_bytes // max(nbytes, 1)))))
 
@@ -166,7 +183,8 @@ def first_call_times(tokens: list[int]) -> list[tuple[str, float]]:
         if fmt == "dense":
             continue
         options = dict(options, pattern="2:4") if fmt == "nm" else options
-        layer = nk.pack(weight, keep, fmt, **options)
+        layer = (monarch_layer(rng, weight.shape, **options) if fmt == "monarch" else
+                 nk.pack(weight, keep, fmt, **options))
         for n_tokens in [1] + ([max(tokens)] if tokens else []):
             x = rng.standard_normal((n_tokens, 256)).astype(np.float32)
             start = time.perf_counter()
@@ -190,14 +208,18 @@ def run_shape(shape, sparsities, formats, args, bandwidth, rng, rows_out):
             fmt, options = FORMATS[label]
             if fmt == "nm" and ":" not in sparsity:
                 continue
-            if label not in DENSE and sparsity == "0":
-                continue
+            if (fmt == "monarch") != (sparsity == "0") and label not in DENSE:
+                continue  # mask formats on masks, Monarch on the dense rows
             if fmt == "nm":
                 options = dict(options, pattern=sparsity)
-            layer = nk.pack(weight, keep, fmt, **options)
+            layer = (monarch_layer(rng, shape, **options) if fmt == "monarch" else
+                     nk.pack(weight, keep, fmt, **options))
+            if layer is None:  # b does not fit this shape
+                continue
             n_copies = copies_for(layer.nbytes, args.cold_bytes)
             layers[label] = [layer] + [clone(layer) for _ in range(n_copies - 1)]
-        times = {label: {"nbytes": copies[0].nbytes} for label, copies in layers.items()}
+        times = {label: {"nbytes": copies[0].nbytes, "nnz": getattr(copies[0], "nnz", None)}
+                 for label, copies in layers.items()}
         for n_tokens, x in xs.items():
             calls = {label: [lambda c=c, x=x: c(x) for c in copies]
                      for label, copies in layers.items()}
@@ -222,7 +244,9 @@ def run_shape(shape, sparsities, formats, args, bandwidth, rng, rows_out):
             calls.clear()
         layers.clear()
         for label, entry in times.items():
-            rows_out.append(make_row(shape, sparsity, keep.mean(), label, entry, times,
+            density = (entry["nnz"] / (n_rows * k_cols) if label.startswith("monarch")
+                       else keep.mean())  # a Monarch layer's parameters per dense weight
+            rows_out.append(make_row(shape, sparsity, density, label, entry, times,
                                      bandwidth, args.tokens))
             print_row(rows_out[-1], args.tokens, file=sys.stderr, flush=True)  # progress
 
@@ -276,8 +300,14 @@ def print_row(row, tokens, file, flush=False):
 
 
 def floors(rows) -> list[str]:
-    """The targets for the LLaMA-7B shapes, checked against this run's numbers."""
+    """The targets for the LLaMA-7B shapes and Monarch, checked against this run's numbers."""
     lines = []
+    for row in rows:
+        if row["format"].startswith("monarch"):
+            lines.append(f"{row['shape']}: {row['format']} ({row['density']:.1%} of the dense "
+                         f"parameters) {row['vs_bf16']:.2f}x dense bf16 (floor 1.5x; "
+                         f"{row['vs_bf16_median']:.2f}x by median calls), "
+                         f"{row['pct_bw']:.0f}% of B")
     for shape in ("4096x4096", "11008x4096"):
         sel = [r for r in rows if r["shape"] == shape]
         if not sel:
