@@ -13,6 +13,26 @@ from .architectures import architecture, is_registered, names
 from .errors import NpsparseError
 
 
+@dataclass(frozen=True)
+class PescConfig:
+    """PESC's mixture of adapter experts on every FFN (issue 16; :mod:`npsparse.routing`).
+
+    ``config.json`` holds it as ``npsparse_pesc``; the defaults are the reference's
+    (wuhy68/Parameter-Efficient-MoE, camelidae: ``moe_scaling`` 0.25).
+
+    Attributes
+    ----------
+    experts, top_k, adapter_dim : int
+        ``E`` experts, ``k`` chosen per token, ``R`` the adapters' inner dimension.
+    scale : float
+        ``s``, the adapters' scale.
+    """
+
+    experts: int
+    top_k: int
+    adapter_dim: int
+    scale: float = 0.25
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -45,6 +65,8 @@ class ModelConfig:
         OPT's ``word_embed_proj_dim`` (equals ``dim`` unless the model projects in and out).
     bos_token_id, eos_token_id : int or None
         Special token ids, when known.
+    pesc : PescConfig or None
+        Every FFN is a PESC mixture of adapter experts (LLaMA family only); None: plain FFNs.
     """
 
     arch: str
@@ -66,6 +88,7 @@ class ModelConfig:
     embed_proj_dim: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    pesc: PescConfig | None = None
 
     def __post_init__(self):
         if not is_registered(self.arch):

@@ -195,7 +195,8 @@ def pesc_forward(h: np.ndarray, f: np.ndarray, router: np.ndarray, down: np.ndar
     tape : dict, optional
         Filled with what :func:`pesc_backward` needs: the inputs, ``logits [T, E]``, ``chosen
         [T, k]``, ``gates [T, k]``, ``groups`` (:func:`group_by_expert`) and per expert the
-        adapter's pre-activation ``[n_e, R]``, activation ``[n_e, R]`` and output ``[n_e, D]``.
+        adapter's pre-activation ``[n_e, R]``, activation ``[n_e, R]`` and output ``[n_e, D]``
+        (None for an expert no token chose: its adapter does not run).
 
     Returns
     -------
@@ -210,6 +211,11 @@ def pesc_forward(h: np.ndarray, f: np.ndarray, router: np.ndarray, down: np.ndar
     mixed = np.zeros_like(f)  # [T, D], sum_j g_j U_e act(D_e F)
     pre, act, out = [], [], []
     for e, (tokens, slots) in enumerate(groups):
+        if tokens.size == 0:  # no token chose e: its adapter is not run (decode: k of E run)
+            pre.append(None)
+            act.append(None)
+            out.append(None)
+            continue
         pre_e = f[tokens] @ down[e].T  # [n_e, R]
         act_e = _gelu(pre_e)  # [n_e, R]
         out_e = act_e @ up[e].T  # [n_e, D]
@@ -258,6 +264,8 @@ def pesc_backward(d_y: np.ndarray, tape: dict,
     d_gates = np.zeros_like(gates)  # [T, k]
     d_down, d_up = np.zeros_like(down), np.zeros_like(up)  # [E, R, D], [E, D, R]
     for e, (tokens, slots) in enumerate(tape["groups"]):
+        if tokens.size == 0:  # not run in the forward: zero gradients
+            continue
         d_y_e = d_y[tokens]  # [n_e, D]
         g_e = gates[tokens, slots][:, None]  # [n_e, 1]
         d_gates[tokens, slots] = scale * np.sum(d_y_e * tape["out"][e], axis=1)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import ModelConfig, check_activation
+from ..config import ModelConfig, PescConfig, check_activation
 from ..errors import NpsparseError
 from ..linear import DenseLinear, as_linear
+from ..routing import check_routing
 from .backward import attention_backward, rms_norm_backward, rope_backward, swiglu_backward
 from .base import CausalLM
 from .layers import (RopeTables, append_to_cache, apply_rope, attend, attention_probs, merge_heads,
                      rms_norm, rope_inv_freq, silu, split_heads)
 from .llama_decode import decode_block, decode_final
+from .pesc import PescExperts, pesc_shapes
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -40,7 +42,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         Hugging Face name -> ``(N, K)`` or ``(D,)``: ``embed_tokens`` ``(V, D)``, norms ``(D,)``,
         ``q_proj`` ``(H*hd, D)``, ``k_proj``/``v_proj`` ``(KV*hd, D)``, ``o_proj`` ``(D, H*hd)``,
         ``gate_proj``/``up_proj`` ``(F, D)``, ``down_proj`` ``(D, F)``; ``lm_head`` ``(V, D)``
-        only without tied embeddings, q/k/v biases only with ``cfg.qkv_bias``.
+        only without tied embeddings, q/k/v biases only with ``cfg.qkv_bias``; with
+        ``cfg.pesc`` each block's router and adapters (:func:`.pesc.pesc_shapes`).
     """
     d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
     q_rows, kv_rows = cfg.n_heads * hd, cfg.n_kv_heads * hd
@@ -66,6 +69,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
                 p + "self_attn.k_proj.bias": (kv_rows,),
                 p + "self_attn.v_proj.bias": (kv_rows,),
             })
+        shapes.update({p + name: shape for name, shape in pesc_shapes(cfg).items()})
     return shapes
 
 
@@ -88,6 +92,7 @@ class LlamaBlock:
         self.mlp_norm = tensors["post_attention_layernorm.weight"]  # [D]
         self.linears = {name: as_linear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
         self.bias = {name: tensors.get(f"self_attn.{name}_proj.bias") for name in "qkv"}
+        self.moe = PescExperts(tensors, cfg) if cfg.pesc is not None else None  # PESC experts
 
     def _project(self, name: str, h: np.ndarray) -> np.ndarray:
         """``h @ W.T (+ b)`` for ``q``, ``k`` or ``v``: [T, D] -> [T, heads*hd]."""
@@ -133,13 +138,20 @@ class LlamaBlock:
         gate = lin["mlp.gate_proj"](h_mlp)  # [T, F]
         up = lin["mlp.up_proj"](h_mlp)  # [T, F]
         act = silu(gate) * up  # [T, F]
-        out = x_mid + lin["mlp.down_proj"](act)  # [T, D]
+        f = lin["mlp.down_proj"](act)  # [T, D]
+        if self.moe is not None:  # PESC: the router reads h_mlp, the chosen adapters read f
+            moe_tape = {} if tape is not None else None
+            f = self.moe(h_mlp, f, moe_tape)  # [T, D]
+        out = x_mid + f  # [T, D]
         if tape is not None:
             tape.update(x=x, h_attn=h_attn, cos=cos, sin=sin, q=q, k=k, v=v, probs=probs,
                         att=att, x_mid=x_mid, h_mlp=h_mlp, gate=gate, up=up, act=act)
+            if self.moe is not None:
+                tape["moe"] = moe_tape
         return out
 
-    def backward(self, d_out: np.ndarray, tape: dict, trainable=None) -> tuple[np.ndarray, dict]:
+    def backward(self, d_out: np.ndarray, tape: dict, trainable=None,
+                 d_logits: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """Gradients through the block, the forward's steps in reverse.
 
         Parameters
@@ -151,6 +163,9 @@ class LlamaBlock:
         trainable : container of str, optional
             Names (inside the block, e.g. ``mlp.up_proj.weight``) whose gradients are wanted;
             None: all. Input gradients are always computed.
+        d_logits : np.ndarray, optional
+            ``[T, E]`` gradient of other loss terms (PESC's balance loss) with respect to the
+            router logits of a PESC block.
 
         Returns
         -------
@@ -182,11 +197,17 @@ class LlamaBlock:
                 grads[name] = d_w
             return d_x
 
-        # out = x_mid + down(act); act = silu(gate) * up
-        d_act = linear("mlp.down_proj", d_out, t["act"])  # [T, F]
+        # out = x_mid + f, f = down(act) (PESC: f = moe(h_mlp, down(act))); act = silu(gate) * up
+        d_f, d_h_router = d_out, None
+        if self.moe is not None:
+            d_h_router, d_f, moe_grads = self.moe.backward(d_out, t["moe"], d_logits)
+            grads.update({name: grad for name, grad in moe_grads.items() if want(name)})
+        d_act = linear("mlp.down_proj", d_f, t["act"])  # [T, F]
         d_gate, d_up = swiglu_backward(d_act, t["gate"], t["up"])  # [T, F] each
         d_h_mlp = (linear("mlp.gate_proj", d_gate, t["h_mlp"])
                    + linear("mlp.up_proj", d_up, t["h_mlp"]))  # [T, D]
+        if d_h_router is not None:
+            d_h_mlp += d_h_router
         d_x_mid = d_out + norm("post_attention_layernorm.weight", d_h_mlp, t["x_mid"],
                                self.mlp_norm)  # [T, D]
         # x_mid = x + o_proj(att); att = attention(rope(q), rope(k), v)
@@ -226,6 +247,8 @@ class LlamaBlock:
                 raise NpsparseError(f"{name} is packed ({type(layer).__name__}); training needs "
                                     "the unpacked model")
         out.update({f"self_attn.{k}_proj.bias": b for k, b in self.bias.items() if b is not None})
+        if self.moe is not None:
+            out.update(self.moe.parameters())
         return out
 
     def state(self) -> dict:
@@ -234,13 +257,15 @@ class LlamaBlock:
         Returns
         -------
         dict of str -> np.ndarray
-            float32 norm weights ``[D]``, every linear weight densified to ``[N, K]``, and the
-            q/k/v biases ``[N]`` when the model has them.
+            float32 norm weights ``[D]``, every linear weight densified to ``[N, K]``, the
+            q/k/v biases ``[N]`` when the model has them, and a PESC block's router and adapters.
         """
         out = {"input_layernorm.weight": self.attn_norm,
                "post_attention_layernorm.weight": self.mlp_norm}
         out.update({name + ".weight": layer.to_dense() for name, layer in self.linears.items()})
         out.update({f"self_attn.{k}_proj.bias": b for k, b in self.bias.items() if b is not None})
+        if self.moe is not None:
+            out.update(self.moe.parameters())
         return out
 
 
@@ -359,6 +384,7 @@ def config_from_hf(hf: dict, model_type: str) -> dict:
         # Qwen2 always has q/k/v biases; Llama/Mistral may declare attention_bias.
         qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         activation=check_activation(hf.get("hidden_act", "silu"), ("silu",)),
+        pesc=_pesc_from_hf(hf.get("npsparse_pesc")),
     )
 
 
@@ -392,7 +418,23 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.arch == "llama":
         out["attention_bias"] = cfg.qkv_bias
         out["mlp_bias"] = False
+    if cfg.pesc is not None:  # npsparse's own key: transformers ignores it (and the experts)
+        out["npsparse_pesc"] = dict(experts=cfg.pesc.experts, top_k=cfg.pesc.top_k,
+                                    adapter_dim=cfg.pesc.adapter_dim, scale=cfg.pesc.scale)
     return out
+
+
+def _pesc_from_hf(entry: dict | None) -> PescConfig | None:
+    """``config.json``'s ``npsparse_pesc`` (written by ``finetune --method pesc``), checked."""
+    if entry is None:
+        return None
+    try:
+        pesc = PescConfig(int(entry["experts"]), int(entry["top_k"]), int(entry["adapter_dim"]),
+                          float(entry.get("scale", PescConfig.scale)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise NpsparseError(f"npsparse_pesc in config.json is malformed ({err!r})") from None
+    check_routing(pesc.experts, pesc.top_k, pesc.adapter_dim)
+    return pesc
 
 
 def _freeze_scaling(scaling: dict | None) -> tuple | None:

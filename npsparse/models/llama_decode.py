@@ -79,7 +79,10 @@ def decode_block(block, x: np.ndarray, start: int, cache_k: np.ndarray,
                       True, numba.get_num_threads())  # [1, H*hd]
     x, h = add_rms_norm(x, block.linears["self_attn.o_proj"](att), block.mlp_norm, eps)
     gate, up = products(block, GATE_UP, h)  # [1, F] each
-    return x + block.linears["mlp.down_proj"](silu_mul(gate, up))  # [1, D]
+    f = block.linears["mlp.down_proj"](silu_mul(gate, up))  # [1, D]
+    if block.moe is not None:  # PESC: the router, then only the k chosen experts' adapters
+        f = block.moe(h, f)  # [1, D]
+    return x + f  # [1, D]
 
 
 def decode_final(model, x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import NpsparseError
 from ..models.backward import embedding_backward, rms_norm_backward
 from ..models.layers import rms_norm
+from ..routing import balance_loss, balance_loss_backward
 from .losses import head_losses, squarehead
 
 EMBED = "model.embed_tokens.weight"
@@ -24,15 +25,21 @@ HEAD = "lm_head.weight"
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the loss terms: ``ce * CE + kd * KL + squarehead * sum_l SquareHead_l``."""
+    """Weights of the loss terms: ``ce * CE + kd * KL + squarehead * sum_l SquareHead_l``.
+
+    ``balance`` (``alpha``) adds ``alpha * sum_l E * sum_i f_i P_i``, the Switch-Transformer
+    load-balancing loss of every PESC block (:func:`npsparse.routing.balance_loss`) summed over
+    blocks as Switch sums its layers' (``finetune --balance``, not a ``--loss`` term).
+    """
 
     ce: float = 1.0
     kd: float = 0.0
     squarehead: float = 0.0
     temperature: float = 1.0
+    balance: float = 0.0
 
     @classmethod
-    def parse(cls, text: str, temperature: float = 1.0) -> "LossWeights":
+    def parse(cls, text: str, temperature: float = 1.0, balance: float = 0.0) -> "LossWeights":
         """Read ``"ce"``, ``"squarehead"``, ``"ce+squarehead"``, ``"0.5*ce+kd"`` ...
 
         Parameters
@@ -41,6 +48,8 @@ class LossWeights:
             Terms ``ce``, ``kd``, ``squarehead`` joined by ``+``, each optionally ``WEIGHT*``.
         temperature : float
             Temperature of the ``kd`` term.
+        balance : float
+            ``alpha`` of the PESC balance loss (0: off).
 
         Returns
         -------
@@ -61,7 +70,9 @@ class LossWeights:
             weights[name] += value
         if not np.isfinite(temperature) or temperature <= 0:
             raise NpsparseError(f"temperature must be positive, got {temperature}")
-        return cls(temperature=temperature, **weights)
+        if not np.isfinite(balance) or balance < 0:
+            raise NpsparseError(f"--balance must be 0 or more, got {balance}")
+        return cls(temperature=temperature, balance=balance, **weights)
 
     @property
     def needs_teacher(self) -> bool:
@@ -70,7 +81,8 @@ class LossWeights:
 
     def __str__(self) -> str:
         return "+".join(f"{w:g}*{n}" for n, w in (("ce", self.ce), ("kd", self.kd),
-                                                    ("squarehead", self.squarehead)) if w)
+                                                    ("squarehead", self.squarehead),
+                                                    ("balance", self.balance)) if w)
 
 
 def parameters(model) -> dict[str, np.ndarray]:
@@ -161,8 +173,8 @@ def loss_and_grads(model, ids: np.ndarray, losses: LossWeights, *, teacher=None,
     Returns
     -------
     (dict, dict)
-        Loss terms ``{"ce", "kd", "squarehead", "loss"}`` as floats (unweighted terms, weighted
-        total), and gradients by name.
+        Loss terms ``{"ce", "kd", "squarehead", "balance", "loss"}`` as floats (unweighted
+        terms, weighted total), and gradients by name.
     """
     cfg = model.config
     if losses.needs_teacher and teacher is None:
@@ -184,6 +196,7 @@ def loss_and_grads(model, ids: np.ndarray, losses: LossWeights, *, teacher=None,
         x = block(x, tape=tape)
         outputs.append(x)
     h = rms_norm(x, model.norm, cfg.norm_eps)  # [T, D]
+    balance, d_logits = balance_terms(model, tapes, losses.balance, scale)
 
     # losses and the gradient at the top
     head = head_of(model)
@@ -210,7 +223,7 @@ def loss_and_grads(model, ids: np.ndarray, losses: LossWeights, *, teacher=None,
         prefix = f"{model.block_prefix(i)}."
         local = None if trainable is None else {n[len(prefix):] for n in trainable
                                                 if n.startswith(prefix)}
-        d_x, block_grads = model.blocks[i].backward(d_x, tapes[i], local)
+        d_x, block_grads = model.blocks[i].backward(d_x, tapes[i], local, d_logits[i])
         tapes[i] = None  # its activations are no longer needed
         for name, grad in block_grads.items():
             add(prefix + name, grad)
@@ -218,6 +231,39 @@ def loss_and_grads(model, ids: np.ndarray, losses: LossWeights, *, teacher=None,
         add(EMBED, embedding_backward(d_x, ids, cfg.vocab_size))
     if losses.squarehead:
         terms["squarehead"] = sq_total
+    if losses.balance:
+        terms["balance"] = balance
     terms["loss"] = (losses.ce * terms.get("ce", 0.0) + losses.kd * terms.get("kd", 0.0)
-                     + losses.squarehead * terms.get("squarehead", 0.0))
+                     + losses.squarehead * terms.get("squarehead", 0.0)
+                     + losses.balance * balance)
     return terms, grads
+
+
+def balance_terms(model, tapes: list, alpha: float, scale: float) -> tuple[float, list]:
+    """The PESC blocks' balance losses (unweighted, summed) and their logits' gradients.
+
+    Parameters
+    ----------
+    model : LlamaModel
+    tapes : list of dict
+        The blocks' tapes of one forward (a PESC block's holds ``moe``).
+    alpha : float
+        The loss's weight; 0: no balance loss (0.0 and no gradients).
+    scale : float
+        Factor on the gradients (``1 / batch``).
+
+    Returns
+    -------
+    (float, list)
+        ``sum_l E * sum_i f_i P_i`` over PESC blocks, and per block ``[T, E]`` gradients of
+        ``scale * alpha`` times it with respect to that block's logits (None elsewhere).
+    """
+    total, d_logits = 0.0, [None] * len(tapes)
+    if not alpha:
+        return total, d_logits
+    for i, (block, tape) in enumerate(zip(model.blocks, tapes)):
+        if block.moe is not None:
+            logits, chosen = tape["moe"]["logits"], tape["moe"]["chosen"]  # [T, E], [T, k]
+            total += balance_loss(logits, chosen, 1.0)
+            d_logits[i] = balance_loss_backward(logits, chosen, alpha, d_loss=scale)
+    return total, d_logits
