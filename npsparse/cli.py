@@ -214,7 +214,8 @@ def cmd_finetune(args) -> None:
         val_windows=args.val_windows, val_every=args.val_every, eval_windows=args.eval_windows,
         train_embeddings=args.train_embeddings, teacher=args.teacher, method=args.method,
         pattern=args.pattern if args.sparsity is None else str(args.sparsity), rank=args.rank,
-        fraction=args.fraction, nuclear=args.nuclear)
+        fraction=args.fraction, nuclear=args.nuclear, experts=args.experts, top_k=args.top_k,
+        adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale, balance=args.balance)
     settings.check()  # before loading anything
     log = (lambda text: print(text, file=sys.stderr)) if args.json else print
     report = finetune(args.model, args.out, settings, resume=args.resume,
@@ -253,6 +254,7 @@ def _finetune_options(ft) -> None:
     from .train.adapted import METHODS
     from .train.finetune import FinetuneSettings
     from .train.optim import DECAYS
+    from .train.pesc import DEFAULT_BALANCE, DEFAULT_SCALE
 
     F = FinetuneSettings()  # the library's defaults, shown by --help
     ft.description = ("Sparse fine-tuning: the zeros of a pruned folder stay zero; the kept "
@@ -298,7 +300,9 @@ def _finetune_options(ft) -> None:
                     help="full: every kept weight trains; lora: low-rank adapters merged into "
                          "the weights; pst: dense -> sparse with learned masks (needs "
                          "--sparsity or --pattern); sara: only the smallest-|w| entries train "
-                         "(needs --fraction)")
+                         "(needs --fraction); pesc: every FFN becomes a mixture of routed "
+                         "adapter experts, kept in the output (needs --experts, --top-k, "
+                         "--adapter-dim)")
     target = ft.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None,
                         help="PST's final unstructured sparsity per matrix, 0 <= S < 1")
@@ -309,6 +313,16 @@ def _finetune_options(ft) -> None:
                     help="SaRA's trained share of each matrix's kept weights, 0 < F < 1")
     ft.add_argument("--nuclear", type=float, default=F.nuclear,
                     help="SaRA's nuclear-norm penalty weight on one matrix per step")
+    ft.add_argument("--experts", type=int, default=None, help="PESC's experts per FFN, E >= 1")
+    ft.add_argument("--top-k", type=int, default=None,
+                    help="PESC's experts chosen per token, 1 <= k <= E")
+    ft.add_argument("--adapter-dim", type=int, default=None,
+                    help="PESC's adapter inner dimension R >= 1 (the reference's default: 64)")
+    ft.add_argument("--adapter-scale", type=float, default=None,
+                    help=f"PESC's adapter scale (default: {DEFAULT_SCALE}, the reference's)")
+    ft.add_argument("--balance", type=float, default=None,
+                    help=f"PESC's Switch-Transformer balance loss weight alpha, summed over "
+                         f"blocks (default: {DEFAULT_BALANCE}; 0 = off, as the reference trains)")
     ft.add_argument("--resume", action="store_true",
                     help="continue an interrupted run (any --method) from OUT.resume; the "
                          "other options must be those of the interrupted run")

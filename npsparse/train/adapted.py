@@ -18,7 +18,9 @@ from ..errors import NpsparseError
 from ..prune.patterns import Pattern
 from .adapters import PST, Adapter, LoRA, SaRA
 
-METHODS = ("full", "lora", "pst", "sara")  # "full": every kept weight trains (no adapter)
+# "full": every kept weight trains (no adapter); "pesc": routed adapter experts on the FFN
+# outputs (npsparse.train.pesc), not adapters of the weights
+METHODS = ("full", "lora", "pst", "sara", "pesc")
 
 
 def block_weight_names(model) -> list[str]:

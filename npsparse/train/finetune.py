@@ -4,7 +4,9 @@
 zero), the norms, and optionally the embedding, against a loss of cross-entropy, KL to a teacher
 and/or SquareHead (Kurtic et al. 2023). With ``settings.method`` ``lora``, ``pst`` or ``sara``
 only adapters on the block weights train instead (:mod:`npsparse.train.adapted`): PST prunes a
-dense model while it trains, and every adapter is merged into the weights that are saved. The
+dense model while it trains, and every adapter is merged into the weights that are saved. With
+``pesc`` every FFN becomes a mixture of adapter experts (:mod:`npsparse.train.pesc`): only the
+routers and adapters train, and the output folder keeps them (``config.json`` says so). The
 teacher is the dense model the pruned folder came from; it runs forward only, *online*: its
 block outputs for one 512-token window are 35 MB (SmolLM2), so caching them for every window of
 a run would take several GB of disk per run, read back at every step, while recomputing them
@@ -66,10 +68,13 @@ from ..tokenizer import load_tokenizer
 from ..prune.patterns import Pattern
 from ..roofline import cpu_name
 from .adapted import METHODS, AdaptedModel, block_weight_names
+from ..config import PescConfig
 from .adapters import SparsitySchedule, check_fraction, check_rank
 from .engine import LossWeights, head_of, hidden_states, loss_and_grads, parameters
 from .losses import head_losses, squarehead
 from .optim import AdamW, AdamWSettings, clip_by_global_norm, learning_rate
+from .pesc import (DEFAULT_BALANCE, DEFAULT_SCALE, check_pesc, pesc_names, routing_summary,
+                   with_pesc)
 
 REPORT = "finetune.json"
 # a folder npsparse pruned, converted to Monarch (packed.json names its dense teacher, first: a
@@ -104,6 +109,11 @@ class FinetuneSettings:
     rank: int = 8  # LoRA's and PST's rank
     fraction: float | None = None  # SaRA's trained share of each matrix
     nuclear: float = 5e-4  # SaRA's nuclear-norm weight (the reference scripts' lambda_rank)
+    experts: int | None = None  # PESC's E
+    top_k: int | None = None  # PESC's k
+    adapter_dim: int | None = None  # PESC's R
+    adapter_scale: float | None = None  # PESC's s (None: DEFAULT_SCALE)
+    balance: float | None = None  # PESC's balance-loss alpha (None: DEFAULT_BALANCE; 0 = off)
 
     def check(self) -> None:
         """Refuse impossible settings with one line (before any model is loaded)."""
@@ -135,7 +145,7 @@ class FinetuneSettings:
         if self.method == "pst":
             SparsitySchedule(Pattern.parse(self.pattern).sparsity).check_fits(self.total_steps)
         learning_rate(1, 1, 1.0, 0, self.decay)  # refuses an unknown decay
-        LossWeights.parse(self.loss, self.temperature)
+        LossWeights.parse(self.loss, self.temperature, self.balance_weight)
 
     def _check_method(self) -> None:
         """The adapter options: each method's own, in range, and no other method's."""
@@ -154,8 +164,32 @@ class FinetuneSettings:
             check_fraction(self.fraction)
             if not (math.isfinite(self.nuclear) and self.nuclear >= 0):
                 raise NpsparseError(f"--nuclear must be 0 or more, got {self.nuclear}")
+        pesc_options = (self.experts, self.top_k, self.adapter_dim, self.adapter_scale,
+                        self.balance)
+        if any(v is not None for v in pesc_options) != (self.method == "pesc") or (
+                self.method == "pesc" and None in pesc_options[:3]):
+            raise NpsparseError("--method pesc needs --experts E, --top-k K and --adapter-dim R "
+                                "(--adapter-scale, --balance optional), and only it takes them")
+        if self.method == "pesc":
+            check_pesc(self.experts, self.top_k, self.adapter_dim, self.pesc.scale,
+                       self.balance_weight)
         if self.method != "full" and self.train_embeddings:
             raise NpsparseError("--train-embeddings applies to --method full only")
+
+    @property
+    def pesc(self) -> PescConfig | None:
+        """The PESC structure ``--method pesc`` builds (defaults filled in), else None."""
+        if self.method != "pesc":
+            return None
+        scale = DEFAULT_SCALE if self.adapter_scale is None else self.adapter_scale
+        return PescConfig(self.experts, self.top_k, self.adapter_dim, scale)
+
+    @property
+    def balance_weight(self) -> float:
+        """``alpha`` of PESC's balance loss: ``--balance``, its default for pesc, else 0."""
+        if self.method != "pesc":
+            return 0.0
+        return DEFAULT_BALANCE if self.balance is None else self.balance
 
     @property
     def total_steps(self) -> int:
@@ -335,10 +369,13 @@ def masks_of(model, report: dict | None) -> dict[str, np.ndarray]:
             if isinstance(layer, DenseLinear)}
 
 
-def _trainable_names(model, train_embeddings: bool) -> list[str]:
-    """Block weights, norms and biases, the final norm, and the embedding if asked."""
-    return [name for name in parameters(model)
-            if train_embeddings or name not in ("model.embed_tokens.weight", "lm_head.weight")]
+def _trainable_names(model, settings: FinetuneSettings) -> list[str]:
+    """Block weights, norms and biases, the final norm, and the embedding if asked; PESC: the
+    routers and adapters only."""
+    if settings.method == "pesc":
+        return pesc_names(model)
+    return [name for name in parameters(model) if settings.train_embeddings
+            or name not in ("model.embed_tokens.weight", "lm_head.weight")]
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -463,8 +500,9 @@ def _restore_trained(arrays: dict, params: dict, names: list[str], adapted) -> N
 def _new_optimizer(params: dict, names: list[str], masks: dict, adapted,
                    adam: AdamWSettings) -> AdamW:
     """AdamW on the kept weights of a full run, or on the adapters' arrays (masked inside)."""
-    if adapted is None:
-        return AdamW({n: params[n] for n in names}, masks, adam)
+    if adapted is None:  # PESC trains no masked weight: its masks are the frozen base's
+        return AdamW({n: params[n] for n in names},
+                     {n: m for n, m in masks.items() if n in names}, adam)
     return AdamW(adapted.params(), None, adam)
 
 
@@ -528,12 +566,14 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         raise NpsparseError(f"{state_dir} holds an interrupted run: add --resume to continue it "
                             "or delete it")
     started = time.perf_counter()
-    losses = LossWeights.parse(settings.loss, settings.temperature)
+    losses = LossWeights.parse(settings.loss, settings.temperature, settings.balance_weight)
     report_in = source_report(model_path)
     if settings.method != "full" and "monarch" in (report_in or {}):
         raise NpsparseError(f"--method {settings.method} adapts dense weights; {model_path} is a "
                             "Monarch folder, whose factors train with --method full")
     model, checkpoint, tokenizer = load_trainable(model_path)
+    if settings.pesc is not None:  # the base arrays stay the model's; routers, adapters new
+        model = with_pesc(model, settings.pesc, settings.seed)
     config = model.config
     if settings.seqlen > config.max_position:
         raise NpsparseError(f"--seqlen {settings.seqlen} exceeds the model's context of "
@@ -560,10 +600,10 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     masks = masks_of(model, report_in)
     total, warmup = settings.total_steps, settings.warmup_steps
     adam = AdamWSettings(lr=settings.lr, weight_decay=settings.weight_decay)
-    adapted = _adapted(model, params, masks, settings)  # None for full fine-tuning
+    adapted = _adapted(model, params, masks, settings)  # None for full and pesc
     # the weights the engine differentiates; with adapters (dL/dW_eff) the optimizer sees the
     # adapters' arrays instead
-    names = _trainable_names(model, settings.train_embeddings) if adapted is None else adapted.names
+    names = adapted.names if adapted is not None else _trainable_names(model, settings)
     record = {"settings": asdict(settings), "step": 0, "train": [], "validation": [],
               "train_seconds": 0.0, "ppl_before": None}
     if saved is not None:
@@ -683,6 +723,8 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     }
     if adapted is not None:
         report.update(_adapter_report(adapted, params, record))
+    if settings.pesc is not None:
+        report["pesc"] = _pesc_report(model, settings, val if len(val) else train[:1])
     monarch = _monarch_layers(model)
     if monarch:
         report["monarch"] = _monarch_summary(monarch)
@@ -720,8 +762,9 @@ def _monarch_summary(layers: dict) -> dict:
 
 
 def _adapted(model, params: dict, masks: dict, settings: FinetuneSettings):
-    """Adapters on every block linear weight for ``--method lora|pst|sara``; None for full."""
-    if settings.method == "full":
+    """Adapters on every block linear weight for ``--method lora|pst|sara``; None for full and
+    pesc (its routers and adapters are the model's own arrays)."""
+    if settings.method in ("full", "pesc"):
         return None
     return AdaptedModel(params, block_weight_names(model), settings.method,
                         pattern=settings.pattern, rank=settings.rank, fraction=settings.fraction,
@@ -735,6 +778,15 @@ def _adapter_gradients(adapted: AdaptedModel, weight_grads: dict, step: int,
     if adapted.method == "sara":
         sums["nuclear"] = penalty
     return grads
+
+
+def _pesc_report(model, settings: FinetuneSettings, windows: np.ndarray) -> dict:
+    """What ``finetune.json`` says of a PESC run: the structure, alpha, how the trained routers
+    route the validation windows (the first training window without any)."""
+    return {**asdict(settings.pesc), "balance": settings.balance_weight,
+            "balance_sum": "over blocks, each alpha * E * sum_i f_i P_i",
+            "trainable_arrays": len(pesc_names(model)),
+            "routing": routing_summary(model, windows)}
 
 
 def _optimizer_size(optimizer: AdamW) -> dict:

@@ -144,6 +144,6 @@ def routing_summary(model, windows: np.ndarray) -> dict:
             logits, chosen = tape["moe"]["logits"], tape["moe"]["chosen"]  # [T, E], [T, k]
             loads[i] += expert_load(chosen, n_experts) / len(windows)
             balance[i] += balance_loss(logits, chosen, 1.0) / len(windows)
-    blocks = [{"load": [round(float(f), 6) for f in loads[i]], "balance": float(balance[i])}
+    blocks = [{"load": [float(f) for f in loads[i]], "balance": float(balance[i])}
               for i in range(len(model.blocks))]
     return {"windows": int(len(windows)), "tokens": int(np.size(windows)), "blocks": blocks}
