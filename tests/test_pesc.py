@@ -106,3 +106,11 @@ def test_tied_router_logits_choose_the_lowest_experts_with_equal_gates():
     block(model.embed(np.arange(6), 0), tape=tape)
     np.testing.assert_array_equal(tape["moe"]["chosen"], np.tile([0, 1], (6, 1)))
     np.testing.assert_array_equal(tape["moe"]["gates"], np.full((6, 2), 0.5, np.float32))
+
+
+def test_one_token_runs_only_the_chosen_experts_adapters():
+    model = tiny_model("llama", pesc=PESC)
+    block, tape = model.blocks[0], {}
+    block.moe(np.ones((1, 32), np.float32), np.ones((1, 32), np.float32), tape)
+    ran = [e for e, pre in enumerate(tape["pre"]) if pre is not None]
+    assert ran == sorted(tape["chosen"][0].tolist()) and len(ran) == PESC.top_k

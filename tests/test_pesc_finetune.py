@@ -1,6 +1,8 @@
 """`npsparse finetune --method pesc` on a tiny model with SmolLM2's tokenizer (issue 16)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -131,3 +133,17 @@ def test_bad_pesc_settings_are_one_line_exit_2(tmp_path, capsys, extra, message)
 def test_pesc_on_a_pesc_folder_is_refused(trained, tmp_path):
     with pytest.raises(npsparse.NpsparseError, match="PESC experts already"):
         finetune(trained[0], tmp_path / "o", settings(steps=1), progress=False)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny, tmp_path):
+    def stop_after_2(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    whole = finetune(tiny / "dense", tmp_path / "whole", settings(steps=4), progress=False)
+    cut = finetune(tiny / "dense", tmp_path / "cut", settings(steps=4), progress=False,
+                   on_step=stop_after_2, log=lambda text: None)
+    assert cut["interrupted"] == 2
+    done = finetune(tiny / "dense", tmp_path / "cut", settings(steps=4), resume=True,
+                    progress=False, log=lambda text: None)
+    assert done["weights_sha256"] == whole["weights_sha256"]

@@ -65,7 +65,23 @@ class PescExperts:
 
     def backward(self, d_y: np.ndarray, tape: dict,
                  d_logits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-        """``(d_h [T, D], d_f [T, D], gradients by name inside the block)``."""
+        """Gradients through :meth:`__call__` (:func:`~npsparse.routing.pesc_backward`).
+
+        Parameters
+        ----------
+        d_y : np.ndarray
+            ``[T, D]`` gradient with respect to the output.
+        tape : dict
+            What ``__call__(h, f, tape)`` kept.
+        d_logits : np.ndarray, optional
+            ``[T, E]`` gradient of other loss terms (the balance loss) for the router logits.
+
+        Returns
+        -------
+        (np.ndarray, np.ndarray, dict)
+            ``d_h [T, D]`` (through the router), ``d_f [T, D]`` and the arrays' gradients by
+            name inside the block (:data:`ROUTER`, :data:`DOWN`, :data:`UP`).
+        """
         d_h, d_f, grads = pesc_backward(d_y, tape, d_logits)
         return d_h, d_f, {ROUTER: grads["router"], DOWN: grads["down"], UP: grads["up"]}
 
