@@ -85,7 +85,7 @@ def test_same_seed_same_weights(tiny, trained, tmp_path):
     assert again["weights_sha256"] == trained[1]["weights_sha256"]
 
 
-def test_cli_run_then_generate_and_pack_keep_the_experts(tiny, tmp_path):
+def test_cli_run_then_eval_generate_and_pack_keep_the_experts(tiny, tmp_path, capsys):
     from npsparse.packing import pack_model
 
     out = tmp_path / "cli"
@@ -98,9 +98,12 @@ def test_cli_run_then_generate_and_pack_keep_the_experts(tiny, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["method"] == "pesc"
     assert json.loads((out / "finetune.json").read_text())["pesc"]["balance"] == 0.0
+    assert main(["eval", str(out), "--seqlen", "64", "--windows", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 1
+    # generate: one-token decode through the PESC blocks
+    assert main(["generate", str(out), "-p", "def f(x):", "-n", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "def f(x):"
     llm = npsparse.load(out)
-    text = llm.generate("def f(x):", 4).text  # one-token decode through the PESC blocks
-    assert isinstance(text, str)
     pack_model(out, tmp_path / "packed", "bf16")
     packed = npsparse.load(tmp_path / "packed")
     assert packed.config.pesc == llm.config.pesc
