@@ -6,7 +6,7 @@ readable NumPy forward pass, prune it without training, and run it with sparse N
 
 from .api import LLM, load
 from .config import ModelConfig
-from .data import pydoc_text, windows
+from .data import pydoc_text, stdlib_text, windows
 from .errors import NpsparseError
 from .evaluate import PerplexityResult, perplexity
 from .generate import GenerationResult, generate
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LLM", "GenerationResult", "ModelConfig", "NpsparseError", "PerplexityResult", "Tokenizer",
     "build_model", "generate", "load", "load_tokenizer", "open_checkpoint", "perplexity",
-    "pydoc_text", "windows",
+    "pydoc_text", "stdlib_text", "windows",
 ]

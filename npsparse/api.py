@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .arena import consolidate
-from .data import read_text, windows as make_windows
+from .data import TEXTS, read_text, windows as make_windows
 from .errors import NpsparseError
 from .evaluate import PerplexityResult, perplexity
 from .generate import GenerationResult, generate
@@ -104,12 +104,12 @@ class LLM:
         Parameters
         ----------
         data : str or Path
-            ``"pydoc"``: the eval part of the default text (see :mod:`npsparse.data`); otherwise a
-            UTF-8 text file, tokenized whole.
+            A named text, ``"pydoc"`` (the default) or ``"stdlib"``: its eval part (see
+            :mod:`npsparse.data`); otherwise a UTF-8 text file, tokenized whole.
         seqlen : int
             Tokens per window; windows do not overlap and a partial last window is dropped.
         windows : int, optional
-            Keep the first ``windows``; ``None`` means 40 for pydoc and all of a file's.
+            Keep the first ``windows``; ``None`` means 40 for a named text and all of a file's.
 
         Returns
         -------
@@ -117,7 +117,7 @@ class LLM:
             ``[W, seqlen]`` int64 token ids.
         """
         ids = self.encode(read_text(data, part="eval"))
-        if windows is None and str(data) == "pydoc":
+        if windows is None and str(data) in TEXTS:
             windows = DEFAULT_EVAL_WINDOWS
         return make_windows(ids, seqlen, windows)
 

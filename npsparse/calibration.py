@@ -3,8 +3,9 @@
 Text is tokenized and ``nsamples`` windows of ``seqlen`` tokens are drawn at random start positions
 (``numpy.random.default_rng(seed)``, overlaps allowed, as the references' samplers allow). A
 ``.npy`` int array of shape ``[nsamples, seqlen]`` is used exactly as given, which makes calibration
-reproducible across implementations. The default text's calibration part is disjoint from its eval
-part (see :mod:`npsparse.data`).
+reproducible across implementations. A named text's calibration part is disjoint from its eval
+part (see :mod:`npsparse.data`). A mix of named texts (``"pydoc+stdlib"``) draws a near-equal share
+of the windows from each, with the one generator in the mix's order, and interleaves them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import read_text
+from .data import domains, interleave, read_text
 from .errors import NpsparseError
 
 NSAMPLES = 32  # calibration windows drawn from a text source unless told otherwise
@@ -46,6 +47,7 @@ def calibration_shape(source: str | Path, nsamples: int | None = None,
         An explicit value disagrees with a ``.npy`` file's shape.
     """
     if not str(source).endswith(".npy"):
+        domains(source)  # refuses a mix of anything but named texts
         return nsamples or NSAMPLES, seqlen or SEQLEN
     try:
         shape = np.load(source, mmap_mode="r", allow_pickle=False).shape
@@ -68,8 +70,9 @@ def calibration_windows(source: str | Path, tokenizer, vocab_size: int, *,
     Parameters
     ----------
     source : str or Path
-        ``"pydoc"`` (calibration part of the default text), a UTF-8 text file, or a ``.npy`` file
-        holding an integer array ``[nsamples, seqlen]``.
+        A named text (``"pydoc"``, ``"stdlib"``: its calibration part), a mix of them
+        (``"pydoc+stdlib"``: :func:`shares` of ``nsamples`` from each, interleaved), a UTF-8
+        text file, or a ``.npy`` file holding an integer array ``[nsamples, seqlen]``.
     tokenizer : Tokenizer
         Used for text sources.
     vocab_size : int
@@ -92,14 +95,39 @@ def calibration_windows(source: str | Path, tokenizer, vocab_size: int, *,
         raise NpsparseError(f"number of calibration samples must be at least 1, got {nsamples}")
     if seqlen < 2:
         raise NpsparseError(f"calibration window length {seqlen} is too short (at least 2)")
-    tokens = tokenizer.encode(read_text(source, part="calib"))
+    names = domains(source)
+    rng = np.random.default_rng(seed)  # one generator, drawn from domain after domain
+    groups = [_random_windows(tokenizer.encode(read_text(name, part="calib")), name, count,
+                              seqlen, rng)
+              for name, count in zip(names, shares(nsamples, len(names)))]
+    return interleave(groups)
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal counts, the larger ones first.
+
+    Parameters
+    ----------
+    total, parts : int
+        ``parts`` at least 1.
+
+    Returns
+    -------
+    list of int
+        ``parts`` counts summing to ``total``, e.g. ``[4, 3]`` for 7 and 2.
+    """
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def _random_windows(tokens: np.ndarray, name, count: int, seqlen: int, rng) -> np.ndarray:
+    """``count`` windows at random starts in one text: ``[count, seqlen]`` int64."""
     if len(tokens) < seqlen:
         raise NpsparseError(
-            f"calibration text {source} has {len(tokens)} tokens, fewer than one window of {seqlen}"
+            f"calibration text {name} has {len(tokens)} tokens, fewer than one window of {seqlen}"
         )
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(tokens) - seqlen + 1, size=nsamples)  # [nsamples]
-    return np.stack([tokens[s:s + seqlen] for s in starts]).astype(np.int64)
+    starts = rng.integers(0, len(tokens) - seqlen + 1, size=count)  # [count]
+    rows = [tokens[s:s + seqlen] for s in starts]
+    return np.array(rows, dtype=np.int64).reshape(count, seqlen)
 
 
 def _pinned(path: Path, vocab_size: int) -> np.ndarray:

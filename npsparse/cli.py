@@ -45,15 +45,27 @@ def _print_json(payload: dict) -> None:
 
 
 def cmd_eval(args) -> None:
-    """``npsparse eval``: perplexity of a model on non-overlapping token windows."""
+    """``npsparse eval``: perplexity of a model on non-overlapping token windows, per text."""
     from .api import load
+    from .data import eval_domains
 
+    texts = eval_domains(args.data)  # before the model loads
     llm = load(args.model)
-    result = llm.perplexity(args.data, args.seqlen, args.windows, progress=not args.json)
+    results = {text: llm.perplexity(text, args.seqlen, args.windows, progress=not args.json)
+               for text in texts}
+    if len(texts) == 1:  # one text: the output of one text, as it always was
+        text, result = texts[0], results[texts[0]]
+        if args.json:
+            _print_json({"model": str(llm.path), "data": str(text), **result.to_dict()})
+        else:
+            print(f"{llm.path.name}: {result}")
+        return
     if args.json:
-        _print_json({"model": str(llm.path), "data": str(args.data), **result.to_dict()})
-    else:
-        print(f"{llm.path.name}: {result}")
+        per_text = [{"data": str(text), **result.to_dict()} for text, result in results.items()]
+        _print_json({"model": str(llm.path), "domains": per_text})
+        return
+    for text, result in results.items():
+        print(f"{llm.path.name} on {text}: {result}")
 
 
 HEAD_HELP = ("output head: auto = the checkpoint's own Q8_0 blocks where it stores Q8_0 "
@@ -233,13 +245,22 @@ def cmd_finetune(args) -> None:
                "train_tokens_per_s": report["train_tokens_per_s"],
                "matmul_fraction": report["matmul_fraction"], "seconds": report["seconds"],
                "peak_rss_mib": report["peak_rss_mib"], "weights_sha256": report["weights_sha256"]}
+    by_domain = report["ppl_by_domain"] or {}
+    if len(by_domain) > 1:
+        summary["ppl_by_domain"] = {name: {"before": ppl["before"]["ppl"],
+                                           "after": ppl["after"]["ppl"]}
+                                    for name, ppl in by_domain.items()}
     if args.json:
         _print_json(summary)
         return
     ppl = ""
     if before and after:
-        ppl = (f"; perplexity {before['ppl']:.4f} -> {after['ppl']:.4f} ({after['windows']} x "
-               f"{after['seqlen']} eval tokens)")
+        changes = [f"{before['ppl']:.4f} -> {after['ppl']:.4f}"]
+        if len(by_domain) > 1:
+            changes = [f"{name} {ppl['before']['ppl']:.4f} -> {ppl['after']['ppl']:.4f}"
+                       for name, ppl in by_domain.items()]
+        ppl = (f"; perplexity {', '.join(changes)} ({after['windows']} x {after['seqlen']} "
+               f"eval tokens{' each' if len(changes) > 1 else ''})")
     print(f"fine-tuned {args.model} ({report['method']}: {report['trainable_parameters']:,} "
           f"trainable parameters, {report['optimizer_state_bytes'] / 2**20:.1f} MiB optimizer "
           f"state) with {report['loss']} for {report['steps']} steps "
@@ -287,13 +308,16 @@ def _finetune_options(ft) -> None:
     ft.add_argument("--temperature", type=float, default=F.temperature, help="temperature of kd")
     ft.add_argument("--seed", type=int, default=F.seed, help="window order")
     ft.add_argument("--data", default=F.data,
-                    help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
+                    help="'pydoc' (calibration part of the default text), 'stdlib' (of "
+                         "standard-library source), a mix 'pydoc+stdlib' (an equal share of "
+                         "each), FILE.txt or TOKENS.npy")
     ft.add_argument("--val-windows", type=int, default=F.val_windows,
                     help="windows held out from the end of the data for a validation loss")
     ft.add_argument("--val-every", type=_positive, default=None,
                     help="steps between validation losses (default: a fifth of the run)")
     ft.add_argument("--eval-windows", type=int, default=F.eval_windows,
-                    help="eval-text windows for the perplexity before and after; 0 = skip")
+                    help="eval-text windows for the perplexity before and after, on pydoc and "
+                         "on each other named text of --data; 0 = skip")
     ft.add_argument("--train-embeddings", action="store_true",
                     help="also train the embedding (and so a tied head)")
     ft.add_argument("--method", default=F.method, choices=METHODS,
@@ -333,11 +357,15 @@ def _finetune_options(ft) -> None:
 
 def _eval_options(ev) -> None:
     _add_model(ev)
-    ev.add_argument("--data", default="pydoc",
-                    help="'pydoc' (eval part of the default text) or a UTF-8 text file")
+    ev.add_argument("--data", nargs="+", default=["pydoc"], metavar="TEXT",
+                    help="texts to evaluate, one perplexity each: 'pydoc' (eval part of the "
+                         "default text), 'stdlib' (eval part of standard-library source), a "
+                         "UTF-8 text file; several, a comma list or a mix 'pydoc+stdlib' "
+                         "(each of its texts)")
     ev.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens")
     ev.add_argument("--windows", type=_positive, default=None,
-                    help="evaluate the first N windows (default: 40 for pydoc, all for a file)")
+                    help="evaluate the first N windows of each text (default: 40 for a "
+                         "named text, all for a file)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
 
@@ -385,7 +413,9 @@ def _prune_options(pr) -> None:
     pr.add_argument("--sparsity", help="unstructured sparsity, e.g. 0.5 or 50%%")
     pr.add_argument("--pattern", help="N:M pattern, N pruned of every M inputs, e.g. 2:4")
     pr.add_argument("--calib", default=P.calib,
-                    help="'pydoc' (calibration part of the default text), FILE.txt or TOKENS.npy")
+                    help="'pydoc' (calibration part of the default text), 'stdlib' (of "
+                         "standard-library source), a mix 'pydoc+stdlib' (an equal share of "
+                         "each), FILE.txt or TOKENS.npy")
     pr.add_argument("--nsamples", type=_positive,
                     help=f"calibration windows, or a .npy file's own row count (default: "
                          f"{NSAMPLES})")

@@ -12,12 +12,14 @@ block outputs for one 512-token window are 35 MB (SmolLM2), so caching them for 
 a run would take several GB of disk per run, read back at every step, while recomputing them
 costs a quarter of a step's arithmetic.
 
-Windows come from the calibration part of the default text (never the eval part), shuffled by
-seed; the last ``val_windows`` windows are held out for a validation loss. The optimizer step
-``s`` reads the same windows whatever happened before it, so a run interrupted (Ctrl-C or
-SIGTERM: the current step finishes, then a resumable state is written atomically beside
-``out``) and resumed with ``--resume`` ends with the same weights as an uninterrupted one, with
-or without adapters.
+Windows come from the calibration part of the named text(s) (never an eval part), shuffled by
+seed (a mix such as ``pydoc+stdlib`` takes as many windows of each text, interleaved); the last
+``val_windows`` windows are held out for a validation loss. Perplexity before and after is
+measured on pydoc's eval part and on that of each other named text of the data, one result
+per text (``ppl_by_domain``). The optimizer step ``s`` reads the same windows whatever happened
+before it, so a run interrupted (Ctrl-C or SIGTERM: the current step finishes, then a resumable
+state is written atomically beside ``out``) and resumed with ``--resume`` ends with the same
+weights as an uninterrupted one, with or without adapters.
 
 A folder written by ``npsparse monarch`` trains as it is stored: its Monarch layers' factors
 ``R`` and ``L`` are parameters (``NAME.weight::right``, ``::left``) beside the other layers' dense
@@ -55,7 +57,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..api import LLM
-from ..data import read_text, token_hash, windows as make_windows
+from ..data import TEXTS, domains, interleave, read_text, token_hash
+from ..data import windows as make_windows
 from ..errors import NpsparseError
 from ..evaluate import perplexity
 from ..io import HFDirWriter, open_checkpoint
@@ -137,6 +140,7 @@ class FinetuneSettings:
             raise NpsparseError(f"--seqlen must be at least 2, got {self.seqlen}")
         if self.val_windows < 0 or self.eval_windows < 0:
             raise NpsparseError("--val-windows and --eval-windows must be 0 or more")
+        domains(self.data)  # refuses a mix of anything but named texts
         if self.warmup is not None and self.warmup < 0:
             raise NpsparseError(f"--warmup must be 0 or more, got {self.warmup}")
         if self.warmup is not None and self.warmup > self.total_steps:
@@ -207,12 +211,14 @@ class FinetuneSettings:
 # -- data ------------------------------------------------------------------------------------
 
 def training_windows(source: str, tokenizer, vocab_size: int, seqlen: int) -> np.ndarray:
-    """Non-overlapping windows of the training text (the default text's calibration part).
+    """Non-overlapping windows of the training text (a named text's calibration part).
 
     Parameters
     ----------
     source : str
-        ``"pydoc"``, a UTF-8 text file, or a ``.npy`` int array ``[n, seqlen]`` used as given.
+        A named text (``"pydoc"``, ``"stdlib"``), a mix (``"pydoc+stdlib"``: the first ``n``
+        windows of each text, ``n`` the fewest any of them has, interleaved), a UTF-8 text
+        file, or a ``.npy`` int array ``[n, seqlen]`` used as given.
     tokenizer : Tokenizer
     vocab_size : int
     seqlen : int
@@ -239,8 +245,10 @@ def training_windows(source: str, tokenizer, vocab_size: int, seqlen: int) -> np
         if array.min() < 0 or array.max() >= vocab_size:
             raise NpsparseError(f"{source}: token ids must lie in [0, {vocab_size})")
         return array.astype(np.int64)
-    tokens = tokenizer.encode(read_text(source, part="calib"))
-    return make_windows(tokens, seqlen)
+    groups = [make_windows(tokenizer.encode(read_text(name, part="calib")), seqlen)
+              for name in domains(source)]
+    share = min(len(group) for group in groups)  # a mix: as many windows of each text
+    return interleave([group[:share] for group in groups])
 
 
 def window_index(step: int, j: int, batch: int, n_train: int, seed: int) -> int:
@@ -262,6 +270,35 @@ def window_index(step: int, j: int, batch: int, n_train: int, seed: int) -> int:
     k = step * batch + j
     epoch, position = divmod(k, n_train)
     return int(np.random.default_rng([seed, epoch]).permutation(n_train)[position])
+
+
+def eval_texts(data: str) -> list[str]:
+    """The texts a run's perplexity is measured on: pydoc, then each other named text of ``data``.
+
+    Parameters
+    ----------
+    data : str
+        The run's ``--data``: ``"stdlib"`` or ``"pydoc+stdlib"`` add ``"stdlib"``; a file adds
+        nothing (its eval part is not defined).
+
+    Returns
+    -------
+    list of str
+    """
+    named = [str(name) for name in domains(data) if str(name) in TEXTS]
+    return ["pydoc"] + [name for name in named if name != "pydoc"]
+
+
+def _perplexities(model, sets: dict, progress: bool) -> dict:
+    """``{text: PerplexityResult.to_dict()}`` on each text's eval windows."""
+    return {name: perplexity(model, ids, progress=progress).to_dict() for name, ids in sets.items()}
+
+
+def _by_domain(before: dict, after: dict) -> dict | None:
+    """``finetune.json``'s ``ppl_by_domain``: ``{text: {"before": ..., "after": ...}}``."""
+    if not after:  # --eval-windows 0
+        return None
+    return {name: {"before": before.get(name), "after": result} for name, result in after.items()}
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -591,10 +628,11 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         raise NpsparseError(f"{settings.data} gives {len(data)} windows of {settings.seqlen} "
                             f"tokens: too few to train with {n_val} held out")
     train, val = data[:len(data) - n_val], data[len(data) - n_val:]
-    eval_windows = None
+    eval_sets = {}  # text -> [eval_windows, seqlen] windows of its eval part
     if settings.eval_windows:
-        eval_tokens = tokenizer.encode(read_text("pydoc", part="eval"))
-        eval_windows = make_windows(eval_tokens, settings.seqlen, settings.eval_windows)
+        eval_sets = {name: make_windows(tokenizer.encode(read_text(name, part="eval")),
+                                        settings.seqlen, settings.eval_windows)
+                     for name in eval_texts(settings.data)}
 
     params = parameters(model)
     masks = masks_of(model, report_in)
@@ -605,7 +643,7 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     # adapters' arrays instead
     names = adapted.names if adapted is not None else _trainable_names(model, settings)
     record = {"settings": asdict(settings), "step": 0, "train": [], "validation": [],
-              "train_seconds": 0.0, "ppl_before": None}
+              "train_seconds": 0.0, "ppl_before": None, "ppl_before_by_domain": None}
     if saved is not None:
         record, arrays = saved
         _restore_trained(arrays, params, names, adapted)  # before the optimizer: SaRA's shrink
@@ -620,8 +658,9 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     grads = {n: np.zeros_like(params[n]) for n in names}
     val_every = settings.val_every or max(1, total // 5)
 
-    if eval_windows is not None and record["ppl_before"] is None:
-        record["ppl_before"] = perplexity(model, eval_windows, progress=progress).to_dict()
+    if eval_sets and record["ppl_before"] is None:
+        record["ppl_before_by_domain"] = _perplexities(model, eval_sets, progress)
+        record["ppl_before"] = record["ppl_before_by_domain"]["pydoc"]
     if not record["validation"]:
         record["validation"].append({"step": 0, **validation_terms(model, teacher, val, losses)})
     gflops = matmul_gflops()
@@ -685,9 +724,9 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
 
     if adapted is not None:
         adapted.merge_into(params)  # PST: the final, exact mask
-    ppl_after = None
-    if eval_windows is not None:
-        ppl_after = perplexity(model, eval_windows, progress=progress).to_dict()
+    after = _perplexities(model, eval_sets, progress) if eval_sets else {}
+    # a state saved before per-domain evaluation existed holds pydoc's alone
+    before = record.get("ppl_before_by_domain") or {"pydoc": record["ppl_before"]}
     tokens_seen = record["step"] * settings.batch * settings.seqlen
     train_tok_s = tokens_seen / max(record["train_seconds"], 1e-9)
     report = {
@@ -710,8 +749,9 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         "masked_parameters": int(sum(int((~m).sum()) for m in masks.values())),
         "train": record["train"],
         "validation": record["validation"],
-        "ppl_before": record["ppl_before"],
-        "ppl_after": ppl_after,
+        "ppl_before": record["ppl_before"],  # pydoc's, as ppl_after
+        "ppl_after": after.get("pydoc"),
+        "ppl_by_domain": _by_domain(before, after),
         "train_tokens_per_s": train_tok_s,
         "flops_per_token": flops_per_token,
         "matmul_gflops": gflops,
