@@ -1,0 +1,380 @@
+"""SPT's sparse multi-head attention: each query attends only to its top-L keys, found with product
+quantization (PQ), with a softmax over those keys alone (Gui et al. 2023, issue 16).
+
+Shapes: T tokens, S keys (``S = start + T``), H/KV query/key-value heads, hd head dim, M PQ
+subspaces of ``d = hd / M`` dims, C centroids per subspace, L keys kept per query.
+
+What the prototype (ytgui/SPT-proto) does, read for this module:
+
+- ``naive_gpt/layers/basic/quantizer.py`` (``PQBase``): one codebook ``[M, C, d]`` per attention
+  layer, *shared by q and k* (the same quantizer encodes both). It is trained by gradient
+  descent (MSE of the inputs to their hard centroids plus a soft-assignment term), and codes are
+  assigned by the nearest centroid in L1 distance (``torch.cdist(p=1)``, ``extension/cdist.cu``).
+- ``naive_gpt/layers/sparse/attention.py`` (``SparseRotaryAttentionV2._get_attn``): q and k are
+  both encoded; ``kernels.lookup`` picks ``S / 8`` keys per query; exact scores are computed on
+  them only (``sddmm``), scaled, *clamped to [-10, 10]*, sparse-softmaxed and multiplied by V.
+- ``extension/lookup.cu``: a candidate key is scored by how many of its M codes *equal* the
+  query's codes (a Hamming-style count, bucketed into 3 slots), not by dot products; there is no
+  causal mask in the lookup.
+
+Where this module departs, and why:
+
+- Codebooks are fitted by a seeded k-means (Lloyd, squared L2) on calibration samples instead of
+  trained by gradient: no training loop is needed at inference, and the fit is deterministic.
+  Following the prototype, one codebook serves a head's queries and keys: fit it on both.
+- Candidate keys are ranked by asymmetric distance computation (ADC, Jegou et al. 2011): the
+  query stays exact, a lookup table of its sub-vector dot products with every centroid is summed
+  over the key's codes. This approximates ``q . k`` itself, where the prototype's code-match count
+  only approximates closeness of q and k (a poor proxy for a dot product).
+- Top-L is restricted to causally visible keys (the prototype's lookup ignores the mask); ties
+  go to the lower position; L is given, not fixed at ``S / 8``.
+- The clamp of the scaled scores to [-10, 10] is optional (``clamp``); it is off by default,
+  because a pretrained model that was not fine-tuned with it has logits beyond 10.
+- GQA: one codebook per key/value head; the query heads of a group share that head's codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import NpsparseError
+from .models.layers import merge_heads, softmax
+
+_ROWS = 256  # query rows per block: bounds the [rows, S] and [rows, L, hd] temporaries
+_FIT_CHUNK = 4096  # samples per block when assigning to centroids
+
+
+def _check_subspaces(head_dim: int, n_sub: int) -> int:
+    if n_sub < 1 or head_dim % n_sub != 0:
+        raise NpsparseError(f"PQ subspaces M={n_sub} must be >= 1 and divide head dim {head_dim}")
+    return head_dim // n_sub
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (squared L2, ties to the lower index). x [N, d], c [C, d]."""
+    nearest = np.empty(len(x), dtype=np.int64)
+    for lo in range(0, len(x), _FIT_CHUNK):
+        diff = x[lo:lo + _FIT_CHUNK, None, :] - centroids[None, :, :]  # [n, C, d]
+        nearest[lo:lo + _FIT_CHUNK] = np.argmin((diff * diff).sum(axis=-1), axis=1)  # [n]
+    return nearest
+
+
+def _initial_centroids(x: np.ndarray, n_centroids: int, rng: np.random.Generator) -> np.ndarray:
+    """C distinct sample rows chosen by ``rng``; all distinct rows (padded) if there are <= C."""
+    distinct = np.unique(x, axis=0)  # [U, d], sorted, so the choice does not depend on row order
+    if len(distinct) <= n_centroids:
+        pad = np.repeat(distinct[:1], n_centroids - len(distinct), axis=0)  # never nearest first
+        return np.concatenate([distinct, pad]).astype(np.float32)  # [C, d]
+    chosen = np.sort(rng.choice(len(distinct), size=n_centroids, replace=False))  # [C]
+    return distinct[chosen].astype(np.float32)  # [C, d]
+
+
+def _lloyd(x: np.ndarray, centroids: np.ndarray, iters: int) -> np.ndarray:
+    """k-means iterations; an empty cluster keeps its centroid. x [N, d], centroids [C, d]."""
+    n_centroids = len(centroids)
+    for _ in range(iters):
+        nearest = _nearest(x, centroids)  # [N]
+        counts = np.bincount(nearest, minlength=n_centroids)  # [C]
+        sums = np.zeros((n_centroids, x.shape[1]), dtype=np.float64)  # [C, d]
+        np.add.at(sums, nearest, x)
+        filled = counts > 0
+        centroids = centroids.copy()
+        centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    return centroids
+
+
+def fit_codebooks(samples: np.ndarray, n_sub: int, n_centroids: int, seed: int,
+                  iters: int = 20) -> np.ndarray:
+    """Fit one PQ codebook per subspace by seeded k-means on calibration vectors of one head.
+
+    ``hd`` is split into ``M`` contiguous subspaces of ``d = hd / M`` dims; in each, ``C``
+    centroids start at distinct sample sub-vectors chosen by ``seed`` (all of them, padded by a
+    repeat, if there are at most ``C`` distinct ones, so such data is represented exactly) and
+    move by ``iters`` Lloyd iterations (squared L2). SPT shares one codebook between a head's
+    queries and keys: pass both, stacked, as ``samples``.
+
+    Parameters
+    ----------
+    samples : np.ndarray
+        ``[N, hd]`` float32 calibration vectors (one layer, one key/value head), ``N >= 1``.
+    n_sub : int
+        M, the number of subspaces; must divide ``hd``.
+    n_centroids : int
+        C, centroids per subspace, ``1 <= C <= 256`` (codes are uint8).
+    seed : int
+        Seed of the initial choice; the result depends only on the inputs and the seed.
+    iters : int
+        Lloyd iterations (fixed; no convergence test).
+
+    Returns
+    -------
+    np.ndarray
+        ``[M, C, d]`` float32 codebooks.
+    """
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 2 or len(samples) == 0:
+        raise NpsparseError(f"PQ calibration samples must be [N>=1, hd], got {samples.shape}")
+    if not 1 <= n_centroids <= 256:
+        raise NpsparseError(f"PQ centroids C={n_centroids} must be in 1..256 (uint8 codes)")
+    if iters < 0:
+        raise NpsparseError(f"PQ k-means iterations must be >= 0, got {iters}")
+    sub_dim = _check_subspaces(samples.shape[1], n_sub)
+    rng = np.random.default_rng(seed)
+    parts = samples.reshape(len(samples), n_sub, sub_dim)  # [N, M, d]
+    books = np.empty((n_sub, n_centroids, sub_dim), dtype=np.float32)  # [M, C, d]
+    for m in range(n_sub):
+        x = np.ascontiguousarray(parts[:, m])  # [N, d]
+        books[m] = _lloyd(x, _initial_centroids(x, n_centroids, rng), iters)
+    return books
+
+
+def fit_head_codebooks(samples: np.ndarray, n_sub: int, n_centroids: int, seed: int,
+                       iters: int = 20) -> np.ndarray:
+    """:func:`fit_codebooks` for every key/value head of one layer, seeded ``seed + head``.
+
+    Parameters
+    ----------
+    samples : np.ndarray
+        ``[KV, N, hd]`` float32 calibration vectors per key/value head (keys, or keys and the
+        queries of the head's group stacked along N).
+    n_sub, n_centroids, seed, iters
+        As in :func:`fit_codebooks`.
+
+    Returns
+    -------
+    np.ndarray
+        ``[KV, M, C, d]`` float32.
+    """
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 3:
+        raise NpsparseError(f"PQ calibration samples must be [KV, N, hd], got {samples.shape}")
+    return np.stack([fit_codebooks(samples[h], n_sub, n_centroids, seed + h, iters)
+                     for h in range(samples.shape[0])])  # [KV, M, C, d]
+
+
+def encode(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """PQ codes: the nearest centroid (squared L2, ties to the lower index) in each subspace.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[..., hd]`` float32 vectors (keys of one key/value head, ``[S, hd]``).
+    codebooks : np.ndarray
+        ``[M, C, d]`` float32 with ``M * d = hd``, from :func:`fit_codebooks`.
+
+    Returns
+    -------
+    np.ndarray
+        ``[..., M]`` uint8.
+    """
+    n_sub, _, sub_dim = codebooks.shape
+    if x.shape[-1] != n_sub * sub_dim:
+        raise NpsparseError(f"PQ codebooks {codebooks.shape} do not fit head dim {x.shape[-1]}")
+    parts = np.asarray(x, dtype=np.float32).reshape(-1, n_sub, sub_dim)  # [N, M, d]
+    codes = np.empty((len(parts), n_sub), dtype=np.uint8)  # [N, M]
+    for m in range(n_sub):
+        codes[:, m] = _nearest(parts[:, m], codebooks[m])
+    return codes.reshape(*x.shape[:-1], n_sub)  # [..., M]
+
+
+def approximate_scores(q: np.ndarray, codes: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """Approximate ``q . k`` for every query and key by ADC over the keys' PQ codes (unscaled).
+
+    For each query a table ``[M, C]`` of its sub-vector dot products with every centroid is
+    built; a key's score is the sum over subspaces of the table entry its code names. This equals
+    ``q . k_hat`` where ``k_hat`` is the key rebuilt from its centroids.
+
+    Parameters
+    ----------
+    q : np.ndarray
+        ``[R, hd]`` float32 queries (rows of one key/value head's group).
+    codes : np.ndarray
+        ``[S, M]`` uint8 key codes from :func:`encode`.
+    codebooks : np.ndarray
+        ``[M, C, d]`` float32.
+
+    Returns
+    -------
+    np.ndarray
+        ``[R, S]`` float32.
+    """
+    n_sub, _, sub_dim = codebooks.shape
+    parts = q.reshape(len(q), n_sub, sub_dim)  # [R, M, d]
+    table = np.einsum("rmd,mcd->mrc", parts, codebooks)  # [M, R, C]
+    scores = np.zeros((len(q), len(codes)), dtype=np.float32)  # [R, S]
+    for m in range(n_sub):
+        scores += table[m][:, codes[:, m]]  # [R, S]
+    return scores
+
+
+def select_topk(scores: np.ndarray, query_pos: np.ndarray, n_keep: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``L`` highest-scoring causally visible keys of each query, ties to the lower position.
+
+    Parameters
+    ----------
+    scores : np.ndarray
+        ``[R, S]`` float32 (approximate) scores; key ``s`` is visible to a query at position
+        ``p`` when ``s <= p``.
+    query_pos : np.ndarray
+        ``[R]`` int positions of the queries, each in ``0 .. S-1``.
+    n_keep : int
+        L >= 1.
+
+    Returns
+    -------
+    keys : np.ndarray
+        ``[R, min(L, S)]`` int64 key positions, best first; in a row with fewer than L visible
+        keys, the entries past its visible count are padding (future positions).
+    valid : np.ndarray
+        ``[R, min(L, S)]`` bool, False on that padding.
+    """
+    n_keys = scores.shape[1]
+    width = min(n_keep, n_keys)
+    visible = np.arange(n_keys)[None, :] <= query_pos[:, None]  # [R, S]
+    masked = np.where(visible, scores, -np.inf)  # [R, S]
+    # a stable sort of the negated scores keeps equal scores in position order
+    keys = np.argsort(-masked, axis=1, kind="stable")[:, :width]  # [R, L]
+    valid = np.arange(width)[None, :] < (query_pos[:, None] + 1)  # [R, L]
+    return keys, valid
+
+
+def _attend_selected(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray,
+                     valid: np.ndarray, clamp: float | None) -> np.ndarray:
+    """Exact scores on the chosen keys only, softmax over them, weighted sum of their values."""
+    scale = np.float32(1.0 / math.sqrt(q.shape[1]))
+    chosen_k = k[keys]  # [R, L, hd]
+    scores = (chosen_k @ q[:, :, None])[:, :, 0] * scale  # [R, L]
+    if clamp is not None:
+        scores = np.clip(scores, np.float32(-clamp), np.float32(clamp))
+    scores[~valid] = -np.inf
+    probs = softmax(scores)  # [R, L]
+    return (probs[:, None, :] @ v[keys])[:, 0, :]  # [R, hd]
+
+
+def _check_inputs(q, k, v, start, n_keep, codebooks) -> None:
+    if n_keep < 1:
+        raise NpsparseError(f"sparse attention needs L >= 1 keys per query, got {n_keep}")
+    n_heads, n_tok, head_dim = q.shape
+    n_kv, n_keys, _ = k.shape
+    if n_heads % n_kv != 0 or v.shape != k.shape or k.shape[2] != head_dim:
+        raise NpsparseError(f"attention shapes q {q.shape}, k {k.shape}, v {v.shape} disagree")
+    if n_keys != start + n_tok:
+        raise NpsparseError(f"attention has {n_keys} keys, expected start + T = {start + n_tok}")
+    if codebooks.ndim != 4 or codebooks.shape[0] != n_kv:
+        raise NpsparseError(f"PQ codebooks must be [KV={n_kv}, M, C, d], got {codebooks.shape}")
+    _check_subspaces(head_dim, codebooks.shape[1])
+    if codebooks.shape[1] * codebooks.shape[3] != head_dim:
+        raise NpsparseError(f"PQ codebooks {codebooks.shape} do not fit head dim {head_dim}")
+
+
+def topk_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_keep: int,
+                   codebooks: np.ndarray, clamp: float | None = None) -> np.ndarray:
+    """Causal attention in which each query reads only its top-L keys by PQ-approximated score.
+
+    Per key/value head: keys are PQ-encoded, every query's scores are approximated by ADC
+    (:func:`approximate_scores`), the top L visible keys kept (:func:`select_topk`), and exact
+    scaled scores ``q . k / sqrt(hd)`` computed on those alone, softmaxed over them and used to
+    weight their values. With ``L >= S`` it is exact causal attention.
+
+    Parameters
+    ----------
+    q : np.ndarray
+        ``[H, T, hd]`` float32 queries for positions ``start .. start+T-1``.
+    k, v : np.ndarray
+        ``[KV, S, hd]`` float32 keys/values for positions ``0 .. S-1`` (``S = start + T``);
+        query head ``h`` reads key/value head ``h // (H // KV)``.
+    start : int
+        Position of the first query.
+    n_keep : int
+        L >= 1, keys per query (all visible ones if fewer).
+    codebooks : np.ndarray
+        ``[KV, M, C, d]`` float32, one codebook per key/value head (:func:`fit_head_codebooks`).
+    clamp : float, optional
+        If given, scaled scores are clipped to ``[-clamp, clamp]`` before the softmax (SPT uses
+        10.0); None (default) leaves them exact.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, H*hd]`` float32, heads concatenated (as :func:`npsparse.models.layers.attend`).
+    """
+    _check_inputs(q, k, v, start, n_keep, codebooks)
+    n_heads, n_tok, head_dim = q.shape
+    n_kv = k.shape[0]
+    group = n_heads // n_kv
+    qg = q.reshape(n_kv, group * n_tok, head_dim)  # [KV, g*T, hd]
+    query_pos = start + np.tile(np.arange(n_tok), group)  # [g*T]; row i*T + t is token t
+    out = np.empty((n_kv, group * n_tok, head_dim), dtype=np.float32)  # [KV, g*T, hd]
+    for h in range(n_kv):
+        codes = encode(k[h], codebooks[h])  # [S, M]
+        for lo in range(0, group * n_tok, _ROWS):
+            rows = slice(lo, lo + _ROWS)
+            approx = approximate_scores(qg[h, rows], codes, codebooks[h])  # [R, S]
+            keys, valid = select_topk(approx, query_pos[rows], n_keep)  # [R, L]
+            out[h, rows] = _attend_selected(qg[h, rows], k[h], v[h], keys, valid, clamp)
+    return merge_heads(out.reshape(n_heads, n_tok, head_dim))  # [T, H*hd]
+
+
+def topk_attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int,
+                             n_keep: int, codebooks: np.ndarray,
+                             clamp: float | None = None) -> np.ndarray:
+    """Naive loop over heads and queries with the signature and result of :func:`topk_attention`.
+
+    Each query's approximate score of each visible key is ``q . k_hat`` with ``k_hat`` the key
+    rebuilt from its centroids; keys are sorted by (score descending, position ascending).
+
+    Parameters
+    ----------
+    q, k, v, start, n_keep, codebooks, clamp
+        As in :func:`topk_attention`.
+
+    Returns
+    -------
+    np.ndarray
+        ``[T, H*hd]`` float32.
+    """
+    _check_inputs(q, k, v, start, n_keep, codebooks)
+    n_heads, n_tok, head_dim = q.shape
+    group = n_heads // k.shape[0]
+    out = np.zeros((n_tok, n_heads * head_dim), dtype=np.float32)  # [T, H*hd]
+    for head in range(n_heads):
+        h = head // group
+        books = codebooks[h]  # [M, C, d]
+        rebuilt = [np.concatenate([books[m, c] for m, c in enumerate(encode(key, books))])
+                   for key in k[h]]  # S x [hd]
+        for t in range(n_tok):
+            visible = range(start + t + 1)
+            ranked = sorted(visible, key=lambda s: (-float(q[head, t] @ rebuilt[s]), s))
+            chosen = ranked[:n_keep]
+            scores = np.array([q[head, t] @ k[h, s] for s in chosen]) / math.sqrt(head_dim)
+            if clamp is not None:
+                scores = np.clip(scores, -clamp, clamp)
+            weights = np.exp(scores - scores.max())
+            weights /= weights.sum()
+            row = sum(w * v[h, s] for w, s in zip(weights, chosen))  # [hd]
+            out[t, head * head_dim:(head + 1) * head_dim] = row
+    return out
+
+
+def attention_error(exact_out: np.ndarray, sparse_out: np.ndarray) -> float:
+    """Relative Frobenius error of sparse attention against exact attention.
+
+    Parameters
+    ----------
+    exact_out, sparse_out : np.ndarray
+        ``[T, H*hd]`` float32 outputs of exact and sparse attention on the same inputs.
+
+    Returns
+    -------
+    float
+        ``||sparse - exact||_F / ||exact||_F`` (computed in float64); 0.0 when both are zero.
+    """
+    exact = np.asarray(exact_out, dtype=np.float64)
+    diff = np.linalg.norm(np.asarray(sparse_out, dtype=np.float64) - exact)
+    norm = np.linalg.norm(exact)
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return float(diff / norm)
