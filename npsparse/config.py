@@ -35,6 +35,22 @@ class PescConfig:
 
 
 @dataclass(frozen=True)
+class RoutedFfnConfig:
+    """SPT's routed FFN on every block (issue 16; :mod:`npsparse.ffn_routing`).
+
+    ``config.json`` holds it as ``npsparse_routed_ffn``.
+
+    Attributes
+    ----------
+    blocks, active : int
+        ``B`` blocks of ``F / B`` FFN units, ``A`` of them active per token.
+    """
+
+    blocks: int
+    active: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of a decoder-only transformer.
 
@@ -67,6 +83,8 @@ class ModelConfig:
         Special token ids, when known.
     pesc : PescConfig or None
         Every FFN is a PESC mixture of adapter experts (LLaMA family only); None: plain FFNs.
+    routed_ffn : RoutedFfnConfig or None
+        Every FFN runs only its router's top-A blocks per token (LLaMA family only).
     """
 
     arch: str
@@ -89,6 +107,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pesc: PescConfig | None = None
+    routed_ffn: RoutedFfnConfig | None = None
 
     def __post_init__(self):
         if not is_registered(self.arch):

@@ -72,6 +72,10 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "au
         raise NpsparseError(f"unknown weight format {fmt!r}; choose from {', '.join(FORMAT_CHOICES)}")
     if head not in HEAD_CHOICES:
         raise NpsparseError(f"unknown head format {head!r}; choose from {', '.join(HEAD_CHOICES)}")
+    if fmt != "dense" and getattr(model.config, "routed_ffn", None) is not None:
+        # its blocks slice dense float32 rows of gate/up and columns of down per token
+        raise NpsparseError(f"a routed-FFN model runs from dense float32 weights; --format "
+                            f"{fmt} is not supported for it yet")
     if threads is not None:
         kernels.set_threads(threads)
     start = time.perf_counter()

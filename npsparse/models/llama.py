@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import ModelConfig, PescConfig, check_activation
+from ..config import ModelConfig, PescConfig, RoutedFfnConfig, check_activation
 from ..errors import NpsparseError
 from ..linear import DenseLinear, as_linear
+from ..ffn_routing import check_blocks
 from ..routing import check_routing
 from .backward import attention_backward, rms_norm_backward, rope_backward, swiglu_backward
 from .base import CausalLM
@@ -18,6 +19,7 @@ from .layers import (RopeTables, append_to_cache, apply_rope, attend, attention_
                      rms_norm, rope_inv_freq, silu, split_heads)
 from .llama_decode import decode_block, decode_final
 from .pesc import PescExperts, pesc_shapes
+from .routed_ffn import BlockRouter, routed_shapes
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -43,7 +45,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         ``q_proj`` ``(H*hd, D)``, ``k_proj``/``v_proj`` ``(KV*hd, D)``, ``o_proj`` ``(D, H*hd)``,
         ``gate_proj``/``up_proj`` ``(F, D)``, ``down_proj`` ``(D, F)``; ``lm_head`` ``(V, D)``
         only without tied embeddings, q/k/v biases only with ``cfg.qkv_bias``; with
-        ``cfg.pesc`` each block's router and adapters (:func:`.pesc.pesc_shapes`).
+        ``cfg.pesc`` each block's router and adapters (:func:`.pesc.pesc_shapes`), with
+        ``cfg.routed_ffn`` each block's FFN router (:func:`.routed_ffn.routed_shapes`).
     """
     d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
     q_rows, kv_rows = cfg.n_heads * hd, cfg.n_kv_heads * hd
@@ -70,6 +73,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
                 p + "self_attn.v_proj.bias": (kv_rows,),
             })
         shapes.update({p + name: shape for name, shape in pesc_shapes(cfg).items()})
+        shapes.update({p + name: shape for name, shape in routed_shapes(cfg).items()})
     return shapes
 
 
@@ -93,6 +97,8 @@ class LlamaBlock:
         self.linears = {name: as_linear(tensors[name + ".weight"]) for name in LINEAR_NAMES}
         self.bias = {name: tensors.get(f"self_attn.{name}_proj.bias") for name in "qkv"}
         self.moe = PescExperts(tensors, cfg) if cfg.pesc is not None else None  # PESC experts
+        # SPT: only the router's top-A blocks of FFN units run per token
+        self.ffn_router = BlockRouter(tensors, cfg) if cfg.routed_ffn is not None else None
 
     def _project(self, name: str, h: np.ndarray) -> np.ndarray:
         """``h @ W.T (+ b)`` for ``q``, ``k`` or ``v``: [T, D] -> [T, heads*hd]."""
@@ -135,10 +141,15 @@ class LlamaBlock:
         x_mid = x + lin["self_attn.o_proj"](att)  # [T, D]
         # SwiGLU MLP
         h_mlp = rms_norm(x_mid, self.mlp_norm, eps)  # [T, D]
-        gate = lin["mlp.gate_proj"](h_mlp)  # [T, F]
-        up = lin["mlp.up_proj"](h_mlp)  # [T, F]
-        act = silu(gate) * up  # [T, F]
-        f = lin["mlp.down_proj"](act)  # [T, D]
+        gate = up = act = ffn_tape = None
+        if self.ffn_router is not None:  # routed FFN: the chosen blocks of units only
+            ffn_tape = {} if tape is not None else None
+            f = self.ffn_router(h_mlp, lin, ffn_tape)  # [T, D]
+        else:
+            gate = lin["mlp.gate_proj"](h_mlp)  # [T, F]
+            up = lin["mlp.up_proj"](h_mlp)  # [T, F]
+            act = silu(gate) * up  # [T, F]
+            f = lin["mlp.down_proj"](act)  # [T, D]
         if self.moe is not None:  # PESC: the router reads h_mlp, the chosen adapters read f
             moe_tape = {} if tape is not None else None
             f = self.moe(h_mlp, f, moe_tape)  # [T, D]
@@ -148,6 +159,8 @@ class LlamaBlock:
                         att=att, x_mid=x_mid, h_mlp=h_mlp, gate=gate, up=up, act=act)
             if self.moe is not None:
                 tape["moe"] = moe_tape
+            if self.ffn_router is not None:
+                tape["routed_ffn"] = ffn_tape
         return out
 
     def backward(self, d_out: np.ndarray, tape: dict, trainable=None,
@@ -202,10 +215,14 @@ class LlamaBlock:
         if self.moe is not None:
             d_h_router, d_f, moe_grads = self.moe.backward(d_out, t["moe"], d_logits)
             grads.update({name: grad for name, grad in moe_grads.items() if want(name)})
-        d_act = linear("mlp.down_proj", d_f, t["act"])  # [T, F]
-        d_gate, d_up = swiglu_backward(d_act, t["gate"], t["up"])  # [T, F] each
-        d_h_mlp = (linear("mlp.gate_proj", d_gate, t["h_mlp"])
-                   + linear("mlp.up_proj", d_up, t["h_mlp"]))  # [T, D]
+        if self.ffn_router is not None:  # routed FFN: its blocks' and router's gradients
+            d_h_mlp, ffn_grads = self.ffn_router.backward(d_f, t["routed_ffn"])  # [T, D]
+            grads.update({name: grad for name, grad in ffn_grads.items() if want(name)})
+        else:
+            d_act = linear("mlp.down_proj", d_f, t["act"])  # [T, F]
+            d_gate, d_up = swiglu_backward(d_act, t["gate"], t["up"])  # [T, F] each
+            d_h_mlp = (linear("mlp.gate_proj", d_gate, t["h_mlp"])
+                       + linear("mlp.up_proj", d_up, t["h_mlp"]))  # [T, D]
         if d_h_router is not None:
             d_h_mlp += d_h_router
         d_x_mid = d_out + norm("post_attention_layernorm.weight", d_h_mlp, t["x_mid"],
@@ -249,6 +266,8 @@ class LlamaBlock:
         out.update({f"self_attn.{k}_proj.bias": b for k, b in self.bias.items() if b is not None})
         if self.moe is not None:
             out.update(self.moe.parameters())
+        if self.ffn_router is not None:
+            out.update(self.ffn_router.parameters())
         return out
 
     def state(self) -> dict:
@@ -266,6 +285,8 @@ class LlamaBlock:
         out.update({f"self_attn.{k}_proj.bias": b for k, b in self.bias.items() if b is not None})
         if self.moe is not None:
             out.update(self.moe.parameters())
+        if self.ffn_router is not None:
+            out.update(self.ffn_router.parameters())
         return out
 
 
@@ -385,6 +406,7 @@ def config_from_hf(hf: dict, model_type: str) -> dict:
         qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         activation=check_activation(hf.get("hidden_act", "silu"), ("silu",)),
         pesc=_pesc_from_hf(hf.get("npsparse_pesc")),
+        routed_ffn=_routed_ffn_from_hf(hf.get("npsparse_routed_ffn"), hf["intermediate_size"]),
     )
 
 
@@ -421,7 +443,22 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.pesc is not None:  # npsparse's own key: transformers ignores it (and the experts)
         out["npsparse_pesc"] = dict(experts=cfg.pesc.experts, top_k=cfg.pesc.top_k,
                                     adapter_dim=cfg.pesc.adapter_dim, scale=cfg.pesc.scale)
+    if cfg.routed_ffn is not None:  # npsparse's own key, as npsparse_pesc
+        out["npsparse_routed_ffn"] = dict(blocks=cfg.routed_ffn.blocks,
+                                          active=cfg.routed_ffn.active)
     return out
+
+
+def _routed_ffn_from_hf(entry: dict | None, ffn_dim: int) -> RoutedFfnConfig | None:
+    """``config.json``'s ``npsparse_routed_ffn`` (written by ``finetune --method routed-ffn``)."""
+    if entry is None:
+        return None
+    try:
+        routed = RoutedFfnConfig(int(entry["blocks"]), int(entry["active"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise NpsparseError(f"npsparse_routed_ffn in config.json is malformed ({err!r})") from None
+    check_blocks(ffn_dim, routed.blocks, routed.active)
+    return routed
 
 
 def _pesc_from_hf(entry: dict | None) -> PescConfig | None:

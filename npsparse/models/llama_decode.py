@@ -78,8 +78,11 @@ def decode_block(block, x: np.ndarray, start: int, cache_k: np.ndarray,
                       v.reshape(cfg.n_kv_heads, hd), cos[0], sin[0], cache_k, cache_v, start,
                       True, numba.get_num_threads())  # [1, H*hd]
     x, h = add_rms_norm(x, block.linears["self_attn.o_proj"](att), block.mlp_norm, eps)
-    gate, up = products(block, GATE_UP, h)  # [1, F] each
-    f = block.linears["mlp.down_proj"](silu_mul(gate, up))  # [1, D]
+    if block.ffn_router is not None:  # routed FFN: rows of the A chosen blocks only
+        f = block.ffn_router(h, block.linears)  # [1, D]
+    else:
+        gate, up = products(block, GATE_UP, h)  # [1, F] each
+        f = block.linears["mlp.down_proj"](silu_mul(gate, up))  # [1, D]
     if block.moe is not None:  # PESC: the router, then only the k chosen experts' adapters
         f = block.moe(h, f)  # [1, D]
     return x + f  # [1, D]
