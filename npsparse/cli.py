@@ -227,7 +227,8 @@ def cmd_finetune(args) -> None:
         train_embeddings=args.train_embeddings, teacher=args.teacher, method=args.method,
         pattern=args.pattern if args.sparsity is None else str(args.sparsity), rank=args.rank,
         fraction=args.fraction, nuclear=args.nuclear, experts=args.experts, top_k=args.top_k,
-        adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale, balance=args.balance)
+        adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale, balance=args.balance,
+        blocks=args.blocks, active=args.active)
     settings.check()  # before loading anything
     log = (lambda text: print(text, file=sys.stderr)) if args.json else print
     report = finetune(args.model, args.out, settings, resume=args.resume,
@@ -326,7 +327,9 @@ def _finetune_options(ft) -> None:
                          "--sparsity or --pattern); sara: only the smallest-|w| entries train "
                          "(needs --fraction); pesc: every FFN becomes a mixture of routed "
                          "adapter experts, kept in the output (needs --experts, --top-k, "
-                         "--adapter-dim)")
+                         "--adapter-dim); routed-ffn: every FFN runs only its router's top-A "
+                         "of B blocks of units, routers and FFN weights train (needs --blocks, "
+                         "--active)")
     target = ft.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None,
                         help="PST's final unstructured sparsity per matrix, 0 <= S < 1")
@@ -347,6 +350,10 @@ def _finetune_options(ft) -> None:
     ft.add_argument("--balance", type=float, default=None,
                     help=f"PESC's Switch-Transformer balance loss weight alpha, summed over "
                          f"blocks (default: {DEFAULT_BALANCE}; 0 = off, as the reference trains)")
+    ft.add_argument("--blocks", type=int, default=None,
+                    help="routed FFN's blocks per FFN, B >= 1 dividing the FFN dim")
+    ft.add_argument("--active", type=int, default=None,
+                    help="routed FFN's blocks active per token, 1 <= A <= B")
     ft.add_argument("--resume", action="store_true",
                     help="continue an interrupted run (any --method) from OUT.resume; the "
                          "other options must be those of the interrupted run")

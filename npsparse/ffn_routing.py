@@ -1,4 +1,4 @@
-"""SPT's routed FFN (issue 16) as array code: a router activates A of B blocks of FFN units per token.
+"""SPT's routed FFN (issue 16) as array code: a router runs A of B blocks of FFN units a token.
 
 SPT (Gui et al. 2023, "SPT: Fine-Tuning Transformer-based Language Models Efficiently with
 Sparsification") splits the SwiGLU FFN's ``F`` hidden units into ``B`` contiguous blocks of

@@ -19,8 +19,9 @@ from ..prune.patterns import Pattern
 from .adapters import PST, Adapter, LoRA, SaRA
 
 # "full": every kept weight trains (no adapter); "pesc": routed adapter experts on the FFN
-# outputs (npsparse.train.pesc), not adapters of the weights
-METHODS = ("full", "lora", "pst", "sara", "pesc")
+# outputs (npsparse.train.pesc), "routed-ffn": routed blocks of FFN units
+# (npsparse.train.routed_ffn), not adapters of the weights
+METHODS = ("full", "lora", "pst", "sara", "pesc", "routed-ffn")
 
 
 def block_weight_names(model) -> list[str]:

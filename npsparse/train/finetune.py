@@ -6,7 +6,9 @@ and/or SquareHead (Kurtic et al. 2023). With ``settings.method`` ``lora``, ``pst
 only adapters on the block weights train instead (:mod:`npsparse.train.adapted`): PST prunes a
 dense model while it trains, and every adapter is merged into the weights that are saved. With
 ``pesc`` every FFN becomes a mixture of adapter experts (:mod:`npsparse.train.pesc`): only the
-routers and adapters train, and the output folder keeps them (``config.json`` says so). The
+routers and adapters train, and the output folder keeps them (``config.json`` says so). With
+``routed-ffn`` every FFN runs only its router's top-A blocks of units (SPT,
+:mod:`npsparse.train.routed_ffn`): the routers and FFN weights train, the folder keeps them. The
 teacher is the dense model the pruned folder came from; it runs forward only, *online*: its
 block outputs for one 512-token window are 35 MB (SmolLM2), so caching them for every window of
 a run would take several GB of disk per run, read back at every step, while recomputing them
@@ -71,13 +73,15 @@ from ..tokenizer import load_tokenizer
 from ..prune.patterns import Pattern
 from ..roofline import cpu_name
 from .adapted import METHODS, AdaptedModel, block_weight_names
-from ..config import PescConfig
+from ..config import PescConfig, RoutedFfnConfig
+from ..ffn_routing import check_blocks
 from .adapters import SparsitySchedule, check_fraction, check_rank
 from .engine import LossWeights, head_of, hidden_states, loss_and_grads, parameters
 from .losses import head_losses, squarehead
 from .optim import AdamW, AdamWSettings, clip_by_global_norm, learning_rate
 from .pesc import (DEFAULT_BALANCE, DEFAULT_SCALE, check_pesc, pesc_names, routing_summary,
                    with_pesc)
+from .routed_ffn import block_load, routed_names, with_routed_ffn
 
 REPORT = "finetune.json"
 # a folder npsparse pruned, converted to Monarch (packed.json names its dense teacher, first: a
@@ -117,6 +121,8 @@ class FinetuneSettings:
     adapter_dim: int | None = None  # PESC's R
     adapter_scale: float | None = None  # PESC's s (None: DEFAULT_SCALE)
     balance: float | None = None  # PESC's balance-loss alpha (None: DEFAULT_BALANCE; 0 = off)
+    blocks: int | None = None  # routed FFN's B
+    active: int | None = None  # routed FFN's A
 
     def check(self) -> None:
         """Refuse impossible settings with one line (before any model is loaded)."""
@@ -177,6 +183,13 @@ class FinetuneSettings:
         if self.method == "pesc":
             check_pesc(self.experts, self.top_k, self.adapter_dim, self.pesc.scale,
                        self.balance_weight)
+        routed = (self.blocks, self.active)
+        if any(v is not None for v in routed) != (self.method == "routed-ffn") or (
+                self.method == "routed-ffn" and None in routed):
+            raise NpsparseError("--method routed-ffn needs --blocks B and --active A, and only "
+                                "it takes them")
+        if self.method == "routed-ffn":  # B dividing F is checked once the model is loaded
+            check_blocks(max(self.blocks, 1), self.blocks, self.active)
         if self.method != "full" and self.train_embeddings:
             raise NpsparseError("--train-embeddings applies to --method full only")
 
@@ -187,6 +200,13 @@ class FinetuneSettings:
             return None
         scale = DEFAULT_SCALE if self.adapter_scale is None else self.adapter_scale
         return PescConfig(self.experts, self.top_k, self.adapter_dim, scale)
+
+    @property
+    def routed_ffn(self) -> RoutedFfnConfig | None:
+        """The routed-FFN structure ``--method routed-ffn`` builds, else None."""
+        if self.method != "routed-ffn":
+            return None
+        return RoutedFfnConfig(self.blocks, self.active)
 
     @property
     def balance_weight(self) -> float:
@@ -408,9 +428,11 @@ def masks_of(model, report: dict | None) -> dict[str, np.ndarray]:
 
 def _trainable_names(model, settings: FinetuneSettings) -> list[str]:
     """Block weights, norms and biases, the final norm, and the embedding if asked; PESC: the
-    routers and adapters only."""
+    routers and adapters only; routed FFN: the routers and FFN weights."""
     if settings.method == "pesc":
         return pesc_names(model)
+    if settings.method == "routed-ffn":
+        return routed_names(model)
     return [name for name in parameters(model) if settings.train_embeddings
             or name not in ("model.embed_tokens.weight", "lm_head.weight")]
 
@@ -611,6 +633,8 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     model, checkpoint, tokenizer = load_trainable(model_path)
     if settings.pesc is not None:  # the base arrays stay the model's; routers, adapters new
         model = with_pesc(model, settings.pesc, settings.seed)
+    if settings.routed_ffn is not None:  # the base arrays stay the model's; routers new
+        model = with_routed_ffn(model, settings.routed_ffn, settings.seed)
     config = model.config
     if settings.seqlen > config.max_position:
         raise NpsparseError(f"--seqlen {settings.seqlen} exceeds the model's context of "
@@ -765,6 +789,10 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         report.update(_adapter_report(adapted, params, record))
     if settings.pesc is not None:
         report["pesc"] = _pesc_report(model, settings, val if len(val) else train[:1])
+    if settings.routed_ffn is not None:  # each block's load on the validation windows
+        report["routed_ffn"] = {**asdict(settings.routed_ffn),
+                                "weights": "B * softmax over all B logits, at the chosen blocks",
+                                "routing": block_load(model, val if len(val) else train[:1])}
     monarch = _monarch_layers(model)
     if monarch:
         report["monarch"] = _monarch_summary(monarch)
@@ -804,7 +832,7 @@ def _monarch_summary(layers: dict) -> dict:
 def _adapted(model, params: dict, masks: dict, settings: FinetuneSettings):
     """Adapters on every block linear weight for ``--method lora|pst|sara``; None for full and
     pesc (its routers and adapters are the model's own arrays)."""
-    if settings.method in ("full", "pesc"):
+    if settings.method in ("full", "pesc", "routed-ffn"):
         return None
     return AdaptedModel(params, block_weight_names(model), settings.method,
                         pattern=settings.pattern, rank=settings.rank, fraction=settings.fraction,
