@@ -143,3 +143,27 @@ def test_config_json_records_the_structure_and_checks_it():
 def test_bad_settings(blocks, active, message):
     with pytest.raises(NpsparseError, match=message):
         check_blocks(48, blocks, active)
+
+
+def test_the_oracle_model_and_a_fresh_router_start_near_the_dense_model():
+    from npsparse.train.routed_ffn import with_oracle_routing, with_routed_ffn
+
+    dense = tiny_model("llama")
+    ids = np.arange(16) % dense.config.vocab_size
+    logits = dense.forward(ids)
+    every = RoutedFfnConfig(blocks=4, active=4)
+    np.testing.assert_allclose(with_oracle_routing(dense, every).forward(ids), logits,
+                               rtol=1e-5, atol=1e-5)
+    fresh = with_routed_ffn(dense, every, seed=0)  # B * p within a few percent of 1
+    tape = {}
+    fresh.blocks[0](dense.embed(ids, 0), tape=tape)
+    assert np.abs(tape["routed_ffn"]["weights"] - 1).max() < 0.1
+    error = np.linalg.norm(fresh.forward(ids) - logits) / np.linalg.norm(logits)
+    assert error < 0.05  # measured: 0.028
+    half = with_oracle_routing(dense, ROUTED)
+    tape = {}
+    half.blocks[0](dense.embed(ids, 0), tape=tape)
+    assert tape["routed_ffn"] == {}  # forward only: nothing kept, and no backward
+    with pytest.raises(NpsparseError, match="forward only"):
+        half.blocks[0].backward(np.ones((16, 32), np.float32), tape)
+    assert not np.allclose(half.forward(ids), logits)

@@ -96,6 +96,8 @@ class BlockRouter:
             ``d_h [T, D]`` and the gradients by name inside the block (the router and the
             three FFN weights).
         """
+        if self.oracle:
+            raise NpsparseError("the oracle's routing is forward only (it has no gradient)")
         d_h, grads = routed_ffn_backward(d_y, tape)
         return d_h, {ROUTER: grads["router"], "mlp.gate_proj.weight": grads["gate"],
                      "mlp.up_proj.weight": grads["up"], "mlp.down_proj.weight": grads["down"]}

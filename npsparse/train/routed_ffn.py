@@ -118,3 +118,27 @@ def block_load(model, windows: np.ndarray) -> dict:
             loads[i] += expert_load(tape["routed_ffn"]["chosen"], n_blocks) / len(windows)
     return {"windows": int(len(windows)), "tokens": int(np.size(windows)),
             "load": [[float(f) for f in layer] for layer in loads]}
+
+
+def with_oracle_routing(model, routed: RoutedFfnConfig):
+    """A plain-FFN model whose FFNs run the top-A of B blocks by activation norm, weight 1.
+
+    The oracle a trained router is compared with (:func:`npsparse.ffn_routing.oracle_blocks`):
+    it computes every block's activations to choose, so it saves no work. Forward only.
+
+    Parameters
+    ----------
+    model : LlamaModel
+        Plain FFNs; its arrays are shared, not copied.
+    routed : RoutedFfnConfig
+
+    Returns
+    -------
+    LlamaModel
+        With ``A = B`` its outputs are the dense model's (sums in another order).
+    """
+    oracle = with_routed_ffn(model, routed, seed=0)
+    for block in oracle.blocks:
+        block.ffn_router.router[...] = 0  # unused: the oracle chooses
+        block.ffn_router.oracle = True
+    return oracle
