@@ -1,6 +1,8 @@
 """`npsparse finetune --method routed-ffn` on a tiny model with SmolLM2's tokenizer (issue 16)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -122,3 +124,17 @@ def test_blocks_that_do_not_divide_the_ffn_are_one_line_exit_2(tiny, tmp_path, c
     assert status == 2 and len(err) == 1
     assert "5 blocks do not divide the FFN's 64 hidden units" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny, tmp_path):
+    def stop_after_1(record):
+        if record["step"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    whole = finetune(tiny / "dense", tmp_path / "whole", settings(steps=2), progress=False)
+    cut = finetune(tiny / "dense", tmp_path / "cut", settings(steps=2), progress=False,
+                   on_step=stop_after_1, log=lambda text: None)
+    assert cut["interrupted"] == 1
+    done = finetune(tiny / "dense", tmp_path / "cut", settings(steps=2), resume=True,
+                    progress=False, log=lambda text: None)
+    assert done["weights_sha256"] == whole["weights_sha256"]
