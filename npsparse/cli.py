@@ -44,25 +44,59 @@ def _print_json(payload: dict) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True))
 
 
+def _set_attention(llm, args) -> dict | str:
+    """Apply ``--attention``/``--pq`` (already parsed into ``args.keep``, ``args.pq``) to ``llm``;
+    return what was used ("exact", or the top-L settings and calibration)."""
+    from .sparse_attention import calibrate_topk_attention
+
+    if args.keep is None:
+        return "exact"
+    info = calibrate_topk_attention(llm, args.keep, *args.pq)
+    return {"kind": "topk", **info}
+
+
+def _attention_line(used: dict) -> str:
+    cal = used["calibration"]
+    return (f"attention: top-{used['keep']} keys per query by PQ (M={used['pq_subspaces']}, "
+            f"C={used['pq_centroids']}) fitted on {cal['windows']} {cal['data']} calibration "
+            f"windows of {cal['seqlen']} tokens (seed {cal['seed']}) in "
+            f"{used['fit_seconds']:.1f} s")
+
+
+def _parse_attention_options(args) -> None:
+    """``--attention``/``--pq`` -> ``args.keep`` (None: exact) and ``args.pq``, before loading."""
+    from .sparse_attention import PQ_CENTROIDS, PQ_SUBSPACES, parse_attention, parse_pq
+
+    args.keep = parse_attention(args.attention)
+    if args.keep is None and args.pq is not None:
+        raise NpsparseError("--pq applies only with --attention topk:L")
+    args.pq = parse_pq(args.pq) if args.pq is not None else (PQ_SUBSPACES, PQ_CENTROIDS)
+
+
 def cmd_eval(args) -> None:
     """``npsparse eval``: perplexity of a model on non-overlapping token windows, per text."""
     from .api import load
     from .data import eval_domains
 
     texts = eval_domains(args.data)  # before the model loads
+    _parse_attention_options(args)
     llm = load(args.model)
+    attention = _set_attention(llm, args)
+    if not args.json and attention != "exact":  # exact: the output it always had
+        print(_attention_line(attention))
     results = {text: llm.perplexity(text, args.seqlen, args.windows, progress=not args.json)
                for text in texts}
     if len(texts) == 1:  # one text: the output of one text, as it always was
         text, result = texts[0], results[texts[0]]
         if args.json:
-            _print_json({"model": str(llm.path), "data": str(text), **result.to_dict()})
+            _print_json({"model": str(llm.path), "data": str(text), "attention": attention,
+                         **result.to_dict()})
         else:
             print(f"{llm.path.name}: {result}")
         return
     if args.json:
         per_text = [{"data": str(text), **result.to_dict()} for text, result in results.items()]
-        _print_json({"model": str(llm.path), "domains": per_text})
+        _print_json({"model": str(llm.path), "attention": attention, "domains": per_text})
         return
     for text, result in results.items():
         print(f"{llm.path.name} on {text}: {result}")
@@ -82,7 +116,11 @@ def cmd_generate(args) -> None:
     # Before loading, and before the prompt is echoed.
     check_text(args.prompt, "the prompt")
     check_sampling(args.temp, args.top_k, args.top_p)
+    _parse_attention_options(args)
     llm = load(args.model)
+    attention = _set_attention(llm, args)
+    if not args.json and attention != "exact":
+        print(_attention_line(attention), file=sys.stderr)
     from .packing import apply_format, layer_formats
 
     if args.format != "dense":
@@ -96,7 +134,7 @@ def cmd_generate(args) -> None:
                           top_p=args.top_p, seed=args.seed, chat=args.chat, on_text=stream)
     if args.json:
         _print_json({"model": str(llm.path), "prompt": args.prompt, "format": fmt,
-                     **result.to_dict()})
+                     "attention": attention, **result.to_dict()})
         return
     print()
     print(f"[{len(result.ids)} tokens; prefill {result.prompt_tokens} tokens at "
@@ -362,6 +400,16 @@ def _finetune_options(ft) -> None:
     ft.set_defaults(func=cmd_finetune)
 
 
+def _add_attention(parser) -> None:
+    parser.add_argument("--attention", default="exact", metavar="exact|topk:L",
+                        help="exact, or SPT's sparse attention: each query reads only its top-L "
+                             "keys, ranked by PQ codebooks fitted on 4 windows of 512 tokens "
+                             "of the pydoc calibration text (seed 0)")
+    parser.add_argument("--pq", metavar="M,C",
+                        help="with topk: PQ subspaces M (dividing the head dim) and centroids "
+                             "C per subspace (default: 8,16)")
+
+
 def _eval_options(ev) -> None:
     _add_model(ev)
     ev.add_argument("--data", nargs="+", default=["pydoc"], metavar="TEXT",
@@ -373,6 +421,7 @@ def _eval_options(ev) -> None:
     ev.add_argument("--windows", type=_positive, default=None,
                     help="evaluate the first N windows of each text (default: 40 for a "
                          "named text, all for a file)")
+    _add_attention(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
 
@@ -402,6 +451,7 @@ def _generate_options(gen) -> None:
                      help="kernel threads (default: NUMBA_NUM_THREADS, all cores unless set)")
     gen.add_argument("--head", default="auto", choices=HEAD_CHOICES,
                      help=HEAD_HELP + " (with --format other than dense)")
+    _add_attention(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 

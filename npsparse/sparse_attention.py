@@ -36,6 +36,8 @@ Where this module departs, and why:
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -77,8 +79,9 @@ def _lloyd(x: np.ndarray, centroids: np.ndarray, iters: int) -> np.ndarray:
     for _ in range(iters):
         nearest = _nearest(x, centroids)  # [N]
         counts = np.bincount(nearest, minlength=n_centroids)  # [C]
-        sums = np.zeros((n_centroids, x.shape[1]), dtype=np.float64)  # [C, d]
-        np.add.at(sums, nearest, x)
+        # per-dim bincount in float64: np.add.at gave the same sums 3x slower
+        sums = np.stack([np.bincount(nearest, weights=x[:, j], minlength=n_centroids)
+                         for j in range(x.shape[1])], axis=1)  # [C, d]
         filled = counts > 0
         centroids = centroids.copy()
         centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
@@ -378,3 +381,183 @@ def attention_error(exact_out: np.ndarray, sparse_out: np.ndarray) -> float:
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return float(diff / norm)
+
+
+# -- in a model: switching blocks to top-L attention, and codebooks fitted on calibration data --
+
+PQ_SUBSPACES = 8  # M: SmolLM2's hd 64 in 8 subspaces of 8 dims
+PQ_CENTROIDS = 16  # C per subspace
+CALIB_WINDOWS = 4  # calibration windows the codebooks are fitted on
+CALIB_SEQLEN = 512  # and their length (shortened to the model's context if it is shorter)
+MAX_FIT_ROWS = 2048  # rows per (layer, key/value head) for k-means (SmolLM2 fits in ~30 s)
+
+
+@dataclass(frozen=True)
+class TopkAttention:
+    """One layer's top-L attention, callable as ``LlamaBlock.attention``.
+
+    ``n_keep`` is L; ``codebooks`` ``[KV, M, C, d]``; ``clamp`` as in :func:`topk_attention`.
+    """
+
+    n_keep: int
+    codebooks: np.ndarray
+    clamp: float | None = None
+
+    def __call__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+        return topk_attention(q, k, v, start, self.n_keep, self.codebooks, self.clamp)  # [T, H*hd]
+
+
+def parse_attention(text: str) -> int | None:
+    """``"exact"`` -> None; ``"topk:L"`` -> L (an integer >= 1). Anything else is refused.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    int or None
+    """
+    if text == "exact":
+        return None
+    kind, _, keep = text.partition(":")
+    if kind == "topk" and keep.isdigit() and int(keep) >= 1:
+        return int(keep)
+    raise NpsparseError(f"attention {text!r} must be 'exact' or 'topk:L' with L >= 1 keys")
+
+
+def parse_pq(text: str) -> tuple[int, int]:
+    """``"M,C"`` -> ``(M, C)``: PQ subspaces and centroids per subspace (checked when fitted)."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise NpsparseError(f"--pq {text!r} must be M,C (subspaces, centroids), e.g. 8,16")
+    return int(parts[0]), int(parts[1])
+
+
+def _llama_blocks(model) -> list:
+    model = getattr(model, "model", model)  # an npsparse.LLM or its CausalLM
+    if not all(hasattr(block, "attention") for block in model.blocks):
+        raise NpsparseError(f"top-L attention needs a LLaMA-family model, not {model.config.arch}")
+    return model.blocks
+
+
+def use_topk_attention(model, n_keep: int | None, codebooks: list | None = None,
+                       clamp: float | None = None) -> None:
+    """Switch every block of ``model`` to top-L attention, or back to exact with ``n_keep=None``.
+
+    Parameters
+    ----------
+    model : LLM or LlamaModel
+        Changed in place: each block's ``attention`` becomes a :class:`TopkAttention` (None:
+        exact). Prefill and perplexity run it; one-token decode runs such blocks' body.
+    n_keep : int or None
+        L >= 1 keys per query; None restores exact attention.
+    codebooks : list of np.ndarray
+        One ``[KV, M, C, d]`` float32 array per layer (:func:`fit_attention_codebooks`).
+    clamp : float, optional
+        As in :func:`topk_attention`.
+    """
+    blocks = _llama_blocks(model)
+    if n_keep is None:
+        for block in blocks:
+            block.attention = None
+        return
+    if n_keep < 1:
+        raise NpsparseError(f"sparse attention needs L >= 1 keys per query, got {n_keep}")
+    if codebooks is None or len(codebooks) != len(blocks):
+        raise NpsparseError(f"top-L attention needs one codebook per layer ({len(blocks)})")
+    for block, books in zip(blocks, codebooks):
+        block.attention = TopkAttention(n_keep, np.asarray(books, dtype=np.float32), clamp)
+
+
+def fit_attention_codebooks(model, windows: np.ndarray, n_sub: int = PQ_SUBSPACES,
+                            n_centroids: int = PQ_CENTROIDS, seed: int = 0, iters: int = 20,
+                            max_rows: int = MAX_FIT_ROWS) -> list[np.ndarray]:
+    """PQ codebooks of every layer and key/value head, fitted on post-RoPE keys and queries.
+
+    The model runs on each window as it stands (exact attention unless switched); each layer's
+    rotated keys and the queries of each key/value head's group are stacked (SPT shares one
+    codebook between them), at most ``max_rows`` rows per head are kept (chosen by ``seed``),
+    and :func:`fit_head_codebooks` fits them with seed ``seed + layer * KV``.
+
+    Parameters
+    ----------
+    model : LLM or LlamaModel
+    windows : np.ndarray
+        ``[W, T]`` int calibration token ids, each an independent sequence.
+    n_sub, n_centroids, seed, iters
+        M, C, the seed and the Lloyd iterations (:func:`fit_codebooks`).
+    max_rows : int
+        Rows per (layer, key/value head) given to k-means.
+
+    Returns
+    -------
+    list of np.ndarray
+        One ``[KV, M, C, d]`` float32 array per layer.
+    """
+    net = getattr(model, "model", model)
+    blocks = _llama_blocks(net)
+    cfg = net.config
+    group = cfg.n_heads // cfg.n_kv_heads
+    samples = [[] for _ in blocks]  # per layer: [KV, (g+1)*T, hd] per window
+    for ids in np.asarray(windows):
+        x = net.embed(np.asarray(ids, dtype=np.int64), 0)  # [T, D]
+        for i, block in enumerate(blocks):
+            tape = {}
+            x = block(x, 0, tape=tape)  # [T, D]
+            q = tape["q"].reshape(cfg.n_kv_heads, group * len(ids), -1)  # [KV, g*T, hd]
+            samples[i].append(np.concatenate([tape["k"], q], axis=1))  # [KV, (g+1)*T, hd]
+    rng = np.random.default_rng(seed)
+    books = []
+    for i, parts in enumerate(samples):
+        rows = np.concatenate(parts, axis=1)  # [KV, N, hd]
+        if rows.shape[1] > max_rows:  # one row choice for all heads of the layer
+            rows = rows[:, np.sort(rng.choice(rows.shape[1], max_rows, replace=False))]
+        books.append(fit_head_codebooks(rows, n_sub, n_centroids, seed + i * cfg.n_kv_heads,
+                                        iters))  # [KV, M, C, d]
+    return books
+
+
+def calibrate_topk_attention(llm, n_keep: int, n_sub: int = PQ_SUBSPACES,
+                             n_centroids: int = PQ_CENTROIDS, *, calib: str = "pydoc",
+                             nsamples: int = CALIB_WINDOWS, seqlen: int = CALIB_SEQLEN,
+                             seed: int = 0, iters: int = 20) -> dict:
+    """Fit codebooks on calibration windows and switch ``llm`` to top-L attention.
+
+    Parameters
+    ----------
+    llm : LLM
+        A loaded LLaMA-family model (changed in place, see :func:`use_topk_attention`).
+    n_keep : int
+        L >= 1.
+    n_sub, n_centroids, seed, iters
+        As in :func:`fit_attention_codebooks`.
+    calib, nsamples, seqlen
+        Calibration source and windows (:func:`npsparse.calibration.calibration_windows`);
+        ``seqlen`` is cut to the model's ``max_position``.
+
+    Returns
+    -------
+    dict
+        What was used: ``keep``, ``pq_subspaces``, ``pq_centroids``, ``calibration`` (source,
+        windows, seqlen, seed) and ``fit_seconds``.
+    """
+    from .calibration import calibration_windows
+
+    if n_keep < 1:
+        raise NpsparseError(f"sparse attention needs L >= 1 keys per query, got {n_keep}")
+    _llama_blocks(llm)
+    _check_subspaces(llm.config.head_dim, n_sub)
+    if not 1 <= n_centroids <= 256:
+        raise NpsparseError(f"PQ centroids C={n_centroids} must be in 1..256 (uint8 codes)")
+    seqlen = min(seqlen, llm.config.max_position)
+    begin = time.perf_counter()
+    windows = calibration_windows(calib, llm.tokenizer, llm.config.vocab_size,
+                                  nsamples=nsamples, seqlen=seqlen, seed=seed)  # [W, T]
+    use_topk_attention(llm, None)  # fit on the exact model's keys and queries
+    books = fit_attention_codebooks(llm, windows, n_sub, n_centroids, seed, iters)
+    use_topk_attention(llm, n_keep, books)
+    return {"keep": n_keep, "pq_subspaces": n_sub, "pq_centroids": n_centroids,
+            "calibration": {"data": str(calib), "windows": int(windows.shape[0]),
+                            "seqlen": int(windows.shape[1]), "seed": seed},
+            "fit_seconds": time.perf_counter() - begin}

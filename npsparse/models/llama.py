@@ -99,6 +99,9 @@ class LlamaBlock:
         self.moe = PescExperts(tensors, cfg) if cfg.pesc is not None else None  # PESC experts
         # SPT: only the router's top-A blocks of FFN units run per token
         self.ffn_router = BlockRouter(tensors, cfg) if cfg.routed_ffn is not None else None
+        # SPT: None = exact attention; else a callable (q, k, v, start) -> [T, H*hd], e.g.
+        # npsparse.sparse_attention.TopkAttention (set by use_topk_attention)
+        self.attention = None
 
     def _project(self, name: str, h: np.ndarray) -> np.ndarray:
         """``h @ W.T (+ b)`` for ``q``, ``k`` or ``v``: [T, D] -> [T, heads*hd]."""
@@ -136,8 +139,12 @@ class LlamaBlock:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_k is not None:
             k, v = append_to_cache(cache_k, cache_v, k, v, start)  # [KV, S, hd]
-        probs = attention_probs(q, k, start)  # [KV, g*T, S]
-        att = attend(probs, v, cfg.n_heads)  # [T, H*hd]
+        if self.attention is None:
+            probs = attention_probs(q, k, start)  # [KV, g*T, S]
+            att = attend(probs, v, cfg.n_heads)  # [T, H*hd]
+        else:  # SPT: each query reads only its top-L keys (no probs to keep for backward)
+            probs = None
+            att = self.attention(q, k, v, start)  # [T, H*hd]
         x_mid = x + lin["self_attn.o_proj"](att)  # [T, D]
         # SwiGLU MLP
         h_mlp = rms_norm(x_mid, self.mlp_norm, eps)  # [T, D]
@@ -228,6 +235,9 @@ class LlamaBlock:
         d_x_mid = d_out + norm("post_attention_layernorm.weight", d_h_mlp, t["x_mid"],
                                self.mlp_norm)  # [T, D]
         # x_mid = x + o_proj(att); att = attention(rope(q), rope(k), v)
+        if t["probs"] is None:
+            raise NpsparseError("top-L sparse attention has no backward; train with exact "
+                                "attention")
         d_att = linear("self_attn.o_proj", d_x_mid, t["att"])  # [T, H*hd]
         d_q, d_k, d_v = attention_backward(split_heads(d_att, cfg.n_heads), t["q"], t["k"],
                                            t["v"], t["probs"])  # [H, T, hd], [KV, T, hd] x2

@@ -67,6 +67,8 @@ def decode_block(block, x: np.ndarray, start: int, cache_k: np.ndarray,
     np.ndarray
         ``[1, D]`` float32.
     """
+    if block.attention is not None:  # top-L sparse attention: the body (no compiled step for it)
+        return block(x, start, cache_k, cache_v)  # [1, D]
     cfg, eps = block.cfg, block.cfg.norm_eps
     hd = cfg.head_dim
     h = rms_norm_rows(x, block.attn_norm, eps)  # [1, D]
