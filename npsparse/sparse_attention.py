@@ -427,7 +427,18 @@ def parse_attention(text: str) -> int | None:
 
 
 def parse_pq(text: str) -> tuple[int, int]:
-    """``"M,C"`` -> ``(M, C)``: PQ subspaces and centroids per subspace (checked when fitted)."""
+    """``"M,C"`` -> ``(M, C)``: PQ subspaces and centroids per subspace (checked when fitted).
+
+    Parameters
+    ----------
+    text : str
+        ``--pq``'s value, two positive integers joined by a comma, e.g. ``"8,16"``.
+
+    Returns
+    -------
+    (int, int)
+        ``M`` subspaces and ``C`` centroids per subspace.
+    """
     parts = text.split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise NpsparseError(f"--pq {text!r} must be M,C (subspaces, centroids), e.g. 8,16")
