@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NpsparseError
+from .kernels.topk_attention import topk_attention_kernel
 from .models.layers import merge_heads, softmax
 
 _ROWS = 256  # query rows per block: bounds the [rows, S] and [rows, L, hd] temporaries
@@ -274,7 +275,8 @@ def _check_inputs(q, k, v, start, n_keep, codebooks) -> None:
 
 
 def topk_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_keep: int,
-                   codebooks: np.ndarray, clamp: float | None = None) -> np.ndarray:
+                   codebooks: np.ndarray, clamp: float | None = None,
+                   path: str = "numba") -> np.ndarray:
     """Causal attention in which each query reads only its top-L keys by PQ-approximated score.
 
     Per key/value head: keys are PQ-encoded, every query's scores are approximated by ADC
@@ -298,6 +300,11 @@ def topk_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_ke
     clamp : float, optional
         If given, scaled scores are clipped to ``[-clamp, clamp]`` before the softmax (SPT uses
         10.0); None (default) leaves them exact.
+    path : str
+        ``"numba"`` (default): one compiled call, query by query, top L found by a partition
+        (:func:`npsparse.kernels.topk_attention.topk_attention_kernel`); ``"numpy"``: blocks of
+        query rows with ``[R, S]`` score matrices and a stable argsort. Both keep the same keys;
+        the results agree up to float32 rounding.
 
     Returns
     -------
@@ -305,6 +312,24 @@ def topk_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_ke
         ``[T, H*hd]`` float32, heads concatenated (as :func:`npsparse.models.layers.attend`).
     """
     _check_inputs(q, k, v, start, n_keep, codebooks)
+    if path == "numpy":
+        return _topk_attention_numpy(q, k, v, start, n_keep, codebooks, clamp)
+    if path != "numba":
+        raise NpsparseError(f"top-L attention path {path!r} must be 'numba' or 'numpy'")
+    q, k, v = (np.ascontiguousarray(x, dtype=np.float32) for x in (q, k, v))
+    codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)
+    n_kv, n_keys, _ = k.shape
+    n_sub = codebooks.shape[1]
+    if n_keep >= n_keys:  # every query keeps all its visible keys: codes are never read
+        codes = np.zeros((n_kv, 0, n_sub), dtype=np.uint8)
+    else:
+        codes = np.stack([encode(k[h], codebooks[h]) for h in range(n_kv)])  # [KV, S, M]
+    return topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, clamp is not None,
+                                 0.0 if clamp is None else float(clamp))  # [T, H*hd]
+
+
+def _topk_attention_numpy(q, k, v, start, n_keep, codebooks, clamp):
+    """:func:`topk_attention` in NumPy, a block of ``_ROWS`` query rows at a time."""
     n_heads, n_tok, head_dim = q.shape
     n_kv = k.shape[0]
     group = n_heads // n_kv

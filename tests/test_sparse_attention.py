@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npsparse.errors import NpsparseError
+from npsparse.kernels.topk_attention import BUCKETS, select_keys
 from npsparse.models.layers import causal_attention
 from npsparse.sparse_attention import (approximate_scores, attention_error, encode,
                                        fit_codebooks, fit_head_codebooks, select_topk,
@@ -127,11 +128,11 @@ def _case(rng, kv, group, n_tok, start, head_dim, n_sub, n_centroids):
 @few
 @given(kv=st.integers(1, 2), group=st.integers(1, 3), n_tok=st.integers(1, 6),
        start=st.integers(0, 5), n_sub=st.sampled_from([1, 2, 4]), extra=st.integers(0, 3),
-       seed=st.integers(0, 2**16))
+       seed=st.integers(0, 2**16), path=st.sampled_from(["numba", "numpy"]))
 def test_keeping_every_visible_key_is_exact_causal_attention(kv, group, n_tok, start, n_sub,
-                                                             extra, seed):
+                                                             extra, seed, path):
     q, k, v, books = _case(np.random.default_rng(seed), kv, group, n_tok, start, 8, n_sub, 4)
-    got = topk_attention(q, k, v, start, start + n_tok + extra, books)
+    got = topk_attention(q, k, v, start, start + n_tok + extra, books, path=path)
     expected = causal_attention(q, k, v, start)
     assert got.shape == expected.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -141,17 +142,102 @@ def test_keeping_every_visible_key_is_exact_causal_attention(kv, group, n_tok, s
 @few
 @given(kv=st.integers(1, 2), group=st.integers(1, 3), n_tok=st.integers(1, 6),
        start=st.integers(0, 5), n_keep=st.integers(1, 5), n_sub=st.sampled_from([1, 2, 4]),
-       clamp=st.sampled_from([None, 1.0]), seed=st.integers(0, 2**16))
+       clamp=st.sampled_from([None, 1.0]), seed=st.integers(0, 2**16),
+       path=st.sampled_from(["numba", "numpy"]))
 def test_topk_attention_equals_the_naive_loop(kv, group, n_tok, start, n_keep, n_sub, clamp,
-                                              seed):
+                                              seed, path):
     rng = np.random.default_rng(seed)
     n_keys = start + n_tok
     q = _dyadic(rng, (kv * group, n_tok, 8))
     k, v = _dyadic(rng, (kv, n_keys, 8)), _dyadic(rng, (kv, n_keys, 8))
     books = _dyadic(rng, (kv, n_sub, 3, 8 // n_sub))  # dyadic: the same ranking in both
-    got = topk_attention(q, k, v, start, n_keep, books, clamp=clamp)
+    got = topk_attention(q, k, v, start, n_keep, books, clamp=clamp, path=path)
     expected = topk_attention_reference(q, k, v, start, n_keep, books, clamp=clamp)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Numba kernel
+
+
+def _select_keys(scores, n_visible, n_keep, buckets=BUCKETS):
+    """The kernel's choice for one query, through scratch buffers sized as the kernel's."""
+    keys = np.full(max(1, min(n_keep, n_visible)), -1, dtype=np.int64)
+    count = select_keys(scores, n_visible, n_keep, keys, np.empty(len(scores) + 1, np.int64),
+                        np.empty(len(scores), np.float32), np.empty(buckets, np.int64))
+    return keys[:count]
+
+
+@few
+@given(n_keys=st.integers(1, 300), n_keep=st.integers(1, 40), buckets=st.sampled_from([1, 3, 256]),
+       kind=st.sampled_from(["ties", "normal", "outlier", "constant", "huge"]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_select_keys_picks_the_set_select_topk_picks(n_keys, n_keep, buckets, kind, seed, data):
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        scores = rng.integers(-3, 4, size=(4, n_keys)).astype(np.float32)
+    elif kind == "normal":
+        scores = rng.standard_normal((4, n_keys)).astype(np.float32)
+    elif kind == "outlier":  # one far score squeezes the others into a single bucket
+        scores = rng.integers(-3, 4, size=(4, n_keys)).astype(np.float32)
+        scores[:, rng.integers(n_keys)] = 1e6
+    elif kind == "constant":
+        scores = np.full((4, n_keys), 0.5, dtype=np.float32)
+    else:  # a range that overflows float32
+        scores = rng.choice(np.array([-3e38, 0.0, 1.0, 3e38], dtype=np.float32), size=(4, n_keys))
+    pos = np.array(data.draw(st.lists(st.integers(0, n_keys - 1), min_size=4, max_size=4)))
+    keys, valid = select_topk(scores, pos, n_keep)
+    for r in range(4):
+        got = _select_keys(scores[r], pos[r] + 1, n_keep, buckets)
+        assert len(got) == min(n_keep, pos[r] + 1)
+        assert got.tolist() == sorted(keys[r][valid[r]].tolist())  # same set, ascending
+
+
+def _tied_case(rng, kv, group, n_tok, start, n_sub, n_centroids, tie):
+    """Dyadic inputs (exact float32 sums, so the ranking is the same in every implementation)
+    with ties in the approximate scores: duplicate centroids, equal keys, or both."""
+    n_keys = start + n_tok
+    q = _dyadic(rng, (kv * group, n_tok, 8))
+    k, v = _dyadic(rng, (kv, n_keys, 8)), _dyadic(rng, (kv, n_keys, 8))
+    books = _dyadic(rng, (kv, n_sub, n_centroids, 8 // n_sub))
+    if tie in ("centroids", "both") and n_centroids > 1:
+        books[:, :, 1] = books[:, :, 0]  # two centroids with the same value: codes tie too
+    if tie in ("keys", "both") and n_keys > 1:
+        k[:, 1::2] = k[:, :-1:2]  # each odd key repeats the even key before it
+    return q, k, v, books
+
+
+@few
+@given(kv=st.integers(1, 3), group=st.integers(1, 3), n_tok=st.integers(1, 9),
+       start=st.integers(0, 7), n_keep=st.integers(1, 18), n_sub=st.sampled_from([1, 2, 4]),
+       n_centroids=st.integers(1, 5), tie=st.sampled_from(["none", "centroids", "keys", "both"]),
+       clamp=st.sampled_from([None, 1.0, 10.0]), seed=st.integers(0, 2**16))
+def test_numba_kernel_equals_the_naive_loop(kv, group, n_tok, start, n_keep, n_sub, n_centroids,
+                                            tie, clamp, seed):
+    q, k, v, books = _tied_case(np.random.default_rng(seed), kv, group, n_tok, start, n_sub,
+                                n_centroids, tie)
+    got = topk_attention(q, k, v, start, n_keep, books, clamp=clamp, path="numba")
+    assert got.shape == (n_tok, kv * group * 8) and got.dtype == np.float32
+    expected = topk_attention_reference(q, k, v, start, n_keep, books, clamp=clamp)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, topk_attention(q, k, v, start, n_keep, books, clamp=clamp,
+                                                   path="numpy"), rtol=1e-5, atol=1e-5)
+
+
+@settings(deadline=None, max_examples=5)
+@given(n_keep=st.sampled_from([1, 7, 64, 299]), start=st.sampled_from([0, 37]),
+       tie=st.sampled_from(["none", "both"]), seed=st.integers(0, 2**16))
+def test_numba_kernel_equals_the_numpy_path_on_long_sequences(n_keep, start, tie, seed):
+    # more visible keys than histogram buckets, more tokens than tasks per head, GQA 3:1
+    q, k, v, books = _tied_case(np.random.default_rng(seed), 2, 3, 300, start, 4, 8, tie)
+    got = topk_attention(q, k, v, start, n_keep, books, clamp=10.0)
+    np.testing.assert_allclose(got, topk_attention(q, k, v, start, n_keep, books, clamp=10.0,
+                                                   path="numpy"), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_path_is_refused():
+    q, k, v, books = _case(np.random.default_rng(0), 1, 1, 2, 0, 8, 2, 2)
+    with pytest.raises(NpsparseError, match="path"):
+        topk_attention(q, k, v, 0, 1, books, path="torch")
 
 
 def test_gqa_with_few_keys_differs_from_exact_by_a_measured_error():
