@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NpsparseError
-from .kernels.topk_attention import topk_attention_kernel
+from .kernels.topk_attention import encode_keys, topk_attention_kernel
 from .models.layers import merge_heads, softmax
 
 _ROWS = 256  # query rows per block: bounds the [rows, S] and [rows, L, hd] temporaries
@@ -323,7 +323,7 @@ def topk_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_ke
     if n_keep >= n_keys:  # every query keeps all its visible keys: codes are never read
         codes = np.zeros((n_kv, 0, n_sub), dtype=np.uint8)
     else:
-        codes = np.stack([encode(k[h], codebooks[h]) for h in range(n_kv)])  # [KV, S, M]
+        codes = encode_keys(k, codebooks)  # [KV, S, M], as encode() per head
     return topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, clamp is not None,
                                  0.0 if clamp is None else float(clamp))  # [T, H*hd]
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npsparse.errors import NpsparseError
-from npsparse.kernels.topk_attention import BUCKETS, select_keys
+from npsparse.kernels.topk_attention import BUCKETS, encode_keys, select_keys
 from npsparse.models.layers import causal_attention
 from npsparse.sparse_attention import (approximate_scores, attention_error, encode,
                                        fit_codebooks, fit_head_codebooks, select_topk,
@@ -162,7 +162,7 @@ def test_topk_attention_equals_the_naive_loop(kv, group, n_tok, start, n_keep, n
 def _select_keys(scores, n_visible, n_keep, buckets=BUCKETS):
     """The kernel's choice for one query, through scratch buffers sized as the kernel's."""
     keys = np.full(max(1, min(n_keep, n_visible)), -1, dtype=np.int64)
-    count = select_keys(scores, n_visible, n_keep, keys, np.empty(len(scores) + 1, np.int64),
+    count = select_keys(scores, n_visible, n_keep, keys, np.empty(2 * len(scores), np.int64),
                         np.empty(len(scores), np.float32), np.empty(buckets, np.int64))
     return keys[:count]
 
@@ -189,7 +189,24 @@ def test_select_keys_picks_the_set_select_topk_picks(n_keys, n_keep, buckets, ki
     for r in range(4):
         got = _select_keys(scores[r], pos[r] + 1, n_keep, buckets)
         assert len(got) == min(n_keep, pos[r] + 1)
-        assert got.tolist() == sorted(keys[r][valid[r]].tolist())  # same set, ascending
+        assert sorted(got.tolist()) == sorted(keys[r][valid[r]].tolist())  # the same set
+
+
+@few
+@given(kv=st.integers(1, 3), n_keys=st.integers(1, 40), n_sub=st.sampled_from([1, 2, 4]),
+       n_centroids=st.integers(1, 6), dyadic=st.booleans(), seed=st.integers(0, 2**16))
+def test_numba_encode_keys_is_encode_per_head(kv, n_keys, n_sub, n_centroids, dyadic, seed):
+    rng = np.random.default_rng(seed)
+    if dyadic:  # exact distances with many ties, and a duplicate centroid: lower index wins
+        k = _dyadic(rng, (kv, n_keys, 8), -2, 2)
+        books = _dyadic(rng, (kv, n_sub, n_centroids, 8 // n_sub), -2, 2)
+        books[:, :, -1] = books[:, :, 0]
+    else:
+        k = rng.standard_normal((kv, n_keys, 8)).astype(np.float32)
+        books = rng.standard_normal((kv, n_sub, n_centroids, 8 // n_sub)).astype(np.float32)
+    got = encode_keys(k, books)
+    assert got.shape == (kv, n_keys, n_sub) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.stack([encode(k[h], books[h]) for h in range(kv)]))
 
 
 def _tied_case(rng, kv, group, n_tok, start, n_sub, n_centroids, tie):

@@ -10,9 +10,9 @@ query by query, with every temporary a small per-task buffer:
 2. ADC scores of the causally visible keys only (positions ``0 .. start+t``); when ``M`` is even
    and ``C <= 16``, from a table of sums over pairs of subspaces (``[M/2, C^2]``), so a key
    costs ``M/2`` lookups (the sum is the same up to float32 rounding order);
-3. the top L of them without a sort (:func:`select_keys`: a vectorised pass bounds the L-th
-   largest score from below, a partition of the few keys above that bound finds it, then the
-   keys above it and, in position order, the keys equal to it are taken), which is the same key
+3. the top L of them without a sort (:func:`select_keys`: a histogram of the scores finds the
+   bucket holding the L-th largest, a partition of that bucket alone finds the score; the keys
+   above it and, in position order, the keys equal to it are taken), which is the same key
    *set* as :func:`npsparse.sparse_attention.select_topk`'s stable sort;
 4. exact scaled dot products with the chosen keys, the optional clamp, a max-subtracted softmax
    and the weighted sum of their values.
@@ -43,10 +43,11 @@ def select_keys(scores, n_visible, n_keep, keys_out, scratch_pos, scratch_val, h
     No sort. With ``L < n_visible``, the L-th largest score ``x`` is found by one histogram
     pass: the scores' range is cut into ``len(hist)`` equal buckets (the bucket of a score never
     decreases as the score grows), counted, and the bucket holding ``x`` found from the top; a
-    partition of that bucket's scores alone (typically a few) gives ``x``. Then every key above
-    ``x`` is taken, and keys equal to ``x`` in position order until L are taken. The set equals
-    the first L of a stable sort by descending score (:func:`npsparse.sparse_attention.
-    select_topk`); the order within it is by position, not by score.
+    partition of that bucket's scores alone (typically a few) gives ``x``. A second pass gathers
+    the keys of the buckets above (all taken) and of that bucket, of which those above ``x`` are
+    taken, then those equal to ``x`` in position order until L are taken. The set equals the
+    first L of a stable sort by descending score (:func:`npsparse.sparse_attention.select_topk`);
+    the order within it is not by score.
 
     Parameters
     ----------
@@ -57,9 +58,10 @@ def select_keys(scores, n_visible, n_keep, keys_out, scratch_pos, scratch_val, h
     n_keep : int
         L >= 1.
     keys_out : np.ndarray
-        ``[>= min(L, n_visible)]`` int64, written with the chosen positions, ascending.
+        ``[>= min(L, n_visible)]`` int64, written with the chosen positions: those of the
+        buckets above the boundary one, then those from it, each in position order.
     scratch_pos, scratch_val : np.ndarray
-        ``[>= n_visible + 1]`` int64 and ``[>= n_visible]`` float32 scratch.
+        ``[>= 2 * n_visible]`` int64 and ``[>= n_visible]`` float32 scratch.
     hist : np.ndarray
         ``[B]`` int64 scratch, ``B >= 1`` buckets (:data:`BUCKETS` in the kernel).
 
@@ -90,31 +92,38 @@ def select_keys(scores, n_visible, n_keep, keys_out, scratch_pos, scratch_val, h
         b = max(0, min(b, n_buckets - 1))
         bucket[s] = b
         hist[b] += 1
-    above = 0  # keys in buckets above the boundary one: fewer than L
+    higher = 0  # keys in buckets above the boundary one: fewer than L
     edge = n_buckets - 1
-    while above + hist[edge] < n_keep:
-        above += hist[edge]
+    while higher + hist[edge] < n_keep:
+        higher += hist[edge]
         edge -= 1
+    edge_pos = scratch_pos[n_visible:]  # the boundary bucket's keys and scores
+    above = 0  # keys in buckets above it, compacted in place over their buckets
     count = 0
-    for s in range(n_visible):  # branch-free gather of the boundary bucket's scores
+    for s in range(n_visible):  # branch-free: slots are overwritten until they are counted
+        b = bucket[s]
+        bucket[above] = s
+        above += b > edge
+        edge_pos[count] = s
         scratch_val[count] = scores[s]
-        count += bucket[s] == edge
+        count += b == edge
     need = n_keep - above  # 1 .. count of them come from the boundary bucket
     cut = np.partition(scratch_val[:count], count - need)[count - need]  # the L-th largest
     ties = need  # keys scoring exactly `cut` to take, lowest positions first
     for i in range(count):
         ties -= scratch_val[i] > cut
-    taken = 0
-    for s in range(n_visible):  # branch-free: scratch_pos[taken] is overwritten until taken
-        x = scores[s]
-        tie = x == cut and ties > 0
-        scratch_pos[taken] = s
-        taken += x > cut or tie
-        ties -= tie
-    taken = min(taken, n_keep)  # == n_keep unless scores hold NaN (whose order is undefined)
-    for i in range(taken):
-        keys_out[i] = scratch_pos[i]
-    return taken
+    for i in range(above):
+        keys_out[i] = bucket[i]
+    taken = above
+    for i in range(count):  # few: the boundary bucket only
+        x = scratch_val[i]
+        if x > cut or (x == cut and ties > 0):
+            if taken < n_keep:
+                keys_out[taken] = edge_pos[i]
+            taken += 1
+            if x == cut:
+                ties -= 1
+    return min(taken, n_keep)  # == n_keep unless scores hold NaN (whose order is undefined)
 
 
 @jit
@@ -140,6 +149,48 @@ def _adc_scores(table, codes, n_visible, scores):
         for m in range(n_sub):
             total += table[m, codes[s, m]]
         scores[s] = total
+
+
+@pjit
+def encode_keys(k, codebooks):
+    """PQ codes of every key/value head's keys: the nearest centroid (squared L2, ties to the
+    lower index) in each subspace, the rule of :func:`npsparse.sparse_attention.encode`.
+
+    The squared distances are summed in another order than NumPy's, so a key equidistant from
+    two centroids to within float32 rounding may get the other one; exact ties go to the lower
+    index in both.
+
+    Parameters
+    ----------
+    k : np.ndarray
+        ``[KV, S, hd]`` float32 keys.
+    codebooks : np.ndarray
+        ``[KV, M, C, d]`` float32 with ``M * d = hd``.
+
+    Returns
+    -------
+    np.ndarray
+        ``[KV, S, M]`` uint8.
+    """
+    n_kv, n_keys, _ = k.shape
+    n_sub, n_cent, sub_dim = codebooks.shape[1], codebooks.shape[2], codebooks.shape[3]
+    codes = np.empty((n_kv, n_keys, n_sub), dtype=np.uint8)
+    for row in numba.prange(n_kv * n_keys):
+        h = row // n_keys
+        s = row % n_keys
+        for m in range(n_sub):
+            best = 0
+            best_dist = np.float32(0.0)
+            for c in range(n_cent):
+                dist = np.float32(0.0)
+                for j in range(sub_dim):
+                    diff = k[h, s, m * sub_dim + j] - codebooks[h, m, c, j]
+                    dist += diff * diff
+                if c == 0 or dist < best_dist:  # strict: a tie keeps the lower index
+                    best = c
+                    best_dist = dist
+            codes[h, s, m] = best
+    return codes
 
 
 @jit
@@ -230,7 +281,7 @@ def topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, use_clamp, c
         pair_table = np.empty((n_sub // 2, n_cent * n_cent), dtype=np.float32)
         scores = np.empty(n_keys, dtype=np.float32)
         keys = np.empty(width, dtype=np.int64)
-        scratch_pos = np.empty(n_keys + 1, dtype=np.int64)
+        scratch_pos = np.empty(2 * n_keys, dtype=np.int64)
         scratch_val = np.empty(n_keys, dtype=np.float32)
         hist = np.empty(BUCKETS, dtype=np.int64)
         weights = np.empty(width, dtype=np.float32)
@@ -246,7 +297,6 @@ def topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, use_clamp, c
                     _adc_scores(table, codes[kv], n_visible, scores)
             count = select_keys(scores, n_visible, n_keep, keys, scratch_pos, scratch_val,
                                 hist)  # all visible if L >= them
-            top = -np.inf
             for i in range(count):
                 key = k[kv, keys[i]]
                 dot = np.float32(0.0)
@@ -256,7 +306,9 @@ def topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, use_clamp, c
                 if use_clamp:
                     dot = min(max(dot, -bound), bound)
                 weights[i] = dot
-                top = max(top, dot)
+            top = weights[0]  # count >= 1: a query always sees its own position
+            for i in range(1, count):
+                top = max(top, weights[i])
             total = np.float32(0.0)
             acc[:] = 0.0
             for i in range(count):
