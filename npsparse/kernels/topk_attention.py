@@ -151,10 +151,13 @@ def _adc_scores(table, codes, n_visible, scores):
         scores[s] = total
 
 
-@pjit
+@jit
 def encode_keys(k, codebooks):
     """PQ codes of every key/value head's keys: the nearest centroid (squared L2, ties to the
     lower index) in each subspace, the rule of :func:`npsparse.sparse_attention.encode`.
+
+    Serial: 0.9 ms for SmolLM2's 3 heads at 2048 positions (M=8, C=16), less than a parallel
+    launch costs when the other core is busy.
 
     The squared distances are summed in another order than NumPy's, so a key equidistant from
     two centroids to within float32 rounding may get the other one; exact ties go to the lower
@@ -175,7 +178,7 @@ def encode_keys(k, codebooks):
     n_kv, n_keys, _ = k.shape
     n_sub, n_cent, sub_dim = codebooks.shape[1], codebooks.shape[2], codebooks.shape[3]
     codes = np.empty((n_kv, n_keys, n_sub), dtype=np.uint8)
-    for row in numba.prange(n_kv * n_keys):
+    for row in range(n_kv * n_keys):
         h = row // n_keys
         s = row % n_keys
         for m in range(n_sub):
