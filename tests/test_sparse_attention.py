@@ -251,6 +251,18 @@ def test_numba_kernel_equals_the_numpy_path_on_long_sequences(n_keep, start, tie
                                                    path="numpy"), rtol=1e-5, atol=1e-5)
 
 
+@settings(deadline=None, max_examples=10)
+@given(n_keep=st.integers(1, 12), n_tok=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_numba_kernel_one_token_at_a_time_equals_the_whole_window(n_keep, n_tok, seed):
+    # decode calls it with T = 1 and the keys so far: each query's result must not depend on
+    # the call it is in (same ADC sums, same keys, same bits), even on float data
+    q, k, v, books = _case(np.random.default_rng(seed), 2, 3, n_tok, 0, 16, 4, 16)
+    whole = topk_attention(q, k, v, 0, n_keep, books)
+    steps = [topk_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], t, n_keep, books)
+             for t in range(n_tok)]
+    np.testing.assert_array_equal(np.concatenate(steps), whole)
+
+
 def test_unknown_path_is_refused():
     q, k, v, books = _case(np.random.default_rng(0), 1, 1, 2, 0, 8, 2, 2)
     with pytest.raises(NpsparseError, match="path"):
