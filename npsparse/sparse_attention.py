@@ -303,10 +303,10 @@ def topk_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_ke
     path : str
         ``"numba"`` (default): keys encoded by :func:`npsparse.kernels.topk_attention.
         encode_keys`, then one compiled call that works query by query and finds the top L
-        without a sort (:func:`npsparse.kernels.topk_attention.topk_attention_kernel`; 0.3-0.45x
-        the time of exact attention at 2048 positions with L = 64 .. 256); ``"numpy"``: blocks
-        of query rows with ``[R, S]`` score matrices and a stable argsort (5-7x exact). Both keep
-        the same keys; the results agree up to float32 rounding.
+        without a sort (:func:`npsparse.kernels.topk_attention.topk_attention_kernel`);
+        ``"numpy"``: blocks of query rows with ``[R, S]`` score matrices and a stable argsort
+        (slower than exact attention). Both keep the same keys; the results agree up to float32
+        rounding.
 
     Returns
     -------

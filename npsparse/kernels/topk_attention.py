@@ -156,8 +156,8 @@ def encode_keys(k, codebooks):
     """PQ codes of every key/value head's keys: the nearest centroid (squared L2, ties to the
     lower index) in each subspace, the rule of :func:`npsparse.sparse_attention.encode`.
 
-    Serial: 0.9 ms for SmolLM2's 3 heads at 2048 positions (M=8, C=16), less than a parallel
-    launch costs when the other core is busy.
+    Serial: the work is small next to the attention, smaller than what a parallel launch costs
+    when another process holds a core.
 
     The squared distances are summed in another order than NumPy's, so a key equidistant from
     two centroids to within float32 rounding may get the other one; exact ties go to the lower
@@ -272,7 +272,7 @@ def topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, use_clamp, c
     width = min(n_keep, n_keys)
     n_strides = max(1, min(n_strides, n_tok))
     # pairs of subspaces looked up at once when their C^2 joint codes fit a byte (SmolLM2's
-    # M=8, C=16: 4 lookups per key instead of 8, ADC 3x faster)
+    # M=8, C=16: 4 lookups per key instead of 8)
     paired = n_sub % 2 == 0 and n_cent <= 16 and n_keep < n_keys
     pair_codes = _pair_codes(codes if paired else codes[:, :0], n_cent)  # [KV, S, M/2]
     out = np.empty((n_tok, n_heads * head_dim), dtype=np.float32)
