@@ -156,7 +156,7 @@ class LLM:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
-                 on_text=None) -> GenerationResult:
+                 on_text=None, adapt_threads: bool = True) -> GenerationResult:
         """Continue ``prompt``; greedy unless ``temperature > 0``.
 
         Parameters
@@ -170,6 +170,9 @@ class LLM:
         on_text : callable, optional
             Called with each new piece of text as it is generated (streaming); the pieces
             concatenate to ``text``.
+        adapt_threads : bool
+            Follow the machine's load with the decode thread count (see
+            :func:`npsparse.generate.generate`); False keeps the count set beforehand.
 
         Returns
         -------
@@ -190,7 +193,7 @@ class LLM:
 
         result = generate(self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed, eos_token_id=stop,
-                          on_token=show if on_text else None)
+                          on_token=show if on_text else None, adapt_threads=adapt_threads)
         result.text = self.decode(result.ids[:-1] if result.stopped_at_eos else result.ids)
         return result
 

@@ -123,15 +123,19 @@ def cmd_generate(args) -> None:
         print(_attention_line(attention), file=sys.stderr)
     from .packing import apply_format, layer_formats
 
+    if args.threads is not None:  # fixed, whatever the format (a packed folder runs --format dense)
+        from .kernels import set_threads
+
+        set_threads(args.threads)
     if args.format != "dense":
-        apply_format(llm.model, args.format, threads=args.threads, head=args.head,
-                     checkpoint=llm.checkpoint)
+        apply_format(llm.model, args.format, head=args.head, checkpoint=llm.checkpoint)
     fmt = layer_formats(llm.model)  # what runs: a packed folder stays packed with --format dense
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     if stream and not args.chat:
         print(args.prompt, end="", flush=True)
     result = llm.generate(args.prompt, args.n, temperature=args.temp, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, chat=args.chat, on_text=stream)
+                          top_p=args.top_p, seed=args.seed, chat=args.chat, on_text=stream,
+                          adapt_threads=args.threads is None)
     if args.json:
         _print_json({"model": str(llm.path), "prompt": args.prompt, "format": fmt,
                      "attention": attention, **result.to_dict()})
@@ -448,7 +452,8 @@ def _generate_options(gen) -> None:
                           "for a checkpoint, the stored formats for a packed folder; auto = "
                           "fewest bytes per layer)")
     gen.add_argument("--threads", type=_positive, default=None,
-                     help="kernel threads (default: NUMBA_NUM_THREADS, all cores unless set)")
+                     help="kernel threads, fixed (default: as many as the other processes leave "
+                          "CPUs free, re-read while decoding, up to NUMBA_NUM_THREADS)")
     gen.add_argument("--head", default="auto", choices=HEAD_CHOICES,
                      help=HEAD_HELP + " (with --format other than dense)")
     _add_attention(gen)

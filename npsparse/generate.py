@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import NpsparseError
+from .threads import LoadAwareThreads
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -86,6 +87,7 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     stopped_at_eos: bool = False
+    thread_history: list = field(default_factory=list)  # (other processes' CPUs, threads) readings
 
     @property
     def prefill_tok_s(self) -> float:
@@ -107,7 +109,8 @@ class GenerationResult:
 
 def generate(model, prompt_ids, max_new_tokens: int = 64, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+             on_token: Callable[[int], None] | None = None,
+             adapt_threads: bool = True) -> GenerationResult:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens.
 
     The prompt is processed in batched forward passes of up to 512 tokens (prefill,
@@ -128,6 +131,11 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, *, temperature: float 
         Stop after generating this token.
     on_token : callable, optional
         Called with each new token id as soon as it exists (for streaming).
+    adapt_threads : bool
+        During decode, run as many kernel threads as the other processes leave CPUs free
+        (:class:`~npsparse.threads.LoadAwareThreads`; the count found is restored at the end).
+        False keeps the count set beforehand (``npsparse.kernels.set_threads``). The tokens are
+        the same either way.
 
     Returns
     -------
@@ -157,15 +165,23 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, *, temperature: float 
     if on_token:
         on_token(token)
 
+    threads = LoadAwareThreads() if adapt_threads else None
     start = time.perf_counter()
-    while len(result.ids) < max_new_tokens:
-        if eos_token_id is not None and token == eos_token_id:
-            break
-        logits = model.forward(np.array([token]), cache)[-1]  # [V]
-        token = sample_token(logits, rng, temperature, top_k, top_p)
-        result.ids.append(token)
-        if on_token:
-            on_token(token)
+    try:
+        while len(result.ids) < max_new_tokens:
+            if eos_token_id is not None and token == eos_token_id:
+                break
+            logits = model.forward(np.array([token]), cache)[-1]  # [V]
+            token = sample_token(logits, rng, temperature, top_k, top_p)
+            result.ids.append(token)
+            if on_token:
+                on_token(token)
+            if threads is not None:
+                threads.step()
+    finally:
+        if threads is not None:
+            threads.close()
+            result.thread_history = threads.history
     result.decode_seconds = time.perf_counter() - start
     result.stopped_at_eos = eos_token_id is not None and token == eos_token_id
     return result

@@ -190,9 +190,11 @@ def decode_step(q, k, v, cos, sin, cache_k, cache_v, position, rotate, threads=1
     rotate : bool
         Apply RoPE to ``q`` and ``k`` (LLaMA family) or not (learned positions).
     threads : int
-        Kernel threads in use (``numba.get_num_threads()``); with more than one, from
-        :data:`SPLIT_MIN_KEYS` positions on the attention runs split across them
-        (:func:`decode_attention_split`). Passed in so this function stays cacheable.
+        The most kernel threads (``numba.config.NUMBA_NUM_THREADS``); with more than one, from
+        :data:`SPLIT_MIN_KEYS` positions on the attention runs split into that many ranges
+        (:func:`decode_attention_split`). The ceiling, not the count in use, so the result does
+        not depend on how many threads run (:mod:`npsparse.threads` changes that count with the
+        machine's load). Passed in so this function stays cacheable.
 
     Returns
     -------

@@ -445,7 +445,7 @@ def multi_head_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: i
         cos, sin = rope if rope is not None else (_NO_ROPE, _NO_ROPE)
         return decode_step(q.reshape(n_heads, head_dim), k.reshape(n_kv, head_dim),
                            v.reshape(n_kv, head_dim), cos[0], sin[0], cache_k, cache_v, start,
-                           rope is not None, numba.get_num_threads())  # [1, H*hd]
+                           rope is not None, numba.config.NUMBA_NUM_THREADS)  # [1, H*hd]
     q, k, v = split_heads(q, n_heads), split_heads(k, n_kv), split_heads(v, n_kv)  # [heads, T, hd]
     if rope is not None:
         q = apply_rope(q, *rope)

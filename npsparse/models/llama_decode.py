@@ -78,7 +78,7 @@ def decode_block(block, x: np.ndarray, start: int, cache_k: np.ndarray,
     cos, sin = block.rope(start, 1)  # [1, hd]
     att = decode_step(q.reshape(cfg.n_heads, hd), k.reshape(cfg.n_kv_heads, hd),
                       v.reshape(cfg.n_kv_heads, hd), cos[0], sin[0], cache_k, cache_v, start,
-                      True, numba.get_num_threads())  # [1, H*hd]
+                      True, numba.config.NUMBA_NUM_THREADS)  # [1, H*hd]
     x, h = add_rms_norm(x, block.linears["self_attn.o_proj"](att), block.mlp_norm, eps)
     if block.ffn_router is not None:  # routed FFN: rows of the A chosen blocks only
         f = block.ffn_router(h, block.linears)  # [1, D]
