@@ -270,7 +270,7 @@ def cmd_finetune(args) -> None:
         pattern=args.pattern if args.sparsity is None else str(args.sparsity), rank=args.rank,
         fraction=args.fraction, nuclear=args.nuclear, experts=args.experts, top_k=args.top_k,
         adapter_dim=args.adapter_dim, adapter_scale=args.adapter_scale, balance=args.balance,
-        blocks=args.blocks, active=args.active)
+        blocks=args.blocks, active=args.active, router_init=args.router_init)
     settings.check()  # before loading anything
     log = (lambda text: print(text, file=sys.stderr)) if args.json else print
     report = finetune(args.model, args.out, settings, resume=args.resume,
@@ -396,6 +396,11 @@ def _finetune_options(ft) -> None:
                     help="routed FFN's blocks per FFN, B >= 1 dividing the FFN dim")
     ft.add_argument("--active", type=int, default=None,
                     help="routed FFN's blocks active per token, 1 <= A <= B")
+    ft.add_argument("--router-init", choices=("random", "oracle"), default=None,
+                    help="routed FFN's routers at step 0: random (default: small, near-uniform "
+                         "weights) or oracle (MoEfication: each router ridge-fitted on the dense "
+                         "model's first 8 training windows to predict the blocks with the "
+                         "largest activation norms, logits scaled by 0.1)")
     ft.add_argument("--resume", action="store_true",
                     help="continue an interrupted run (any --method) from OUT.resume; the "
                          "other options must be those of the interrupted run")

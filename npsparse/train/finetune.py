@@ -8,7 +8,9 @@ dense model while it trains, and every adapter is merged into the weights that a
 ``pesc`` every FFN becomes a mixture of adapter experts (:mod:`npsparse.train.pesc`): only the
 routers and adapters train, and the output folder keeps them (``config.json`` says so). With
 ``routed-ffn`` every FFN runs only its router's top-A blocks of units (SPT,
-:mod:`npsparse.train.routed_ffn`): the routers and FFN weights train, the folder keeps them. The
+:mod:`npsparse.train.routed_ffn`): the routers and FFN weights train, the folder keeps them;
+``--router-init oracle`` first ridge-fits every router, on the dense model's first 8 training
+windows of the run, to predict the blocks with the largest activation norms. The
 teacher is the dense model the pruned folder came from; it runs forward only, *online*: its
 block outputs for one 512-token window are 35 MB (SmolLM2), so caching them for every window of
 a run would take several GB of disk per run, read back at every step, while recomputing them
@@ -81,7 +83,8 @@ from .losses import head_losses, squarehead
 from .optim import AdamW, AdamWSettings, clip_by_global_norm, learning_rate
 from .pesc import (DEFAULT_BALANCE, DEFAULT_SCALE, check_pesc, pesc_names, routing_summary,
                    with_pesc)
-from .routed_ffn import block_load, routed_names, with_routed_ffn
+from .routed_ffn import (FIT_WINDOWS, ROUTER_INITS, block_load, fit_routers, routed_names,
+                         set_routers, with_routed_ffn)
 
 REPORT = "finetune.json"
 # a folder npsparse pruned, converted to Monarch (packed.json names its dense teacher, first: a
@@ -123,6 +126,11 @@ class FinetuneSettings:
     balance: float | None = None  # PESC's balance-loss alpha (None: DEFAULT_BALANCE; 0 = off)
     blocks: int | None = None  # routed FFN's B
     active: int | None = None  # routed FFN's A
+    router_init: str | None = None  # routed FFN's routers: "random" (its default) or "oracle"
+
+    def __post_init__(self):
+        if self.method == "routed-ffn" and self.router_init is None:
+            self.router_init = "random"  # recorded as such, so resume compares like with like
 
     def check(self) -> None:
         """Refuse impossible settings with one line (before any model is loaded)."""
@@ -190,6 +198,11 @@ class FinetuneSettings:
                                 "it takes them")
         if self.method == "routed-ffn":  # B dividing F is checked once the model is loaded
             check_blocks(max(self.blocks, 1), self.blocks, self.active)
+        if self.method != "routed-ffn" and self.router_init is not None:
+            raise NpsparseError("--router-init applies to --method routed-ffn only")
+        if self.method == "routed-ffn" and self.router_init not in ROUTER_INITS:
+            raise NpsparseError(f"unknown --router-init {self.router_init!r} "
+                                f"({', '.join(ROUTER_INITS)})")
         if self.method != "full" and self.train_embeddings:
             raise NpsparseError("--train-embeddings applies to --method full only")
 
@@ -532,6 +545,10 @@ def _read_state(folder: Path, settings: dict) -> tuple[dict, dict]:
         arrays = load_file(str(folder / "state.safetensors"))
     except (OSError, json.JSONDecodeError, Exception) as err:
         raise NpsparseError(f"{folder}: cannot read the resumable state ({err})") from None
+    stored = record.get("settings")
+    if isinstance(stored, dict) and "router_init" not in stored:  # a state from before it
+        known = {k: v for k, v in stored.items() if k in FinetuneSettings.__dataclass_fields__}
+        record["settings"] = {**asdict(FinetuneSettings(**known)), **stored}
     if record.get("settings") != settings:
         changed = sorted(k for k in settings if record.get("settings", {}).get(k) != settings[k])
         raise NpsparseError(f"{folder} was written with other settings ({', '.join(changed)}); "
@@ -633,6 +650,7 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     model, checkpoint, tokenizer = load_trainable(model_path)
     if settings.pesc is not None:  # the base arrays stay the model's; routers, adapters new
         model = with_pesc(model, settings.pesc, settings.seed)
+    dense = model
     if settings.routed_ffn is not None:  # the base arrays stay the model's; routers new
         model = with_routed_ffn(model, settings.routed_ffn, settings.seed)
     config = model.config
@@ -652,6 +670,12 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
         raise NpsparseError(f"{settings.data} gives {len(data)} windows of {settings.seqlen} "
                             f"tokens: too few to train with {n_val} held out")
     train, val = data[:len(data) - n_val], data[len(data) - n_val:]
+    if settings.router_init == "oracle" and saved is None:  # resumed: the state has them
+        # the first FIT_WINDOWS windows the run reads, in its order (deterministic by --seed)
+        fit = [train[window_index(k // settings.batch, k % settings.batch, settings.batch,
+                                  len(train), settings.seed)]
+               for k in range(min(FIT_WINDOWS, len(train)))]
+        set_routers(model, fit_routers(dense, np.stack(fit), settings.routed_ffn))
     eval_sets = {}  # text -> [eval_windows, seqlen] windows of its eval part
     if settings.eval_windows:
         eval_sets = {name: make_windows(tokenizer.encode(read_text(name, part="eval")),

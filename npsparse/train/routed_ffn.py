@@ -11,6 +11,9 @@ nearly the dense model. Not zero: a zero router ties every logit, so every token
 blocks ``0 .. A-1`` (ties go to the lower index), and the unchosen blocks' router rows would get
 identical gradients and never separate. A zero router with ``A = B`` is the dense FFN exactly
 (tested). Block ``i`` draws from ``default_rng([seed, i])``.
+
+``--router-init oracle`` (MoEfication, Zhang et al. 2022) instead fits each router, before any
+training, to predict which blocks the activation-norm oracle picks (:func:`fit_routers`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from ..models.routed_ffn import FFN, ROUTER
 from ..routing import expert_load
 
 ROUTER_STD = 0.02  # times 1/sqrt(D)
+ROUTER_INITS = ("random", "oracle")
+FIT_WINDOWS = 8  # --router-init oracle: the first 8 training windows the run reads
+FIT_SCALE = 0.1  # fitted logits: 0.1 times the predicted standardized log-norms
+FIT_RIDGE = 1e-2  # ridge lambda, times the mean of diag(H^T H)
 
 
 def router_tensors(model, routed: RoutedFfnConfig, seed: int) -> dict[str, np.ndarray]:
@@ -142,3 +149,91 @@ def with_oracle_routing(model, routed: RoutedFfnConfig):
         block.ffn_router.router[...] = 0  # unused: the oracle chooses
         block.ffn_router.oracle = True
     return oracle
+
+
+def fit_routers(model, windows: np.ndarray, routed: RoutedFfnConfig, *, scale: float = FIT_SCALE,
+                ridge: float = FIT_RIDGE) -> dict[str, np.ndarray]:
+    """Routers fitted to predict the activation-norm oracle's blocks (MoEfication's init).
+
+    The dense model (plain FFNs, no router: each block's input comes from the dense forward of
+    the blocks before it) runs over ``windows``; at every block the FFN input ``h [N, D]`` (the
+    post-attention RMS-normed hidden state, what the router reads) and the per-block norms
+    ``n_b = ||silu(h gate_b^T) * (h up_b^T)||`` (what :func:`~npsparse.ffn_routing.oracle_blocks`
+    ranks) are collected. The target is the per-token standardized log-norm
+    ``y_b = (log n_b - mean_b log n) / std_b log n`` ``[N, B]``: the logarithm makes the ranking
+    target additive (a softmax compares logit differences, i.e. ratios of norms), the per-token
+    centring removes what no softmax sees, and the per-token scaling gives every token the same
+    weight in the fit. ``router^T`` solves the ridge normal equations
+    ``(H^T H + lambda I) W = H^T Y`` accumulated in float64, ``lambda = ridge * mean diag(H^T H)``;
+    the top-A of ``h router^T`` then approximates the oracle's top-A.
+
+    The scale: the chosen blocks are multiplied by ``B * softmax(z)_b``, while the oracle (which
+    does far better than random routers) weighs them 1. The standardized fit gives logits of
+    spread up to 1 a token, whose top blocks would get weights of 2-3 at B = 8, scaling the FFN
+    output up; so the fit is multiplied by ``scale`` (0.1): the logits spread by about 0.1, the
+    chosen blocks' weights stay within ~10-20% of 1 (near the oracle's), the ranking is the
+    fit's, and the softmax stays in its steep range, so the router keeps learning.
+
+    Parameters
+    ----------
+    model : LlamaModel
+        Plain FFNs (before :func:`with_routed_ffn`); not changed.
+    windows : np.ndarray
+        ``[n, T]`` token ids (finetune: the first :data:`FIT_WINDOWS` training windows the run
+        reads, in its order).
+    routed : RoutedFfnConfig
+        ``B`` (``A`` does not enter the fit).
+    scale : float
+        Multiplies the fitted logits (see above).
+    ridge : float
+        Ridge lambda relative to the mean diagonal of ``H^T H``.
+
+    Returns
+    -------
+    dict of str -> np.ndarray
+        ``{prefix}.mlp.block_router.weight [B, D]`` per block, in the model's dtype, like
+        :func:`router_tensors`; the same inputs give the same bits.
+    """
+    if model.config.routed_ffn is not None or model.config.pesc is not None:
+        raise NpsparseError("routers are fitted on a model with plain FFNs")
+    n_blocks, d = routed.blocks, model.config.dim
+    check_blocks(model.config.ffn_dim, n_blocks, routed.active)
+    n_layers = len(model.blocks)
+    gram = np.zeros((n_layers, d, d))  # [L, D, D] float64: sum of h h^T
+    cross = np.zeros((n_layers, d, n_blocks))  # [L, D, B] float64: sum of h y^T
+    for ids in np.asarray(windows):
+        x = model.embed(ids, 0)  # [T, D]
+        for i, block in enumerate(model.blocks):
+            tape = {}
+            x = block(x, tape=tape)  # the dense forward: routing starts after init
+            h = tape["h_mlp"].astype(np.float64)  # [T, D]
+            act = tape["act"].astype(np.float64)  # [T, F]
+            norms = np.linalg.norm(act.reshape(len(h), n_blocks, -1), axis=-1)  # [T, B]
+            target = np.log(norms + 1e-12)
+            target -= target.mean(axis=1, keepdims=True)
+            target /= target.std(axis=1, keepdims=True) + 1e-12  # [T, B]; 0 at B = 1
+            gram[i] += h.T @ h
+            cross[i] += h.T @ target
+    out = {}
+    for i in range(n_layers):
+        lam = ridge * np.trace(gram[i]) / d
+        fitted = np.linalg.solve(gram[i] + lam * np.eye(d), cross[i])  # [D, B]
+        out[f"{model.block_prefix(i)}.{ROUTER}"] = (scale * fitted.T).astype(
+            model.embed_tokens.dtype)
+    return out
+
+
+def set_routers(model, tensors: dict) -> None:
+    """Write router tensors (:func:`fit_routers`, :func:`router_tensors`) into a routed model.
+
+    In place, into the live arrays the optimizer will train.
+
+    Parameters
+    ----------
+    model : LlamaModel
+        With routed FFNs.
+    tensors : dict of str -> np.ndarray
+        ``{prefix}.mlp.block_router.weight [B, D]`` per block.
+    """
+    for i, block in enumerate(model.blocks):
+        block.ffn_router.router[...] = tensors[f"{model.block_prefix(i)}.{ROUTER}"]
