@@ -14,7 +14,9 @@ already holds ``finetune.json`` is not run again.
   parameters (4 x 16 = dim 64): ``--method pesc --experts 1 --top-k 1`` (the one expert's gate is
   1 for every token, so it is a plain parallel adapter on the FFN output, same scale, no balance).
 - Routed FFN: B = 8 blocks of 192 units, A = 2 active (25%), routers and FFN weights training;
-  its control is the same run with A = 8 (every block active: a dense FFN, same trainable set).
+  its control is the same run with A = 8 (every block active: a dense FFN, same trainable set);
+  and A = 2 again with the routers first fitted to the activation-norm oracle's choice
+  (``--router-init oracle``, as MoEfication does) instead of random.
 
 Then, forward only: each PESC arm's expert load per block on 8 eval windows of each text, with
 the total-variation distance between the texts' loads per block beside the distance between two
@@ -46,6 +48,8 @@ ARMS = [  # (name, finetune options, peak learning rate)
                      "--balance", "0"], 2e-4),
     ("routed-ffn-b8a2", ["--method", "routed-ffn", "--blocks", "8", "--active", "2"], 2e-4),
     ("routed-ffn-b8a8", ["--method", "routed-ffn", "--blocks", "8", "--active", "8"], 2e-4),
+    ("routed-ffn-b8a2-oracle-init", ["--method", "routed-ffn", "--blocks", "8", "--active", "2",
+                                     "--router-init", "oracle"], 2e-4),
 ]
 TEXTS = ("pydoc", "stdlib")
 ROUTING_WINDOWS = 8  # eval windows per text for the routing figure
@@ -139,7 +143,7 @@ def decode_speed(out_root: Path, repeats: int = 3, tokens: int = 64) -> dict:
     import npsparse
 
     models = {"base": npsparse.load("smollm2")}
-    for name in ("routed-ffn-b8a2", "routed-ffn-b8a8"):
+    for name in ("routed-ffn-b8a2", "routed-ffn-b8a2-oracle-init", "routed-ffn-b8a8"):
         if (out_root / name / "finetune.json").exists():
             models[name] = npsparse.load(out_root / name)
     best = {name: 0.0 for name in models}
