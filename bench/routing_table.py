@@ -87,9 +87,10 @@ def arm_row(name: str, options: list[str], report: dict) -> dict:
         if loads is not None and e > 1:
             row["min_expert_load"] = float(loads.min())
     if "routed_ffn" in report:
-        loads = np.array([block["load"] for block in report["routed_ffn"]["routing"]["blocks"]])
+        loads = np.array(report["routed_ffn"]["routing"]["load"])  # [layers, B]
         row["min_block_load"] = float(loads.min())
         row["max_block_load"] = float(loads.max())
+        row["blocks_under_1pct"] = int((loads < 0.01).sum())  # of layers x B (router collapse)
     return row
 
 
@@ -190,7 +191,8 @@ def table(result: dict) -> str:
     for row in result["arms"]:
         ppl = row["ppl"]
         load = (f"min expert {row['min_expert_load']:.3f}" if "min_expert_load" in row else
-                f"blocks {row['min_block_load']:.3f}-{row['max_block_load']:.3f}"
+                f"blocks {row['min_block_load']:.3f}-{row['max_block_load']:.3f}, "
+                f"{row['blocks_under_1pct']} under 1%"
                 if "min_block_load" in row else "")
         lines.append(f"| {row['name']} | {row['trainable']:,} | "
                      + " | ".join(f"{ppl[t]['before']:.2f} -> {ppl[t]['after']:.2f}"
