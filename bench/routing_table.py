@@ -163,9 +163,10 @@ def plot(result: dict, path: Path) -> None:
 
     routing = result["routing"]["pesc-e4k2-r16"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    top = max(np.max(routing[text]["load"]) for text in TEXTS)  # one color scale for both
     for ax, text in zip(axes, TEXTS):
         load = np.array(routing[text]["load"])
-        im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=load.max())
+        im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=top)
         ax.set_title(f"expert load, {text}")
         ax.set_xlabel("expert")
         ax.set_ylabel("block")
