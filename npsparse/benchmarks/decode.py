@@ -36,6 +36,7 @@ import numba
 
 import npsparse
 from npsparse.generate import generate
+from npsparse.kernels import set_threads
 from npsparse.roofline import measure_read_bandwidth
 from npsparse.threads import allowed_cpus
 
@@ -56,7 +57,7 @@ def decode_run(llm, prompt_ids, tokens: int, repeats: int,
     decode, prefill = 0.0, 0.0
     initial = numba.get_num_threads()
     if threads != "auto":
-        numba.set_num_threads(int(threads))
+        set_threads(int(threads))
     try:
         for _ in range(repeats):
             result = generate(llm.model, prompt_ids, tokens,  # greedy, no EOS stop
@@ -64,7 +65,7 @@ def decode_run(llm, prompt_ids, tokens: int, repeats: int,
             decode = max(decode, result.decode_tok_s)
             prefill = max(prefill, result.prefill_tok_s)
     finally:
-        numba.set_num_threads(initial)
+        set_threads(initial)
     return decode, prefill
 
 
