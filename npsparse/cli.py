@@ -390,8 +390,9 @@ def _finetune_options(ft) -> None:
     ft.add_argument("--adapter-scale", type=float, default=None,
                     help=f"PESC's adapter scale (default: {DEFAULT_SCALE}, the reference's)")
     ft.add_argument("--balance", type=float, default=None,
-                    help=f"PESC's Switch-Transformer balance loss weight alpha, summed over "
-                         f"blocks (default: {DEFAULT_BALANCE}; 0 = off, as the reference trains)")
+                    help=f"the Switch-Transformer balance loss weight alpha of PESC's experts "
+                         f"or the routed FFN's blocks, summed over layers (default: pesc "
+                         f"{DEFAULT_BALANCE}, routed-ffn 0; 0 = off, as both references train)")
     ft.add_argument("--blocks", type=int, default=None,
                     help="routed FFN's blocks per FFN, B >= 1 dividing the FFN dim")
     ft.add_argument("--active", type=int, default=None,

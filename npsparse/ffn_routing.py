@@ -181,7 +181,8 @@ def routed_ffn_forward(h: np.ndarray, gate_w: np.ndarray, up_w: np.ndarray, down
     return y
 
 
-def routed_ffn_backward(d_y: np.ndarray, tape: dict) -> tuple[np.ndarray, dict]:
+def routed_ffn_backward(d_y: np.ndarray, tape: dict,
+                        d_logits: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Gradients of a scalar loss through :func:`routed_ffn_forward`.
 
     The top-A choice is piecewise constant; the router learns through the weights: ``dL/dw_j =
@@ -194,6 +195,10 @@ def routed_ffn_backward(d_y: np.ndarray, tape: dict) -> tuple[np.ndarray, dict]:
         ``[T, D]`` gradient with respect to the output.
     tape : dict
         Filled by :func:`routed_ffn_forward`.
+    d_logits : np.ndarray, optional
+        ``[T, B]`` gradient of other loss terms with respect to the router logits (the balance
+        loss, :func:`npsparse.routing.balance_loss_backward`), added before the router's and
+        the input's gradients are formed.
 
     Returns
     -------
@@ -226,9 +231,11 @@ def routed_ffn_backward(d_y: np.ndarray, tape: dict) -> tuple[np.ndarray, dict]:
     n_blocks = tape["probs"].shape[1]
     d_probs = np.zeros_like(tape["probs"])  # [T, B]
     np.put_along_axis(d_probs, tape["chosen"], n_blocks * d_weights, axis=1)
-    d_logits = _softmax_backward(d_probs, tape["probs"])  # [T, B]
-    d_h += d_logits @ tape["router"]
-    grads = {"gate": d_gate_w, "up": d_up_w, "down": d_down_w, "router": d_logits.T @ h}
+    d_z = _softmax_backward(d_probs, tape["probs"])  # [T, B]
+    if d_logits is not None:
+        d_z = d_z + d_logits
+    d_h += d_z @ tape["router"]
+    grads = {"gate": d_gate_w, "up": d_up_w, "down": d_down_w, "router": d_z.T @ h}
     return d_h, grads
 
 

@@ -120,7 +120,8 @@ def test_cli_run_then_eval_generate_and_pack_keep_the_experts(tiny, tmp_path, ca
      "adapter dimension must be at least 1, not 0"),
     (["--method", "pesc", "--experts", "4", "--top-k", "2"], "needs --experts E"),
     (["--experts", "4"], "only it takes them"),
-    (["--method", "lora", "--balance", "0.1"], "only it takes them"),
+    (["--method", "lora", "--balance", "0.1"], "--balance applies to --method pesc and "
+                                                "routed-ffn only"),
     (["--method", "pesc", "--experts", "4", "--top-k", "2", "--adapter-dim", "4",
       "--balance", "-1"], "--balance must be 0 or more"),
 ])

@@ -116,6 +116,43 @@ def test_whole_model_gradients_match_central_differences_and_reach_the_routers()
         assert analytic == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
 
 
+def test_the_balance_loss_reaches_the_routers_and_its_gradients_match_central_differences():
+    from npsparse.routing import balance_loss
+    from npsparse.train.engine import balance_terms
+
+    model = routed64(seed=3)
+    params = parameters(model)
+    ids = np.random.default_rng(5).integers(0, model.config.vocab_size, 12)
+    with_balance, without = LossWeights(ce=1.0, balance=0.5), LossWeights(ce=1.0)
+    terms, grads = loss_and_grads(model, ids, with_balance)
+    _, plain = loss_and_grads(model, ids, without)
+    # the term is Switch's E * sum_i f_i P_i of each layer's routing, summed over layers
+    tapes = [{} for _ in model.blocks]
+    x = model.embed(ids, 0)
+    for block, tape in zip(model.blocks, tapes):
+        x = block(x, tape=tape)
+    expected = sum(balance_loss(t["routed_ffn"]["logits"], t["routed_ffn"]["chosen"], 1.0)
+                   for t in tapes)
+    assert terms["balance"] == pytest.approx(expected, rel=1e-12) and expected >= 2.0 - 1e-9
+    assert terms["loss"] == pytest.approx(terms["ce"] + 0.5 * expected, rel=1e-12)
+    total, d_logits = balance_terms(model, tapes, 0.0, 1.0)
+    assert total == 0.0 and d_logits == [None, None]  # alpha 0: no term, no gradients
+    routers = [f"model.layers.{i}.mlp.block_router.weight" for i in range(2)]
+    for name in routers:  # the balance term changes the routers' gradients only ...
+        assert not np.allclose(grads[name], plain[name])
+    np.testing.assert_allclose(grads["model.layers.1.mlp.up_proj.weight"],
+                               plain["model.layers.1.mlp.up_proj.weight"], rtol=1e-12)
+    loss_at = loss_with_values(model, params, ids, with_balance, None)
+    rng = np.random.default_rng(6)
+    for subset in (routers, list(params)):  # ... but every input below a router feels it
+        direction = {n: rng.standard_normal(params[n].shape) for n in subset}
+        eps = 1e-6
+        plus = loss_at({n: params[n] + eps * d for n, d in direction.items()})
+        minus = loss_at({n: params[n] - eps * d for n, d in direction.items()})
+        analytic = sum(float(np.sum(grads[n] * d)) for n, d in direction.items())
+        assert analytic == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+
+
 def test_one_token_decode_equals_the_body():
     model = tiny_model("llama", routed_ffn=ROUTED)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 9)

@@ -107,6 +107,10 @@ def test_cli_run_then_eval_and_generate_and_pack_is_refused(tiny, tmp_path, caps
     (["--blocks", "4", "--active", "1"], "only it takes them"),
     (["--method", "pesc", "--experts", "2", "--top-k", "1", "--adapter-dim", "2",
       "--active", "1"], "only it takes them"),
+    (["--method", "routed-ffn", "--blocks", "4", "--active", "1", "--balance", "-1"],
+     "--balance must be 0 or more, got -1.0"),
+    (["--method", "routed-ffn", "--blocks", "4", "--active", "1", "--balance", "nan"],
+     "--balance must be 0 or more, got nan"),
 ])
 def test_bad_settings_are_one_line_exit_2(tmp_path, capsys, extra, message):
     status = main(["finetune", str(tmp_path / "no-such-model"), "--steps", "2", "--out",
@@ -138,3 +142,18 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny, tmp_path):
     done = finetune(tiny / "dense", tmp_path / "cut", settings(steps=2), resume=True,
                     progress=False, log=lambda text: None)
     assert done["weights_sha256"] == whole["weights_sha256"]
+
+
+def test_the_balance_loss_is_a_flag_recorded_in_the_report_that_changes_training(tiny, trained,
+                                                                                  tmp_path):
+    plain = trained[1]
+    assert plain["loss"] == "1*ce" and plain["routed_ffn"]["balance"] == 0.0  # off by default
+    alone = finetune(tiny / "dense", tmp_path / "alone", settings(steps=2), progress=False)
+    balanced = finetune(tiny / "dense", tmp_path / "balanced", settings(steps=2, balance=1.0),
+                        progress=False)
+    assert balanced["loss"] == "1*ce+1*balance" and balanced["routed_ffn"]["balance"] == 1.0
+    assert all(step["balance"] >= LAYERS * (1.0 - 1e-9) for step in balanced["train"])
+    assert all("balance" not in step for step in alone["train"])
+    # the same first forward: CE equal, then the routers' extra gradient changes the weights
+    assert balanced["train"][0]["ce"] == alone["train"][0]["ce"]
+    assert balanced["weights_sha256"] != alone["weights_sha256"]

@@ -184,8 +184,8 @@ class LlamaBlock:
             Names (inside the block, e.g. ``mlp.up_proj.weight``) whose gradients are wanted;
             None: all. Input gradients are always computed.
         d_logits : np.ndarray, optional
-            ``[T, E]`` gradient of other loss terms (PESC's balance loss) with respect to the
-            router logits of a PESC block.
+            ``[T, E]`` gradient of other loss terms (the balance loss) with respect to the
+            router logits of a PESC block or a routed FFN (``[T, B]``).
 
         Returns
         -------
@@ -223,7 +223,8 @@ class LlamaBlock:
             d_h_router, d_f, moe_grads = self.moe.backward(d_out, t["moe"], d_logits)
             grads.update({name: grad for name, grad in moe_grads.items() if want(name)})
         if self.ffn_router is not None:  # routed FFN: its blocks' and router's gradients
-            d_h_mlp, ffn_grads = self.ffn_router.backward(d_f, t["routed_ffn"])  # [T, D]
+            d_h_mlp, ffn_grads = self.ffn_router.backward(d_f, t["routed_ffn"],
+                                                         d_logits)  # [T, D]
             grads.update({name: grad for name, grad in ffn_grads.items() if want(name)})
         else:
             d_act = linear("mlp.down_proj", d_f, t["act"])  # [T, F]

@@ -80,7 +80,8 @@ class BlockRouter:
         return routed_ffn_forward(h, gate_w, up_w, down_w, self.router, self.active, tape,
                                   oracle=self.oracle)
 
-    def backward(self, d_y: np.ndarray, tape: dict) -> tuple[np.ndarray, dict]:
+    def backward(self, d_y: np.ndarray, tape: dict,
+                 d_logits: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """Gradients through :meth:`__call__`.
 
         Parameters
@@ -89,6 +90,8 @@ class BlockRouter:
             ``[T, D]`` gradient with respect to the output.
         tape : dict
             What ``__call__(h, linears, tape)`` kept.
+        d_logits : np.ndarray, optional
+            ``[T, B]`` gradient of the balance loss with respect to the router logits.
 
         Returns
         -------
@@ -98,7 +101,7 @@ class BlockRouter:
         """
         if self.oracle:
             raise NpsparseError("the oracle's routing is forward only (it has no gradient)")
-        d_h, grads = routed_ffn_backward(d_y, tape)
+        d_h, grads = routed_ffn_backward(d_y, tape, d_logits)
         return d_h, {ROUTER: grads["router"], "mlp.gate_proj.weight": grads["gate"],
                      "mlp.up_proj.weight": grads["up"], "mlp.down_proj.weight": grads["down"]}
 

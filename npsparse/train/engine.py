@@ -28,7 +28,8 @@ class LossWeights:
     """Weights of the loss terms: ``ce * CE + kd * KL + squarehead * sum_l SquareHead_l``.
 
     ``balance`` (``alpha``) adds ``alpha * sum_l E * sum_i f_i P_i``, the Switch-Transformer
-    load-balancing loss of every PESC block (:func:`npsparse.routing.balance_loss`) summed over
+    load-balancing loss of every routed block (PESC experts, routed-FFN unit blocks;
+    :func:`npsparse.routing.balance_loss`) summed over
     blocks as Switch sums its layers' (``finetune --balance``, not a ``--loss`` term).
     """
 
@@ -49,7 +50,7 @@ class LossWeights:
         temperature : float
             Temperature of the ``kd`` term.
         balance : float
-            ``alpha`` of the PESC balance loss (0: off).
+            ``alpha`` of the balance loss of routed blocks (0: off).
 
         Returns
         -------
@@ -240,13 +241,18 @@ def loss_and_grads(model, ids: np.ndarray, losses: LossWeights, *, teacher=None,
 
 
 def balance_terms(model, tapes: list, alpha: float, scale: float) -> tuple[float, list]:
-    """The PESC blocks' balance losses (unweighted, summed) and their logits' gradients.
+    """The routed blocks' balance losses (unweighted, summed) and their logits' gradients.
+
+    A routed block is a PESC block (experts) or a routed FFN (blocks of units, the "experts"
+    of the loss: ``f_i`` the share of the ``T*A`` chosen slots, ``P_i`` the mean router
+    probability).
 
     Parameters
     ----------
     model : LlamaModel
     tapes : list of dict
-        The blocks' tapes of one forward (a PESC block's holds ``moe``).
+        The blocks' tapes of one forward (a PESC block's holds ``moe``, a routed FFN's
+        ``routed_ffn``).
     alpha : float
         The loss's weight; 0: no balance loss (0.0 and no gradients).
     scale : float
@@ -255,15 +261,16 @@ def balance_terms(model, tapes: list, alpha: float, scale: float) -> tuple[float
     Returns
     -------
     (float, list)
-        ``sum_l E * sum_i f_i P_i`` over PESC blocks, and per block ``[T, E]`` gradients of
+        ``sum_l E * sum_i f_i P_i`` over routed blocks, and per block ``[T, E]`` gradients of
         ``scale * alpha`` times it with respect to that block's logits (None elsewhere).
     """
     total, d_logits = 0.0, [None] * len(tapes)
     if not alpha:
         return total, d_logits
-    for i, (block, tape) in enumerate(zip(model.blocks, tapes)):
-        if block.moe is not None:
-            logits, chosen = tape["moe"]["logits"], tape["moe"]["chosen"]  # [T, E], [T, k]
+    for i, tape in enumerate(tapes):
+        routed = tape.get("moe") or tape.get("routed_ffn")  # PESC experts or FFN unit blocks
+        if routed:
+            logits, chosen = routed["logits"], routed["chosen"]  # [T, E], [T, k]
             total += balance_loss(logits, chosen, 1.0)
             d_logits[i] = balance_loss_backward(logits, chosen, alpha, d_loss=scale)
     return total, d_logits

@@ -123,7 +123,7 @@ class FinetuneSettings:
     top_k: int | None = None  # PESC's k
     adapter_dim: int | None = None  # PESC's R
     adapter_scale: float | None = None  # PESC's s (None: DEFAULT_SCALE)
-    balance: float | None = None  # PESC's balance-loss alpha (None: DEFAULT_BALANCE; 0 = off)
+    balance: float | None = None  # PESC's / routed FFN's balance-loss alpha (balance_weight)
     blocks: int | None = None  # routed FFN's B
     active: int | None = None  # routed FFN's A
     router_init: str | None = None  # routed FFN's routers: "random" (its default) or "oracle"
@@ -182,12 +182,15 @@ class FinetuneSettings:
             check_fraction(self.fraction)
             if not (math.isfinite(self.nuclear) and self.nuclear >= 0):
                 raise NpsparseError(f"--nuclear must be 0 or more, got {self.nuclear}")
-        pesc_options = (self.experts, self.top_k, self.adapter_dim, self.adapter_scale,
-                        self.balance)
+        pesc_options = (self.experts, self.top_k, self.adapter_dim, self.adapter_scale)
         if any(v is not None for v in pesc_options) != (self.method == "pesc") or (
                 self.method == "pesc" and None in pesc_options[:3]):
             raise NpsparseError("--method pesc needs --experts E, --top-k K and --adapter-dim R "
-                                "(--adapter-scale, --balance optional), and only it takes them")
+                                "(--adapter-scale optional), and only it takes them")
+        if self.balance is not None and self.method not in ("pesc", "routed-ffn"):
+            raise NpsparseError("--balance applies to --method pesc and routed-ffn only")
+        if self.balance is not None and not (math.isfinite(self.balance) and self.balance >= 0):
+            raise NpsparseError(f"--balance must be 0 or more, got {self.balance}")
         if self.method == "pesc":
             check_pesc(self.experts, self.top_k, self.adapter_dim, self.pesc.scale,
                        self.balance_weight)
@@ -223,10 +226,11 @@ class FinetuneSettings:
 
     @property
     def balance_weight(self) -> float:
-        """``alpha`` of PESC's balance loss: ``--balance``, its default for pesc, else 0."""
-        if self.method != "pesc":
-            return 0.0
-        return DEFAULT_BALANCE if self.balance is None else self.balance
+        """``alpha`` of the balance loss: ``--balance``; by default 0.01 for pesc (Switch's),
+        0 for routed-ffn (SPT trains without one), 0 for every other method."""
+        if self.balance is not None:
+            return self.balance
+        return DEFAULT_BALANCE if self.method == "pesc" else 0.0
 
     @property
     def total_steps(self) -> int:
@@ -816,6 +820,7 @@ def finetune(model_path, out, settings: FinetuneSettings, *, resume: bool = Fals
     if settings.routed_ffn is not None:  # each block's load on the validation windows
         report["routed_ffn"] = {**asdict(settings.routed_ffn),
                                 "weights": "B * softmax over all B logits, at the chosen blocks",
+                                "balance": settings.balance_weight,
                                 "routing": block_load(model, val if len(val) else train[:1])}
     monarch = _monarch_layers(model)
     if monarch:
