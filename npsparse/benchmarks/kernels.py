@@ -49,6 +49,7 @@ FORMATS = {
     "csr-fp32": ("csr", {"values": "fp32"}),
     "bitmask-bf16": ("bitmask", {"values": "bf16"}),
     "bitmask-int8": ("bitmask", {"values": "int8"}),
+    "panel-bf16": ("panel", {"values": "bf16"}),
     "nm-bf16": ("nm", {"values": "bf16"}),
     "nm-int8": ("nm", {"values": "int8"}),
     "monarch4-bf16": ("monarch", {"blocks": 4, "values": "bf16"}),

@@ -11,6 +11,7 @@ dense       float32 weight (:class:`~npsparse.linear.DenseLinear`)   4
 bf16        bf16 bits                                      2
 csr         values (bf16|fp32) + uint16|int32 cols         (2|4 + 2|4) d
 bitmask     1 bit/position + values (bf16|int8+row scale)  1/8 + 2d  (int8: 1/8 + d)
+panel       bitmask in 16-row x 2-column words + bf16      1/8 + 2d  (+ 8 bytes per 16 rows)
 nm          M-N values + ceil(log2 M)-bit positions/group  2:4 bf16: 1.125, 4:8: 1.1875
 q8_0        int8 values + float16 scale per 32 (ggml)      1.0625 (lossy unless from a GGUF)
 monarch     two block-diagonal factors (fp32|bf16)         (4|2) min(N,K) (N+K) / (b N K)
@@ -18,6 +19,9 @@ monarch     two block-diagonal factors (fp32|bf16)         (4|2) min(N,K) (N+K) 
 
 ``monarch`` (:mod:`.monarch`, ``blocks=b``) is not a mask format: packing projects ``W`` onto
 Monarch matrices (lossy, see :mod:`npsparse.monarch`), and ``auto`` never picks it.
+
+``panel`` (:mod:`.panel`) stores what ``bitmask`` stores, laid out for a kernel that computes 16
+rows at once; ``auto`` does not pick it yet, so :func:`packed_nbytes` leaves it out.
 
 Masks are boolean ``[N, K]`` with True = weight kept. An N:M pattern "2:4" prunes 2 of every 4
 consecutive input columns (Wanda/SparseGPT ``prune_n:prune_m``).
@@ -37,10 +41,11 @@ from .bitmask import BitmaskLinear
 from .csr import CSRLinear, index_dtype
 from .monarch import MonarchLinear
 from .nm import NMLinear, index_bits, parse_pattern
+from .panel import PanelLinear
 from .q8 import Q8Linear, dequantize_q8_0, q8_0_from_blocks, quantize_q8_0
 
 FORMATS = {"dense": DenseLinear, "bf16": BF16Linear, "csr": CSRLinear, "bitmask": BitmaskLinear,
-           "nm": NMLinear, "q8_0": Q8Linear, "monarch": MonarchLinear}
+           "nm": NMLinear, "q8_0": Q8Linear, "monarch": MonarchLinear, "panel": PanelLinear}
 NM_PATTERNS = ("2:4", "4:8")  # patterns choose_format tries
 
 
@@ -56,7 +61,7 @@ def pack(weight, mask=None, format: str = "auto", **options):
         ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros of ``weight``.
     format : str
         ``"auto"`` (:func:`choose_format`), ``"dense"`` (float32), ``"bf16"``, ``"csr"``,
-        ``"bitmask"``, ``"nm"``, ``"q8_0"`` (lossy: int8 per 32, see :mod:`.q8`) or
+        ``"bitmask"``, ``"panel"``, ``"nm"``, ``"q8_0"`` (lossy: int8 per 32, see :mod:`.q8`) or
         ``"monarch"`` (lossy: the projection, see :mod:`.monarch`).
     **options
         ``values=`` ("bf16" | "fp32" for csr and monarch | "int8" for bitmask/nm),
@@ -209,7 +214,7 @@ def from_arrays(arrays: dict[str, np.ndarray], metadata: dict[str, str]):
 
 __all__ = [
     "FORMATS", "Bandwidth", "BF16Linear", "BitmaskLinear", "CSRLinear", "MonarchLinear",
-    "NMLinear", "PackedLinear", "Q8Linear", "bf16_round", "choose_format", "dequantize_q8_0",
-    "from_arrays", "from_bf16", "measure_read_bandwidth", "pack", "packed_nbytes",
+    "NMLinear", "PackedLinear", "PanelLinear", "Q8Linear", "bf16_round", "choose_format",
+    "dequantize_q8_0", "from_arrays", "from_bf16", "measure_read_bandwidth", "pack", "packed_nbytes",
     "q8_0_from_blocks", "quantize_q8_0", "set_threads", "to_arrays", "to_bf16",
 ]

@@ -1,0 +1,156 @@
+"""The LLVM primitive behind the panel kernel: 16 output rows from one panel's mask words.
+
+A panel mask word covers 16 rows x 2 columns: bit ``r`` = (row r, column k), bit ``16 + r`` =
+(row r, column k + 1). Expanding the next ``popcount`` packed bf16 values by that word gives 32
+uint16 lanes in bit order. Read as 16 uint32 lanes, lane ``m`` holds words ``2m`` (low half)
+and ``2m + 1`` (high half); a shift left by 16 and an and with ``0xFFFF0000`` turn them into two
+float32 vectors (bf16 bits are the high half of float32 bits):
+
+    even = rows 0, 2, .. 14 of column k, then rows 0, 2, .. 14 of column k + 1
+    odd  = rows 1, 3, .. 15 of column k, then rows 1, 3, .. 15 of column k + 1
+
+so both meet the same activation vector ``xx[j] = [x[k]] * 8 + [x[k + 1]] * 8`` (built once per
+product, 64 bytes per column pair, read from L1/L2 by every panel). Each column pair costs one
+expand, a shift, an and and two FMAs (the and runs on any of Zen 4's four vector pipes, where two
+word unpacks would both take a shuffle pipe); the halves are folded and put in row order once per
+panel, and the 16 outputs are stored directly (no horizontal sums).
+
+Three lowerings of the expand, chosen once from the host CPU (tests run all on a VBMI2 host):
+
+* ``vbmi2``: over-load 32 values, register-form ``vpexpandw`` (``llvm.x86.avx512.mask.expand``).
+* ``avx512``: two 16-lane ``vpexpandd`` after zero-extending (as :mod:`._simd`), then two
+  two-source permutes into the even/odd order above.
+* ``portable``: ``llvm.masked.expandload`` (reads exactly ``popcount`` values), then shift/and.
+
+The first two read up to :data:`OVERREAD` values past the panel's last one; callers run the
+portable lowering on panels that end closer than that to the array's end.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._simd import _HOST_AVX512, _data_ptr, _fn, _load16, _unrolled, _expand16
+
+_FEATURES = llvm_binding.get_host_cpu_features().flatten()
+HOST_MODE = ("vbmi2" if "+avx512vbmi2" in _FEATURES else
+             "avx512" if _HOST_AVX512 else "portable")
+MODES = ("vbmi2", "avx512", "portable")
+
+OVERREAD = 32  # packed values the x86 lowerings may read past a panel's last one
+
+_F32 = ir.FloatType()
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_V16F = ir.VectorType(_F32, 16)
+_V16I32 = ir.VectorType(_I32, 16)
+_V32I16 = ir.VectorType(_I16, 32)
+_V32I1 = ir.VectorType(ir.IntType(1), 32)
+
+# i32 lanes of even and odd, as indices into [column k rows 0-15, column k+1 rows 0-15].
+_EVEN = [2 * i for i in range(8)] + [16 + 2 * i for i in range(8)]
+_ODD = [i + 1 for i in _EVEN]
+
+
+def _in_register(builder, vec):
+    """``vec`` unchanged, but forced into a register: an empty asm tied to its input. It keeps
+    LLVM from folding the load into ``vpexpandw``'s memory form (half the speed on Zen 4)."""
+    asm = ir.InlineAsm(ir.FunctionType(vec.type, [vec.type]), "", "=v,0")
+    return builder.call(asm, [vec])
+
+
+def _expand_pair(builder, mode, vptr, p, word):
+    """(even, odd) float32 <16> vectors of one mask word's 32 positions (see the module doc)."""
+    src = builder.gep(vptr, [p])
+    lanes = builder.bitcast(word, _V32I1)
+    if mode == "avx512":
+        ctpop = _fn(builder, "llvm.ctpop.i32", _I32, [_I32])
+        low = builder.trunc(word, _I16)
+        high = builder.trunc(builder.lshr(word, ir.Constant(_I32, 16)), _I16)
+        mid = builder.add(p, builder.zext(builder.call(ctpop, [builder.zext(low, _I32)]), _I64))
+        col_k = _expand16(builder, "bf16", True, vptr, p, low)
+        col_k1 = _expand16(builder, "bf16", True, vptr, mid, high)
+        pick = ir.VectorType(_I32, 16)
+        return (builder.shuffle_vector(col_k, col_k1, ir.Constant(pick, _EVEN)),
+                builder.shuffle_vector(col_k, col_k1, ir.Constant(pick, _ODD)))
+    if mode == "vbmi2":
+        raw = builder.load(builder.bitcast(src, _V32I16.as_pointer()), align=2)
+        expand = _fn(builder, "llvm.x86.avx512.mask.expand.v32i16", _V32I16,
+                     [_V32I16, _V32I16, _V32I1])
+        words = builder.call(expand, [_in_register(builder, raw), ir.Constant(_V32I16, None),
+                                      lanes])
+    else:
+        expand = _fn(builder, "llvm.masked.expandload.v32i16", _V32I16,
+                     [src.type, _V32I1, _V32I16])
+        words = builder.call(expand, [src, lanes, ir.Constant(_V32I16, None)])
+    pairs = builder.bitcast(words, _V16I32)  # lane m = (word 2m + 1) << 16 | word 2m
+    even = builder.shl(pairs, ir.Constant(_V16I32, [16] * 16))
+    odd = builder.and_(pairs, ir.Constant(_V16I32, [-65536] * 16))
+    return builder.bitcast(even, _V16F), builder.bitcast(odd, _V16F)
+
+
+def _make_panel_dot(mode, ways=4):
+    @intrinsic
+    def panel_dot(typingctx, masks, moff, vals, voff, xx, xoff, npairs, out, ooff):
+        """out[ooff:ooff+16] = one panel times x: masks[moff:moff+npairs] uint32, values from
+        vals[voff:] (uint16 bf16 bits), xx[xoff:xoff+16*npairs] float32 (pairs as above)."""
+        if vals.dtype != types.uint16:
+            raise TypeError(f"panel kernels take uint16 (bf16) values, not {vals.dtype}")
+        sig = types.void(masks, types.intp, vals, types.intp, xx, types.intp, types.intp, out,
+                         types.intp)
+
+        def codegen(context, builder, signature, args):
+            masks_a, moff_, vals_a, voff_, xx_a, xoff_, count, out_a, ooff_ = args
+            mptr = _data_ptr(context, builder, signature.args[0], masks_a, moff_)
+            vptr = _data_ptr(context, builder, signature.args[2], vals_a, voff_)
+            xptr = _data_ptr(context, builder, signature.args[4], xx_a, xoff_)
+            optr = _data_ptr(context, builder, signature.args[7], out_a, ooff_)
+            fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
+            ctpop = _fn(builder, "llvm.ctpop.i32", _I32, [_I32])
+            # ways pairs per iteration, each with its own even/odd accumulators: FMA latency (4
+            # cycles on Zen 4) would otherwise bound the loop at 2 cycles per column pair.
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
+                     for _ in range(2)] for _ in range(ways)]
+            p = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
+
+            def pair(j, slot):
+                word = builder.load(builder.gep(mptr, [j]))
+                start = builder.load(p)
+                even, odd = _expand_pair(builder, mode, vptr, start, word)
+                builder.store(builder.add(start, builder.zext(builder.call(ctpop, [word]), _I64)),
+                              p)
+                xv = _load16(builder, xptr, builder.mul(j, ir.Constant(_I64, 16)))
+                for half, acc in ((even, accs[slot][0]), (odd, accs[slot][1])):
+                    builder.store(builder.call(fma, [half, xv, builder.load(acc)]), acc)
+
+            _unrolled(builder, count, ways, pair)
+            even, odd = (builder.load(accs[0][h]) for h in range(2))
+            for slot in range(1, ways):
+                even = builder.fadd(even, builder.load(accs[slot][0]))
+                odd = builder.fadd(odd, builder.load(accs[slot][1]))
+            first, second = (ir.Constant(ir.VectorType(_I32, 8), list(range(s, s + 8)))
+                             for s in (0, 8))
+            # column k's half plus column k+1's half: even rows 0, 2, .. 14; odd rows 1, .. 15
+            even = builder.fadd(builder.shuffle_vector(even, even, first),
+                                builder.shuffle_vector(even, even, second))
+            odd = builder.fadd(builder.shuffle_vector(odd, odd, first),
+                               builder.shuffle_vector(odd, odd, second))
+            interleave = [lane for r in range(8) for lane in (r, 8 + r)]
+            rows = builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(_I32, 16),
+                                                                 interleave))
+            builder.store(rows, builder.bitcast(optr, _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return panel_dot
+
+
+PANEL_DOT = {mode: _make_panel_dot(mode) for mode in MODES}
+panel_dot = PANEL_DOT[HOST_MODE]
+panel_dot_portable = PANEL_DOT["portable"]
