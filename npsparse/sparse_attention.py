@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+import weakref
 
 import numpy as np
 
@@ -318,14 +318,19 @@ def topk_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_ke
         return _topk_attention_numpy(q, k, v, start, n_keep, codebooks, clamp)
     if path != "numba":
         raise NpsparseError(f"top-L attention path {path!r} must be 'numba' or 'numpy'")
-    q, k, v = (np.ascontiguousarray(x, dtype=np.float32) for x in (q, k, v))
+    k = np.ascontiguousarray(k, dtype=np.float32)
     codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)
-    n_kv, n_keys, _ = k.shape
-    n_sub = codebooks.shape[1]
-    if n_keep >= n_keys:  # every query keeps all its visible keys: codes are never read
-        codes = np.zeros((n_kv, 0, n_sub), dtype=np.uint8)
+    if n_keep >= k.shape[1]:  # every query keeps all its visible keys: codes are never read
+        codes = np.zeros((k.shape[0], 0, codebooks.shape[1]), dtype=np.uint8)
     else:
         codes = encode_keys(k, codebooks)  # [KV, S, M], as encode() per head
+    return _topk_attention_numba(q, k, v, start, n_keep, codebooks, codes, clamp)  # [T, H*hd]
+
+
+def _topk_attention_numba(q, k, v, start, n_keep, codebooks, codes, clamp):
+    """The compiled kernel on C-contiguous float32 copies, given the keys' codes [KV, S, M]."""
+    q, k, v = (np.ascontiguousarray(x, dtype=np.float32) for x in (q, k, v))
+    codes = np.ascontiguousarray(codes)  # one kernel specialisation, whoever made the codes
     return topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, clamp is not None,
                                  0.0 if clamp is None else float(clamp))  # [T, H*hd]
 
@@ -419,19 +424,109 @@ CALIB_SEQLEN = 512  # and their length (shortened to the model's context if it i
 MAX_FIT_ROWS = 2048  # rows per (layer, key/value head) for k-means (SmolLM2 fits in ~30 s)
 
 
-@dataclass(frozen=True)
+class KeyCodes:
+    """PQ codes of the keys one layer attends to, kept between calls so each key is encoded once.
+
+    In KV-cache decode every call sees the keys of all positions so far; encoding them all again
+    (``S x C x hd`` per key/value head per token) costs more than exact attention. Here a call
+    with ``start`` reuses the codes of positions ``0 .. min(start, valid)-1`` and encodes the keys
+    from there to ``S``: the code of a key depends on that key and the codebooks alone
+    (:func:`~npsparse.kernels.topk_attention.encode_keys` encodes row by row), so the result is
+    the same as encoding them all.
+
+    Stale codes are ruled out this way:
+
+    - ``start`` 0 (a new sequence, a window without a cache) trusts nothing;
+    - a rewind to a smaller ``start`` trusts only the positions before it, and the codes past it
+      are dropped even when the call needs none (``L >= S``);
+    - codes are trusted only for the same key buffer they were made from: the array owning the
+      keys' memory (held weakly, so a new cache at a recycled address does not match), the keys'
+      address in it and their strides. Another cache, layer or model handing its keys to the
+      same object starts over (correct, but it encodes every key again).
+
+    What it cannot see: keys at positions below ``start`` rewritten in the same buffer without
+    passing through this object (npsparse writes a block's cache only in ``LlamaBlock.__call__``,
+    just before calling its attention with ``start`` at the first written position). It is not
+    thread-safe: a model runs one sequence at a time.
+
+    ``codes`` is ``[KV, capacity, M]`` uint8 (capacity grows by doubling); ``valid`` positions
+    hold codes of the keys in the buffer named by ``_source``.
+    """
+
+    def __init__(self):
+        self.codes = np.zeros((0, 0, 0), dtype=np.uint8)  # [KV, capacity, M]
+        self.valid = 0
+        self._source = None  # (weak reference to the owning array, address, strides)
+
+    def update(self, k: np.ndarray, start: int, codebooks: np.ndarray, needed: bool
+               ) -> np.ndarray:
+        """The keys' PQ codes, encoding only those without trusted codes (see the class).
+
+        Parameters
+        ----------
+        k : np.ndarray
+            ``[KV, S, hd]`` keys of positions ``0 .. S-1`` (a view of the KV cache in decode).
+        start : int
+            First position written since the last call: codes from it on are made anew.
+        codebooks : np.ndarray
+            ``[KV, M, C, d]`` float32, the same on every call.
+        needed : bool
+            False when the kernel reads no codes (``L >= S``): nothing is encoded, and the
+            codes from ``start`` on are dropped.
+
+        Returns
+        -------
+        np.ndarray
+            ``[KV, S, M]`` uint8 (a view of ``codes``), or ``[KV, 0, M]`` if not ``needed``.
+        """
+        n_kv, n_keys, _ = k.shape
+        n_sub = codebooks.shape[1]
+        owner = k.base if isinstance(k.base, np.ndarray) else k
+        same = (self._source is not None and self._source[0]() is owner
+                and self._source[1:] == (k.ctypes.data, k.strides))
+        if self.codes.shape[0] != n_kv or self.codes.shape[2] != n_sub:
+            self.codes = np.zeros((n_kv, 0, n_sub), dtype=np.uint8)  # [KV, capacity, M]
+            same = False
+        keep = min(start, self.valid) if same else 0  # positions whose codes are still right
+        self._source = (weakref.ref(owner), k.ctypes.data, k.strides)
+        self.valid = keep
+        if not needed:
+            return np.zeros((n_kv, 0, n_sub), dtype=np.uint8)
+        if n_keys > self.codes.shape[1]:
+            grown = np.zeros((n_kv, max(n_keys, 2 * self.codes.shape[1]), n_sub), dtype=np.uint8)
+            grown[:, :keep] = self.codes[:, :keep]
+            self.codes = grown  # [KV, capacity, M]
+        new_keys = np.ascontiguousarray(k[:, keep:], dtype=np.float32)  # [KV, S-keep, hd]
+        self.codes[:, keep:n_keys] = encode_keys(new_keys, codebooks)  # [KV, S-keep, M]
+        self.valid = n_keys
+        return self.codes[:, :n_keys]  # [KV, S, M]
+
+
 class TopkAttention:
     """One layer's top-L attention, callable as ``LlamaBlock.attention``.
 
-    ``n_keep`` is L; ``codebooks`` ``[KV, M, C, d]``; ``clamp`` as in :func:`topk_attention`.
+    ``n_keep`` is L; ``codebooks`` ``[KV, M, C, d]`` (copied); ``clamp`` as in
+    :func:`topk_attention`, whose result a call returns. Unlike that function it PQ-encodes each
+    key once, keeping the codes between calls (:class:`KeyCodes`): one object per layer, one
+    sequence at a time. Give new codebooks to a new object, not by changing ``codebooks``.
     """
 
-    n_keep: int
-    codebooks: np.ndarray
-    clamp: float | None = None
+    def __init__(self, n_keep: int, codebooks: np.ndarray, clamp: float | None = None):
+        self.n_keep = n_keep
+        self.codebooks = np.array(codebooks, dtype=np.float32, order="C")  # [KV, M, C, d]
+        self.clamp = clamp
+        self.key_codes = KeyCodes()
+
+    def __repr__(self) -> str:
+        return (f"TopkAttention(n_keep={self.n_keep}, codebooks={self.codebooks.shape}, "
+                f"clamp={self.clamp})")
 
     def __call__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
-        return topk_attention(q, k, v, start, self.n_keep, self.codebooks, self.clamp)  # [T, H*hd]
+        _check_inputs(q, k, v, start, self.n_keep, self.codebooks)
+        needed = self.n_keep < k.shape[1]  # else every query keeps all its visible keys
+        codes = self.key_codes.update(k, start, self.codebooks, needed)  # [KV, S or 0, M]
+        return _topk_attention_numba(q, k, v, start, self.n_keep, self.codebooks, codes,
+                                     self.clamp)  # [T, H*hd]
 
 
 def parse_attention(text: str) -> int | None:
@@ -486,8 +581,9 @@ def use_topk_attention(model, n_keep: int | None, codebooks: list | None = None,
     Parameters
     ----------
     model : LLM or LlamaModel
-        Changed in place: each block's ``attention`` becomes a :class:`TopkAttention` (None:
-        exact). Prefill and perplexity run it; one-token decode runs such blocks' body.
+        Changed in place: each block's ``attention`` becomes a new :class:`TopkAttention`, with
+        no key codes yet (None: exact). Prefill and perplexity run it; one-token decode runs
+        such blocks' body.
     n_keep : int or None
         L >= 1 keys per query; None restores exact attention.
     codebooks : list of np.ndarray
