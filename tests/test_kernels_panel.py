@@ -154,8 +154,8 @@ def test_portable_path_gives_the_same_bits(density, n_tokens):
 
 def _one_panel_kernel(dot):
     @numba.njit
-    def one_panel(masks, values, xx, out):
-        dot(masks, 0, values, 0, xx, 0, masks.shape[0], out, 0)
+    def one_panel(masks, values, x, out):
+        dot(masks, 0, values, 0, x, 0, masks.shape[0], out, 0)
 
     return one_panel
 
@@ -172,9 +172,8 @@ def test_every_lowering_computes_one_panel(mode):
     a = layer.arrays
     values = np.concatenate([a["values"], np.zeros(_panel_simd.OVERREAD, np.uint16)])
     x = np.random.default_rng(4).standard_normal((1, 90)).astype(np.float32)
-    xx = panel._pair_activations(x, a["masks"].shape[1])[0]
     out = np.full(16, np.nan, np.float32)
-    _one_panel_kernel(_panel_simd.PANEL_DOT[mode])(a["masks"][0], values, xx, out)
+    _one_panel_kernel(_panel_simd.PANEL_DOT[mode])(a["masks"][0], values, x[0], out)
     np.testing.assert_allclose(out, layer.matmul_naive(x)[0], rtol=1e-5, atol=1e-5)
 
 

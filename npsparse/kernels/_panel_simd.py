@@ -9,11 +9,14 @@ float32 vectors (bf16 bits are the high half of float32 bits):
     even = rows 0, 2, .. 14 of column k, then rows 0, 2, .. 14 of column k + 1
     odd  = rows 1, 3, .. 15 of column k, then rows 1, 3, .. 15 of column k + 1
 
-so both meet the same activation vector ``xx[j] = [x[k]] * 8 + [x[k + 1]] * 8`` (built once per
-product, 64 bytes per column pair, read from L1/L2 by every panel). Each column pair costs one
-expand, a shift, an and and two FMAs (the and runs on any of Zen 4's four vector pipes, where two
-word unpacks would both take a shuffle pipe); the halves are folded and put in row order once per
-panel, and the 16 outputs are stored directly (no horizontal sums).
+so both meet the same activation vector ``[x[k]] * 8 + [x[k + 1]] * 8``, built per pair from two
+scalar loads of x (L1-resident) by one two-source permute. Each column pair costs one expand, a
+shift, an and, that permute and two FMAs (~3.3 cycles per 32 positions on Zen 4, where 512-bit
+ops occupy a pipe for 2 cycles; the and may run on any of the four vector pipes). Loading the
+activation vector precomputed instead (64 bytes per pair, from L2 for K = 4096) saves the permute
+but took twice as long out of cache: its L2 reads got in the way of the weight stream. The halves
+are folded and put in row order once per panel, and the 16 outputs are stored directly (no
+horizontal sums).
 
 Three lowerings of the expand, chosen once from the host CPU (tests run all on a VBMI2 host):
 
@@ -34,7 +37,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._simd import _HOST_AVX512, _data_ptr, _fn, _load16, _unrolled, _expand16
+from ._simd import _HOST_AVX512, _data_ptr, _fn, _unrolled, _expand16
 
 _FEATURES = llvm_binding.get_host_cpu_features().flatten()
 HOST_MODE = ("vbmi2" if "+avx512vbmi2" in _FEATURES else
@@ -55,6 +58,15 @@ _V32I1 = ir.VectorType(ir.IntType(1), 32)
 # i32 lanes of even and odd, as indices into [column k rows 0-15, column k+1 rows 0-15].
 _EVEN = [2 * i for i in range(8)] + [16 + 2 * i for i in range(8)]
 _ODD = [i + 1 for i in _EVEN]
+
+
+_UPPER_HALF = ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8)
+
+
+def _splat(builder, scalar):
+    """<16 x float> with every lane = scalar."""
+    one = builder.insert_element(ir.Constant(_V16F, None), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_V16I32, [0] * 16))
 
 
 def _in_register(builder, vec):
@@ -96,19 +108,19 @@ def _expand_pair(builder, mode, vptr, p, word):
 
 def _make_panel_dot(mode, ways=4):
     @intrinsic
-    def panel_dot(typingctx, masks, moff, vals, voff, xx, xoff, npairs, out, ooff):
+    def panel_dot(typingctx, masks, moff, vals, voff, x, xoff, npairs, out, ooff):
         """out[ooff:ooff+16] = one panel times x: masks[moff:moff+npairs] uint32, values from
-        vals[voff:] (uint16 bf16 bits), xx[xoff:xoff+16*npairs] float32 (pairs as above)."""
+        vals[voff:] (uint16 bf16 bits), x[xoff:xoff+2*npairs] float32 (zero-padded to even)."""
         if vals.dtype != types.uint16:
             raise TypeError(f"panel kernels take uint16 (bf16) values, not {vals.dtype}")
-        sig = types.void(masks, types.intp, vals, types.intp, xx, types.intp, types.intp, out,
+        sig = types.void(masks, types.intp, vals, types.intp, x, types.intp, types.intp, out,
                          types.intp)
 
         def codegen(context, builder, signature, args):
-            masks_a, moff_, vals_a, voff_, xx_a, xoff_, count, out_a, ooff_ = args
+            masks_a, moff_, vals_a, voff_, x_a, xoff_, count, out_a, ooff_ = args
             mptr = _data_ptr(context, builder, signature.args[0], masks_a, moff_)
             vptr = _data_ptr(context, builder, signature.args[2], vals_a, voff_)
-            xptr = _data_ptr(context, builder, signature.args[4], xx_a, xoff_)
+            xptr = _data_ptr(context, builder, signature.args[4], x_a, xoff_)
             optr = _data_ptr(context, builder, signature.args[7], out_a, ooff_)
             fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
             ctpop = _fn(builder, "llvm.ctpop.i32", _I32, [_I32])
@@ -124,7 +136,12 @@ def _make_panel_dot(mode, ways=4):
                 even, odd = _expand_pair(builder, mode, vptr, start, word)
                 builder.store(builder.add(start, builder.zext(builder.call(ctpop, [word]), _I64)),
                               p)
-                xv = _load16(builder, xptr, builder.mul(j, ir.Constant(_I64, 16)))
+                col = builder.mul(j, ir.Constant(_I64, 2))
+                x_k = _splat(builder, builder.load(builder.gep(xptr, [col])))
+                x_k1 = _splat(builder, builder.load(builder.gep(xptr, [builder.add(
+                    col, ir.Constant(_I64, 1))])))
+                # [x[k]] * 8 + [x[k+1]] * 8: LLVM makes it two vmovss and one vpermt2ps
+                xv = builder.select(_UPPER_HALF, x_k1, x_k)
                 for half, acc in ((even, accs[slot][0]), (odd, accs[slot][1])):
                     builder.store(builder.call(fma, [half, xv, builder.load(acc)]), acc)
 

@@ -21,7 +21,8 @@ import numba
 import numpy as np
 
 from ..errors import NpsparseError
-from ._layer import PackedLinear, check_arrays, check_shapes, check_weight_mask, row_pointers
+from ._layer import (PackedLinear, check_arrays, check_shapes, check_weight_mask, pad_columns,
+                     row_pointers)
 from ._numba import jit, pjit
 from ._panel_simd import OVERREAD, panel_dot, panel_dot_portable
 from ._simd import value_at
@@ -129,22 +130,10 @@ def _matmul_naive(masks, values, panel_ptr, x, n_rows):  # x [T, K] -> y [T, N]
     return y
 
 
-@jit
-def _pair_activations(x, n_pairs):  # x [T, K] -> xx [T, 16 KP]: [x[2j]] * 8 + [x[2j+1]] * 8
-    n_tokens, k_cols = x.shape
-    xx = np.zeros((n_tokens, 16 * n_pairs), dtype=np.float32)
-    for t in range(n_tokens):
-        for k in range(k_cols):
-            start = 16 * (k >> 1) + 8 * (k & 1)
-            for lane in range(8):
-                xx[t, start + lane] = x[t, k]
-    return xx
-
-
 @pjit
-def _matmul(masks, values, panel_ptr, xx, portable):  # xx [T, 16 KP] -> y [T, 16 P]
+def _matmul(masks, values, panel_ptr, x, portable):  # x [T, 2 KP] zero-padded -> y [T, 16 P]
     n_panels, n_pairs = masks.shape
-    n_tokens = xx.shape[0]
+    n_tokens = x.shape[0]
     y = np.empty((n_tokens, PANEL * n_panels), dtype=np.float32)
     safe_end = values.shape[0] - OVERREAD  # panels ending later use the exact-read lowering
     per_task = max(1, (n_panels + 63) // 64)  # fixed by the shape: results ignore thread count
@@ -154,10 +143,10 @@ def _matmul(masks, values, panel_ptr, xx, portable):  # xx [T, 16 KP] -> y [T, 1
             for t in range(n_tokens):  # the panel's values stay in L1/L2 across tokens
                 out = t * y.shape[1] + PANEL * q
                 if exact:
-                    panel_dot_portable(masks, q * n_pairs, values, panel_ptr[q], xx,
-                                       t * xx.shape[1], n_pairs, y, out)
+                    panel_dot_portable(masks, q * n_pairs, values, panel_ptr[q], x,
+                                       t * x.shape[1], n_pairs, y, out)
                 else:
-                    panel_dot(masks, q * n_pairs, values, panel_ptr[q], xx, t * xx.shape[1],
+                    panel_dot(masks, q * n_pairs, values, panel_ptr[q], x, t * x.shape[1],
                               n_pairs, y, out)
     return y
 
@@ -251,8 +240,8 @@ class PanelLinear(PackedLinear):
 
     def _matmul(self, x):
         a = self.arrays
-        xx = _pair_activations(x, a["masks"].shape[1])
-        y = _matmul(a["masks"], a["values"], a["panel_ptr"], xx, self._portable)
+        x = pad_columns(x, 2 * a["masks"].shape[1])
+        y = _matmul(a["masks"], a["values"], a["panel_ptr"], x, self._portable)
         if y.shape[1] != self.shape[0]:  # drop the last panel's padding rows
             y = np.ascontiguousarray(y[:, : self.shape[0]])
         return y
