@@ -152,10 +152,11 @@ def test_portable_path_gives_the_same_bits(density, n_tokens):
     assert_product(layer, x, layer.to_dense())
 
 
-def _one_panel_kernel(dot):
+def _one_panel_kernel(dot, dot4):
     @numba.njit
-    def one_panel(masks, values, x, out):
-        dot(masks, 0, values, 0, x, 0, masks.shape[0], out, 0)
+    def one_panel(masks, values, x, out):  # x [5, K]: tokens 0-3 by dot4, token 4 by dot
+        dot4(masks, 0, values, 0, x, 0, x.shape[1], masks.shape[0], out, 0, 16)
+        dot(masks, 0, values, 0, x, 4 * x.shape[1], 0, masks.shape[0], out, 64, 0)
 
     return one_panel
 
@@ -171,10 +172,11 @@ def test_every_lowering_computes_one_panel(mode):
     layer = nk.pack(weight, keep, "panel")
     a = layer.arrays
     values = np.concatenate([a["values"], np.zeros(_panel_simd.OVERREAD, np.uint16)])
-    x = np.random.default_rng(4).standard_normal((1, 90)).astype(np.float32)
-    out = np.full(16, np.nan, np.float32)
-    _one_panel_kernel(_panel_simd.PANEL_DOT[mode])(a["masks"][0], values, x[0], out)
-    np.testing.assert_allclose(out, layer.matmul_naive(x)[0], rtol=1e-5, atol=1e-5)
+    x = np.random.default_rng(4).standard_normal((5, 90)).astype(np.float32)
+    out = np.full((5, 16), np.nan, np.float32)
+    one_panel = _one_panel_kernel(_panel_simd.PANEL_DOT[mode], _panel_simd.PANEL_DOT4[mode])
+    one_panel(a["masks"][0], values, x, out)
+    np.testing.assert_allclose(out, layer.matmul_naive(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(CEILING < 2, reason="needs NUMBA_NUM_THREADS >= 2")

@@ -106,28 +106,31 @@ def _expand_pair(builder, mode, vptr, p, word):
     return builder.bitcast(even, _V16F), builder.bitcast(odd, _V16F)
 
 
-def _make_panel_dot(mode, ways=4):
+def _make_panel_dot(mode, tokens, ways):
     @intrinsic
-    def panel_dot(typingctx, masks, moff, vals, voff, x, xoff, npairs, out, ooff):
-        """out[ooff:ooff+16] = one panel times x: masks[moff:moff+npairs] uint32, values from
-        vals[voff:] (uint16 bf16 bits), x[xoff:xoff+2*npairs] float32 (zero-padded to even)."""
+    def panel_dot(typingctx, masks, moff, vals, voff, x, xoff, xstride, npairs, out, ooff,
+                  ostride):
+        """out[ooff + s*ostride:][:16] = one panel times token s of x, for ``tokens`` tokens:
+        masks[moff:moff+npairs] uint32, values from vals[voff:] (uint16 bf16 bits), token s at
+        x[xoff + s*xstride:][:2*npairs] float32 (zero-padded to even). Each word is expanded once
+        for all the tokens."""
         if vals.dtype != types.uint16:
             raise TypeError(f"panel kernels take uint16 (bf16) values, not {vals.dtype}")
-        sig = types.void(masks, types.intp, vals, types.intp, x, types.intp, types.intp, out,
-                         types.intp)
+        sig = types.void(masks, types.intp, vals, types.intp, x, types.intp, types.intp,
+                         types.intp, out, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            masks_a, moff_, vals_a, voff_, x_a, xoff_, count, out_a, ooff_ = args
+            masks_a, moff_, vals_a, voff_, x_a, xoff_, xstride, count, out_a, ooff_, ostride = args
             mptr = _data_ptr(context, builder, signature.args[0], masks_a, moff_)
             vptr = _data_ptr(context, builder, signature.args[2], vals_a, voff_)
-            xptr = _data_ptr(context, builder, signature.args[4], x_a, xoff_)
-            optr = _data_ptr(context, builder, signature.args[7], out_a, ooff_)
+            xptrs = [_data_ptr(context, builder, signature.args[4], x_a, builder.add(
+                xoff_, builder.mul(xstride, ir.Constant(_I64, s)))) for s in range(tokens)]
             fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
             ctpop = _fn(builder, "llvm.ctpop.i32", _I32, [_I32])
-            # ways pairs per iteration, each with its own even/odd accumulators: FMA latency (4
-            # cycles on Zen 4) would otherwise bound the loop at 2 cycles per column pair.
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
-                     for _ in range(2)] for _ in range(ways)]
+            # ways pairs per iteration, each with its own even/odd accumulators per token: FMA
+            # latency (4 cycles on Zen 4) would bound one token at 2 cycles per column pair.
+            accs = [[[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
+                      for _ in range(2)] for _ in range(tokens)] for _ in range(ways)]
             p = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
 
             def pair(j, slot):
@@ -137,30 +140,21 @@ def _make_panel_dot(mode, ways=4):
                 builder.store(builder.add(start, builder.zext(builder.call(ctpop, [word]), _I64)),
                               p)
                 col = builder.mul(j, ir.Constant(_I64, 2))
-                x_k = _splat(builder, builder.load(builder.gep(xptr, [col])))
-                x_k1 = _splat(builder, builder.load(builder.gep(xptr, [builder.add(
-                    col, ir.Constant(_I64, 1))])))
-                # [x[k]] * 8 + [x[k+1]] * 8: LLVM makes it two vmovss and one vpermt2ps
-                xv = builder.select(_UPPER_HALF, x_k1, x_k)
-                for half, acc in ((even, accs[slot][0]), (odd, accs[slot][1])):
-                    builder.store(builder.call(fma, [half, xv, builder.load(acc)]), acc)
+                for xptr, token_accs in zip(xptrs, accs[slot]):
+                    x_k = _splat(builder, builder.load(builder.gep(xptr, [col])))
+                    x_k1 = _splat(builder, builder.load(builder.gep(xptr, [builder.add(
+                        col, ir.Constant(_I64, 1))])))
+                    # [x[k]] * 8 + [x[k+1]] * 8: LLVM makes it two vmovss and one vpermt2ps
+                    xv = builder.select(_UPPER_HALF, x_k1, x_k)
+                    for half, acc in zip((even, odd), token_accs):
+                        builder.store(builder.call(fma, [half, xv, builder.load(acc)]), acc)
 
             _unrolled(builder, count, ways, pair)
-            even, odd = (builder.load(accs[0][h]) for h in range(2))
-            for slot in range(1, ways):
-                even = builder.fadd(even, builder.load(accs[slot][0]))
-                odd = builder.fadd(odd, builder.load(accs[slot][1]))
-            first, second = (ir.Constant(ir.VectorType(_I32, 8), list(range(s, s + 8)))
-                             for s in (0, 8))
-            # column k's half plus column k+1's half: even rows 0, 2, .. 14; odd rows 1, .. 15
-            even = builder.fadd(builder.shuffle_vector(even, even, first),
-                                builder.shuffle_vector(even, even, second))
-            odd = builder.fadd(builder.shuffle_vector(odd, odd, first),
-                               builder.shuffle_vector(odd, odd, second))
-            interleave = [lane for r in range(8) for lane in (r, 8 + r)]
-            rows = builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(_I32, 16),
-                                                                 interleave))
-            builder.store(rows, builder.bitcast(optr, _V16F.as_pointer()), align=4)
+            for s in range(tokens):
+                rows = _panel_rows(builder, [accs[slot][s] for slot in range(ways)])
+                dst = builder.gep(_data_ptr(context, builder, signature.args[8], out_a, ooff_),
+                                  [builder.mul(ostride, ir.Constant(_I64, s))])
+                builder.store(rows, builder.bitcast(dst, _V16F.as_pointer()), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -168,6 +162,25 @@ def _make_panel_dot(mode, ways=4):
     return panel_dot
 
 
-PANEL_DOT = {mode: _make_panel_dot(mode) for mode in MODES}
-panel_dot = PANEL_DOT[HOST_MODE]
-panel_dot_portable = PANEL_DOT["portable"]
+def _panel_rows(builder, accs):
+    """The 16 row sums in row order from the (even, odd) accumulator allocas of every slot."""
+    even, odd = (builder.load(accs[0][h]) for h in range(2))
+    for acc in accs[1:]:
+        even = builder.fadd(even, builder.load(acc[0]))
+        odd = builder.fadd(odd, builder.load(acc[1]))
+    first, second = (ir.Constant(ir.VectorType(_I32, 8), list(range(s, s + 8))) for s in (0, 8))
+    # column k's half plus column k+1's half: even rows 0, 2, .. 14; odd rows 1, .. 15
+    even = builder.fadd(builder.shuffle_vector(even, even, first),
+                        builder.shuffle_vector(even, even, second))
+    odd = builder.fadd(builder.shuffle_vector(odd, odd, first),
+                       builder.shuffle_vector(odd, odd, second))
+    interleave = [lane for r in range(8) for lane in (r, 8 + r)]
+    return builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(_I32, 16), interleave))
+
+
+# One token, four pairs in flight; four tokens (a GEMM's groups), one pair in flight: with 8
+# accumulators the FMA chains already overlap.
+PANEL_DOT = {mode: _make_panel_dot(mode, 1, 4) for mode in MODES}
+PANEL_DOT4 = {mode: _make_panel_dot(mode, 4, 1) for mode in MODES}
+panel_dot, panel_dot4 = PANEL_DOT[HOST_MODE], PANEL_DOT4[HOST_MODE]
+panel_dot_portable, panel_dot4_portable = PANEL_DOT["portable"], PANEL_DOT4["portable"]

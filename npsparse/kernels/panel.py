@@ -24,7 +24,8 @@ from ..errors import NpsparseError
 from ._layer import (PackedLinear, check_arrays, check_shapes, check_weight_mask, pad_columns,
                      row_pointers)
 from ._numba import jit, pjit
-from ._panel_simd import OVERREAD, panel_dot, panel_dot_portable
+from ._panel_simd import (OVERREAD, panel_dot, panel_dot4, panel_dot4_portable,
+                          panel_dot_portable)
 from ._simd import value_at
 from .bf16 import from_bf16, to_bf16
 
@@ -130,24 +131,39 @@ def _matmul_naive(masks, values, panel_ptr, x, n_rows):  # x [T, K] -> y [T, N]
     return y
 
 
+@jit
+def _panel(masks, values, panel_ptr, x, q, exact, y):  # panel q, every token -> y [T, 16 P]
+    n_pairs = masks.shape[1]
+    n_tokens, xstride, ostride = x.shape[0], x.shape[1], y.shape[1]
+    start, moff, ooff = panel_ptr[q], q * n_pairs, PANEL * q
+    t = 0
+    while t + 4 <= n_tokens:  # four tokens per pass: each word is expanded once for all four
+        if exact:
+            panel_dot4_portable(masks, moff, values, start, x, t * xstride, xstride, n_pairs,
+                                y, ooff + t * ostride, ostride)
+        else:
+            panel_dot4(masks, moff, values, start, x, t * xstride, xstride, n_pairs, y,
+                       ooff + t * ostride, ostride)
+        t += 4
+    while t < n_tokens:
+        if exact:
+            panel_dot_portable(masks, moff, values, start, x, t * xstride, 0, n_pairs, y,
+                               ooff + t * ostride, 0)
+        else:
+            panel_dot(masks, moff, values, start, x, t * xstride, 0, n_pairs, y,
+                      ooff + t * ostride, 0)
+        t += 1
+
+
 @pjit
 def _matmul(masks, values, panel_ptr, x, portable):  # x [T, 2 KP] zero-padded -> y [T, 16 P]
-    n_panels, n_pairs = masks.shape
-    n_tokens = x.shape[0]
-    y = np.empty((n_tokens, PANEL * n_panels), dtype=np.float32)
+    n_panels = masks.shape[0]
+    y = np.empty((x.shape[0], PANEL * n_panels), dtype=np.float32)
     safe_end = values.shape[0] - OVERREAD  # panels ending later use the exact-read lowering
     per_task = max(1, (n_panels + 63) // 64)  # fixed by the shape: results ignore thread count
     for task in numba.prange((n_panels + per_task - 1) // per_task):
         for q in range(task * per_task, min(n_panels, (task + 1) * per_task)):
-            exact = portable or panel_ptr[q + 1] > safe_end
-            for t in range(n_tokens):  # the panel's values stay in L1/L2 across tokens
-                out = t * y.shape[1] + PANEL * q
-                if exact:
-                    panel_dot_portable(masks, q * n_pairs, values, panel_ptr[q], x,
-                                       t * x.shape[1], n_pairs, y, out)
-                else:
-                    panel_dot(masks, q * n_pairs, values, panel_ptr[q], x, t * x.shape[1],
-                              n_pairs, y, out)
+            _panel(masks, values, panel_ptr, x, q, portable or panel_ptr[q + 1] > safe_end, y)
     return y
 
 
