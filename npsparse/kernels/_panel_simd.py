@@ -58,8 +58,6 @@ _V32I1 = ir.VectorType(ir.IntType(1), 32)
 # i32 lanes of even and odd, as indices into [column k rows 0-15, column k+1 rows 0-15].
 _EVEN = [2 * i for i in range(8)] + [16 + 2 * i for i in range(8)]
 _ODD = [i + 1 for i in _EVEN]
-
-
 _UPPER_HALF = ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8)
 
 
