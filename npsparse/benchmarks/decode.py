@@ -22,6 +22,14 @@ the other processes leave CPUs free, :mod:`npsparse.threads`) or a fixed count. 
 within each repeat, a second pass over the runs while one CPU-bound process (a Python busy loop)
 runs beside them, and prints each run's tokens/s under that load and its share of the quiet
 tokens/s: how decode degrades on a laptop whose other programs keep a core busy.
+
+``--llama-cpp [VARIANT ...]`` adds llama.cpp's decode of the same GGUF (``--llama-cpp-gguf``,
+default the embedded SmolLM2) to the same rounds: the file as shipped and Q8_0 and F16
+re-quantized from it (:mod:`npsparse.benchmarks.llama_cpp`; needs ``npsparse[compare]``). With
+``auto`` threads llama.cpp runs as many threads as CPUs are allowed (it has no load-aware mode).
+``--ppl-windows N`` (default 40 with ``--llama-cpp``, else 0) adds each run's perplexity on the
+first N pydoc eval windows, computed by npsparse: for a llama.cpp variant, of its GGUF's weights
+as npsparse dequantizes them (llama.cpp's own arithmetic also rounds activations to 8 bits).
 """
 
 from __future__ import annotations
@@ -31,10 +39,13 @@ import contextlib
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import numba
 
 import npsparse
+from npsparse.errors import NpsparseError
+from npsparse.evaluate import perplexity
 from npsparse.generate import generate
 from npsparse.kernels import set_threads
 from npsparse.roofline import measure_read_bandwidth
@@ -100,6 +111,73 @@ def parse_runs(models: list[str], formats: list[str]) -> list[tuple[str, str]]:
     return runs
 
 
+class NpsparseRun:
+    """One npsparse model in one format and thread setting."""
+
+    def __init__(self, label: str, formats: str, llm, threads: str):
+        self.label, self.formats, self.llm, self.threads = label, formats, llm, threads
+        self.config = llm.config
+
+    def decode(self, prompt, tokens: int) -> tuple[float, float]:
+        return decode_run(self.llm, prompt, tokens, 1, self.threads)
+
+    def first_ids(self, prompt, tokens: int) -> list[int]:
+        return list(generate(self.llm.model, prompt, tokens).ids)
+
+    def bytes_per_token(self, mean_position: float) -> float:
+        return self.llm.model.weight_bytes() + kv_bytes_per_token(self.config, mean_position)
+
+    def perplexity(self, windows) -> float:
+        return perplexity(self.llm.model, windows, progress=False).ppl
+
+
+class LlamaCppRun:
+    """One llama.cpp variant of a GGUF (:class:`npsparse.benchmarks.llama_cpp.LlamaCppModel`)."""
+
+    formats = "llama.cpp"
+
+    def __init__(self, label: str, path, threads: str, config, context: int):
+        from npsparse.benchmarks.llama_cpp import LlamaCppModel
+
+        self.label, self.path, self.threads, self.config = label, path, threads, config
+        self.count = len(allowed_cpus()) if threads == "auto" else int(threads)
+        self.model = LlamaCppModel(path, self.count, context)
+
+    def decode(self, prompt, tokens: int) -> tuple[float, float]:
+        tok_s, prefill, _ = self.model.decode(prompt, tokens)
+        return tok_s, prefill
+
+    def first_ids(self, prompt, tokens: int) -> list[int]:
+        return self.model.decode(prompt, tokens)[2]
+
+    def bytes_per_token(self, mean_position: float) -> float:
+        return self.model.weight_bytes + self.model.kv_bytes_per_token(self.config,
+                                                                       mean_position)
+
+    def perplexity(self, windows) -> float:
+        return perplexity(npsparse.load(self.path).model, windows, progress=False).ppl
+
+
+def llama_cpp_runs(args, config, context: int) -> list[LlamaCppRun]:
+    """The ``--llama-cpp`` variants, one run per thread setting, re-quantized files cached."""
+    from npsparse.benchmarks.llama_cpp import VARIANTS, describe, import_llama_cpp, variant_files
+    from npsparse.io import resolve_model_path
+
+    llama_cpp = import_llama_cpp()
+    source = resolve_model_path(args.llama_cpp_gguf)
+    if source.suffix != ".gguf":
+        raise NpsparseError(f"--llama-cpp-gguf must be a .gguf file, got {source}")
+    files = variant_files(source, tuple(args.llama_cpp) or VARIANTS, args.llama_cpp_cache,
+                          len(allowed_cpus()))
+    print(f"llama.cpp: {describe(llama_cpp)}", file=sys.stderr)
+    runs = []
+    for name, path in files.items():
+        for threads in args.threads:
+            suffix = "" if args.threads == ["auto"] else f" threads={threads}"
+            runs.append(LlamaCppRun(f"llama.cpp {name}{suffix}", path, threads, config, context))
+    return runs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=["smollm2"],
@@ -112,9 +190,28 @@ def main(argv=None) -> int:
                         help="thread settings to run each model with: auto and/or fixed counts")
     parser.add_argument("--busy", action="store_true",
                         help="also time every run beside one CPU-bound process")
+    parser.add_argument("--llama-cpp", nargs="*", default=None, metavar="VARIANT",
+                        help="also time llama.cpp on the same GGUF: shipped, Q8_0, F16 "
+                             "(default: all three; needs npsparse[compare])")
+    parser.add_argument("--llama-cpp-gguf", default="smollm2",
+                        help="the GGUF llama.cpp runs (default: the embedded SmolLM2)")
+    parser.add_argument("--llama-cpp-cache", type=Path,
+                        default=Path.home() / ".cache" / "npsparse" / "llama-cpp",
+                        help="folder of the re-quantized variants (written once)")
+    parser.add_argument("--ppl-windows", type=int, default=None,
+                        help="perplexity of every run on this many pydoc eval windows "
+                             "(default: 40 with --llama-cpp, else 0)")
     args = parser.parse_args(argv)
     check_threads(args.threads)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if args.ppl_windows is None:
+        args.ppl_windows = 40 if args.llama_cpp is not None else 0
+    if args.ppl_windows < 0:
+        raise SystemExit(f"{PROG}: error: --ppl-windows must be 0 or more")
+    if args.llama_cpp is not None:
+        from npsparse.benchmarks.llama_cpp import import_llama_cpp
+
+        import_llama_cpp()  # before any model is loaded: a missing extra fails at once
 
     from npsparse.packing import apply_format, layer_formats
 
@@ -131,45 +228,65 @@ def main(argv=None) -> int:
         label = f"{model}@{formats if fmt == 'dense' else fmt}"
         for threads in args.threads:
             suffix = "" if args.threads == ["auto"] else f" threads={threads}"
-            runs.append((label + suffix, formats, llm, threads))
-    prompt = runs[0][2].encode("The Python standard library documentation describes")
-    for _, _, llm, threads in runs:  # warm-up: compile kernels, fault in pages
-        decode_run(llm, prompt, 4, 1, threads)
+            runs.append(NpsparseRun(label + suffix, formats, llm, threads))
+    first = runs[0].llm
+    prompt = first.encode("The Python standard library documentation describes")
+    if args.llama_cpp is not None:
+        runs += llama_cpp_runs(args, first.config, len(prompt) + args.tokens + 8)
+    for run in runs:  # warm-up: compile kernels, fault in pages
+        run.decode(prompt, 4)
     before = measure_read_bandwidth()
-    best = {label: (0.0, 0.0) for label, _, _, _ in runs}
-    busy = {label: 0.0 for label, _, _, _ in runs}
+    best = {run.label: (0.0, 0.0) for run in runs}
+    busy = {run.label: 0.0 for run in runs}
     for _ in range(args.repeats):
-        for label, _, llm, threads in runs:
-            tok_s, prefill = decode_run(llm, prompt, args.tokens, 1, threads)
-            best[label] = (max(best[label][0], tok_s), max(best[label][1], prefill))
+        for run in runs:
+            tok_s, prefill = run.decode(prompt, args.tokens)
+            best[run.label] = (max(best[run.label][0], tok_s), max(best[run.label][1], prefill))
         if args.busy:
             with busy_process():
-                for label, _, llm, threads in runs:
-                    tok_s, _ = decode_run(llm, prompt, args.tokens, 1, threads)
-                    busy[label] = max(busy[label], tok_s)
+                for run in runs:
+                    busy[run.label] = max(busy[run.label], run.decode(prompt, args.tokens)[0])
     after = measure_read_bandwidth()
     bandwidth = max(before.best, after.best)
     baseline = {}  # the first run whose block layers are all float32, and all bf16
-    for label, formats, _, _ in runs:
-        baseline.setdefault(formats, best[label][0])
+    for run in runs:
+        baseline.setdefault(run.formats, best[run.label][0])
+    ppl = {}
+    if args.ppl_windows:
+        windows = first.eval_windows("pydoc", windows=args.ppl_windows)
+        ppl = {run.label: run.perplexity(windows) for run in runs}
+    same = {}  # leading generated tokens equal to the first run's (greedy, same prompt ids)
+    if args.llama_cpp is not None:
+        reference = runs[0].first_ids(prompt, args.tokens)
+        for run in runs:
+            ids = run.first_ids(prompt, args.tokens)
+            same[run.label] = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b),
+                                   min(len(ids), len(reference)))
 
     print(f"{args.tokens} tokens after a {len(prompt)}-token prompt, best of {args.repeats} "
           "interleaved runs")
     print(f"bandwidth: {before} (before); {after} (after); roofline uses {bandwidth / 1e9:.1f} GB/s")
     print()
-    busy_head = " busy tok/s | busy / quiet |" if args.busy else ""
+    extra = [(" busy tok/s | busy / quiet |", "---|---|")] if args.busy else []
+    if ppl:
+        extra.append((f" ppl ({args.ppl_windows} windows) |", "---|"))
+    if same:
+        extra.append((f" tokens equal to row 1 (of {args.tokens}) |", "---|"))
     print("| model@format | MB read/token | decode tok/s | roofline tok/s | % of roofline "
-          "| x dense fp32 | x bf16 | prefill tok/s |" + busy_head)
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.busy else ""))
+          "| x dense fp32 | x bf16 | prefill tok/s |" + "".join(head for head, _ in extra))
+    print("|---|---|---|---|---|---|---|---|" + "".join(rule for _, rule in extra))
     mean_pos = len(prompt) + args.tokens / 2
-    for label, _, llm, _ in runs:
+    for run in runs:
+        label = run.label
         tok_s, prefill = best[label]
-        per_token = llm.model.weight_bytes() + kv_bytes_per_token(llm.config, mean_pos)
+        per_token = run.bytes_per_token(mean_pos)
         roof = bandwidth / per_token
         vs = [f"{tok_s / baseline[b]:.2f}" if b in baseline else "" for b in ("dense", "bf16")]
-        loaded = (f" {busy[label]:.1f} | {busy[label] / tok_s:.2f} |" if args.busy else "")
+        cells = f" {busy[label]:.1f} | {busy[label] / tok_s:.2f} |" if args.busy else ""
+        cells += f" {ppl[label]:.4f} |" if ppl else ""
+        cells += f" {same[label]} |" if same else ""
         print(f"| {label} | {per_token / 1e6:.1f} | {tok_s:.1f} | {roof:.1f} | "
-              f"{100 * tok_s / roof:.0f}% | {vs[0]} | {vs[1]} | {prefill:.0f} |" + loaded)
+              f"{100 * tok_s / roof:.0f}% | {vs[0]} | {vs[1]} | {prefill:.0f} |" + cells)
     if args.busy:
         print(f"\nbusy: one `{sys.executable} -c 'while True: pass'` beside each busy pass, "
               f"{len(allowed_cpus())} CPUs allowed, Numba ceiling {numba.config.NUMBA_NUM_THREADS} "
