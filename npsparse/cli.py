@@ -437,7 +437,7 @@ def _eval_options(ev) -> None:
 
 
 def _generate_options(gen) -> None:
-    from .packing import HEAD_CHOICES
+    from .packing import FORMAT_CHOICES, HEAD_CHOICES
 
     _add_model(gen)
     gen.add_argument("-p", "--prompt", required=True,
@@ -453,7 +453,7 @@ def _generate_options(gen) -> None:
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--format", default="dense",
-                     choices=["dense", "auto", "bf16", "csr", "bitmask", "nm"],
+                     choices=list(FORMAT_CHOICES),
                      help="weight format of the block linear layers (dense = as loaded: float32 "
                           "for a checkpoint, the stored formats for a packed folder; auto = "
                           "fewest bytes per layer)")
@@ -517,10 +517,11 @@ def _prune_options(pr) -> None:
 
 
 def _pack_options(pk) -> None:
-    from .packing import HEAD_CHOICES
+    from .packing import FORMAT_CHOICES, HEAD_CHOICES
 
     _add_model(pk)
-    pk.add_argument("--format", default="auto", choices=["auto", "bf16", "csr", "bitmask", "nm"],
+    pk.add_argument("--format", default="auto",
+                    choices=[fmt for fmt in FORMAT_CHOICES if fmt != "dense"],
                     help="auto = per layer, the format that reads the fewest bytes")
     pk.add_argument("--head", default="auto", choices=HEAD_CHOICES, help=HEAD_HELP)
     pk.add_argument("--out", required=True, help="output folder (written atomically)")

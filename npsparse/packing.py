@@ -4,7 +4,8 @@
 and saves the packed folder (``npsparse pack``; the folder format is :mod:`npsparse.io.packed`).
 
 Every prunable linear layer of the blocks is packed from its dense weight, zeros included, into one
-format (or, with ``"auto"``, each into the format that reads the fewest bytes); a Monarch layer
+format (or, with ``"auto"``, each into the format that reads the fewest bytes, weighing the
+bitmask layout :data:`npsparse.kernels.AUTO_ROW_MASK`); a Monarch layer
 (a folder of ``npsparse monarch``) stays Monarch. The output head is
 not pruned; by default (``head="auto"``) it is kept as Q8_0 blocks when the checkpoint's head
 already is Q8_0 (a GGUF's own blocks, or values a pruned folder carried over from one, recognised
@@ -34,7 +35,7 @@ from .errors import NpsparseError
 from .io.hf_dir import check_output_folder
 from .io.packed import save_packed
 
-FORMAT_CHOICES = ("dense", "auto", "bf16", "csr", "bitmask", "nm")
+FORMAT_CHOICES = ("dense", "auto", "bf16", "csr", "bitmask", "panel", "nm")
 
 
 HEAD_CHOICES = ("auto", "bf16", "q8_0", "dense")
@@ -211,8 +212,8 @@ def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: s
         The ``packed.json`` report plus ``out`` and ``seconds`` (packing and writing).
     """
     if fmt == "dense":
-        raise NpsparseError("--format dense would save nothing packed; choose auto, bf16, csr, "
-                            "bitmask or nm")
+        choices = ", ".join(f for f in FORMAT_CHOICES if f != "dense")
+        raise NpsparseError(f"--format dense would save nothing packed; choose one of {choices}")
     check_output_folder(out, inputs=[model])
     start = time.perf_counter()
     llm = load(model)

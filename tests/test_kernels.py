@@ -293,28 +293,43 @@ def test_to_from_arrays_without_copy(case):
     assert np.array_equal(rebuilt.to_dense(), layer.to_dense())
 
 
+@pytest.mark.parametrize("row_mask", nk.ROW_MASKS)
 @given(data=problems(None))
-def test_choose_format_picks_fewest_bytes(data):
+def test_choose_format_picks_fewest_bytes(row_mask, data):
     (weight, keep), _, _ = data
-    fmt, options = nk.choose_format(weight, keep)
+    fmt, options = nk.choose_format(weight, keep, row_mask)
     chosen = nk.pack(weight, keep, fmt, **options).nbytes
-    sizes = nk.packed_nbytes(weight, keep)
+    sizes = nk.packed_nbytes(weight, keep, row_mask)
     assert chosen == min(sizes.values())
+    assert (row_mask, "") in sizes and not set(sizes) & {(m, "") for m in nk.ROW_MASKS
+                                                          if m != row_mask}
     for (name, pattern), size in sizes.items():
         opts = {"pattern": pattern} if pattern else {}
         assert nk.pack(weight, keep, name, **opts).nbytes == size  # the estimate is exact
 
 
-def test_choose_format_examples():
+@pytest.mark.parametrize("row_mask", nk.ROW_MASKS)
+def test_choose_format_examples(row_mask):
     rng = np.random.default_rng(8)
     weight = rng.standard_normal((64, 256)).astype(np.float32)
-    assert nk.choose_format(weight, None) == ("bf16", {})
+    assert nk.choose_format(weight, None, row_mask) == ("bf16", {})
     _, keep24 = random_problem(8, 64, 256, 1.0, (2, 4))
-    assert nk.choose_format(weight, keep24)[0] in ("nm", "bitmask")
+    assert nk.choose_format(weight, keep24, row_mask)[0] in ("nm", row_mask)
     sparse70 = rng.random(weight.shape) < 0.3
-    assert nk.choose_format(weight, sparse70) == ("bitmask", {"values": "bf16"})
-    assert nk.choose_format(weight, rng.random(weight.shape) < 0.02) == ("csr", {"values": "bf16"})
-    assert type(nk.pack(weight, keep24)).__name__ in ("NMLinear", "BitmaskLinear")
+    assert nk.choose_format(weight, sparse70, row_mask) == (row_mask, {"values": "bf16"})
+    sparse98 = rng.random(weight.shape) < 0.02
+    assert nk.choose_format(weight, sparse98, row_mask) == ("csr", {"values": "bf16"})
+
+
+def test_auto_follows_the_row_mask_switch(monkeypatch):
+    weight, keep = random_problem(9, 64, 256, 0.3, None)
+    weight = np.where(keep, weight, np.float32(0.0))
+    for row_mask, cls in (("panel", nk.PanelLinear), ("bitmask", nk.BitmaskLinear)):
+        monkeypatch.setattr(nk, "AUTO_ROW_MASK", row_mask)
+        assert nk.choose_format(weight, keep)[0] == row_mask
+        assert type(nk.pack(weight, keep)) is cls
+    with pytest.raises(NpsparseError, match="row_mask must be one of"):
+        nk.choose_format(weight, keep, "csr")
 
 
 # ---- bad input: one clear line -------------------------------------------------------------------

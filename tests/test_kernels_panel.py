@@ -218,10 +218,11 @@ def test_to_from_arrays_without_copy_and_read_only():
     np.testing.assert_array_equal(rebuilt(x), layer(x))
 
 
-def test_auto_does_not_pick_panel():
-    weight, keep = random_problem(9, 64, 256, 0.3)
-    assert nk.choose_format(weight, keep)[0] == "bitmask"
-    assert all(name != "panel" for name, _ in nk.packed_nbytes(weight, keep))
+def test_panel_bytes_estimate_is_exact():
+    for rows, cols in ((37, 75), (16, 64), (1, 1)):
+        weight, keep = random_problem(9, rows, cols, 0.3)
+        sizes = nk.packed_nbytes(weight, keep, "panel")
+        assert nk.pack(weight, keep, "panel").nbytes == sizes[("panel", "")]
 
 
 def _raises(match, fn, *args, **kwargs):

@@ -21,7 +21,8 @@ monarch     two block-diagonal factors (fp32|bf16)         (4|2) min(N,K) (N+K) 
 Monarch matrices (lossy, see :mod:`npsparse.monarch`), and ``auto`` never picks it.
 
 ``panel`` (:mod:`.panel`) stores what ``bitmask`` stores, laid out for a kernel that computes 16
-rows at once; ``auto`` does not pick it yet, so :func:`packed_nbytes` leaves it out.
+rows at once. ``auto`` weighs one of the two row-mask layouts, :data:`AUTO_ROW_MASK`, against
+bf16, csr and nm: the two read nearly the same bytes, so bytes alone cannot choose between them.
 
 Masks are boolean ``[N, K]`` with True = weight kept. An N:M pattern "2:4" prunes 2 of every 4
 consecutive input columns (Wanda/SparseGPT ``prune_n:prune_m``).
@@ -41,12 +42,17 @@ from .bitmask import BitmaskLinear
 from .csr import CSRLinear, index_dtype
 from .monarch import MonarchLinear
 from .nm import NMLinear, index_bits, parse_pattern
-from .panel import PanelLinear
+from .panel import PanelLinear, panel_nbytes
 from .q8 import Q8Linear, dequantize_q8_0, q8_0_from_blocks, quantize_q8_0
 
 FORMATS = {"dense": DenseLinear, "bf16": BF16Linear, "csr": CSRLinear, "bitmask": BitmaskLinear,
            "nm": NMLinear, "q8_0": Q8Linear, "monarch": MonarchLinear, "panel": PanelLinear}
 NM_PATTERNS = ("2:4", "4:8")  # patterns choose_format tries
+# The bitmask layout choose_format weighs ("panel" or "bitmask"). Both store 1 bit per position
+# plus bf16 values (panel: 8 bytes per 16 rows of pointers instead of per row), so which one runs
+# faster is a measurement, not a byte count: the lead sets it from a quiet decode benchmark.
+AUTO_ROW_MASK = "panel"
+ROW_MASKS = ("bitmask", "panel")
 
 
 def pack(weight, mask=None, format: str = "auto", **options):
@@ -90,11 +96,11 @@ def pack(weight, mask=None, format: str = "auto", **options):
         raise NpsparseError(f"format {format!r}: {error}") from None
 
 
-def packed_nbytes(weight, mask=None) -> dict[tuple[str, str], int]:
+def packed_nbytes(weight, mask=None, row_mask: str | None = None) -> dict[tuple[str, str], int]:
     """Bytes each lossless-to-bf16 candidate format would read, keyed (format, pattern or "").
 
     Every candidate stores bf16 values, so all of them give the same product; only the bytes
-    differ. Row pointers count 8 bytes per row plus one.
+    differ. Row pointers count 8 bytes per row plus one (panel: per 16 rows plus one).
 
     Parameters
     ----------
@@ -102,19 +108,24 @@ def packed_nbytes(weight, mask=None) -> dict[tuple[str, str], int]:
         ``W [N, K]`` float32 (or exactly convertible).
     mask : array-like or None
         ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros of ``weight``.
+    row_mask : {"panel", "bitmask"}, optional
+        The bitmask layout to weigh; default :data:`AUTO_ROW_MASK`.
 
     Returns
     -------
     dict of (str, str) to int
-        ``("bf16", "")`` (dense, ignores the mask), ``("csr", "")`` and ``("bitmask", "")``
+        ``("bf16", "")`` (dense, ignores the mask), ``("csr", "")`` and ``(row_mask, "")``
         always; ``("nm", pattern)`` for each pattern of :data:`NM_PATTERNS` whose ``M`` divides
         ``K`` and that the mask fits (no group of ``M`` keeps more than ``M - N``).
 
     Raises
     ------
     NpsparseError
-        A weight/mask shape or dtype problem.
+        A weight/mask shape or dtype problem, or a ``row_mask`` not in :data:`ROW_MASKS`.
     """
+    row_mask = AUTO_ROW_MASK if row_mask is None else row_mask
+    if row_mask not in ROW_MASKS:
+        raise NpsparseError(f"row_mask must be one of {', '.join(ROW_MASKS)}, got {row_mask!r}")
     weight, keep = check_weight_mask(weight, mask)
     rows, k_cols = weight.shape
     nnz = int(keep.sum())
@@ -122,8 +133,11 @@ def packed_nbytes(weight, mask=None) -> dict[tuple[str, str], int]:
     sizes = {
         ("bf16", ""): 2 * rows * k_cols,
         ("csr", ""): nnz * (2 + np.dtype(index_dtype(k_cols)).itemsize) + row_ptr,
-        ("bitmask", ""): 4 * rows * ((k_cols + 31) // 32) + 2 * nnz + row_ptr,
     }
+    if row_mask == "panel":
+        sizes[("panel", "")] = panel_nbytes(rows, k_cols, nnz)
+    else:
+        sizes[("bitmask", "")] = 4 * rows * ((k_cols + 31) // 32) + 2 * nnz + row_ptr
     for pattern in NM_PATTERNS:
         n, m = parse_pattern(pattern)
         if k_cols % m:
@@ -135,10 +149,11 @@ def packed_nbytes(weight, mask=None) -> dict[tuple[str, str], int]:
     return sizes
 
 
-def choose_format(weight, mask=None) -> tuple[str, dict]:
+def choose_format(weight, mask=None, row_mask: str | None = None) -> tuple[str, dict]:
     """The format (with options) that reads the fewest bytes, all with bf16 values.
 
-    int8 values are never chosen here: they change the weights (see :mod:`.bitmask`).
+    int8 values are never chosen here: they change the weights (see :mod:`.bitmask`). Of the
+    two bitmask layouts only ``row_mask`` is weighed (see :data:`AUTO_ROW_MASK`).
 
     Parameters
     ----------
@@ -146,13 +161,15 @@ def choose_format(weight, mask=None) -> tuple[str, dict]:
         ``W [N, K]`` float32.
     mask : np.ndarray or None
         ``[N, K]`` bool, True = kept; ``None`` keeps the nonzeros.
+    row_mask : {"panel", "bitmask"}, optional
+        Default :data:`AUTO_ROW_MASK`.
 
     Returns
     -------
     (format, options) : tuple of str and dict
         Arguments for :func:`pack`, e.g. ``("nm", {"pattern": "2:4", "values": "bf16"})``.
     """
-    sizes = packed_nbytes(weight, mask)
+    sizes = packed_nbytes(weight, mask, row_mask)
     (format, pattern), _ = min(sizes.items(), key=lambda item: item[1])
     if format == "bf16":
         return "bf16", {}
@@ -213,7 +230,7 @@ def from_arrays(arrays: dict[str, np.ndarray], metadata: dict[str, str]):
 
 
 __all__ = [
-    "FORMATS", "Bandwidth", "BF16Linear", "BitmaskLinear", "CSRLinear", "MonarchLinear",
+    "AUTO_ROW_MASK", "FORMATS", "ROW_MASKS", "Bandwidth", "BF16Linear", "BitmaskLinear", "CSRLinear", "MonarchLinear",
     "NMLinear", "PackedLinear", "PanelLinear", "Q8Linear", "bf16_round", "choose_format",
     "dequantize_q8_0", "from_arrays", "from_bf16", "measure_read_bandwidth", "pack", "packed_nbytes",
     "q8_0_from_blocks", "quantize_q8_0", "set_threads", "to_arrays", "to_bf16",

@@ -12,7 +12,8 @@ x[k], x[k+1] with two FMAs into 16 row accumulators, storing 16 outputs at once:
 panel and no horizontal sum is needed (the bitmask kernel re-reads x per row and sums per row).
 Each output is exact float32 arithmetic; only the summation order differs from the naive loop.
 
-:func:`npsparse.kernels.choose_format` does not consider it yet.
+``auto`` (:func:`npsparse.kernels.choose_format`) weighs it in place of ``bitmask`` while
+:data:`npsparse.kernels.AUTO_ROW_MASK` is ``"panel"``.
 """
 
 from __future__ import annotations
