@@ -98,6 +98,36 @@ def test_a_decoded_key_is_encoded_once(monkeypatch):
     assert att.key_codes.valid == 40
 
 
+@pytest.mark.parametrize("n_keep", [1, 3, 50])
+def test_the_kernel_reads_a_cache_in_place_bit_identically_to_a_copy(monkeypatch, n_keep):
+    # decode into a cache with capacity 64 > S: the kernel gets the cache buffers themselves
+    # (no copy of the [:, :S] views), and gives what it gives on contiguous copies of them
+    seen = []  # (k, v, codes) as the kernel got them
+    kernel = sparse_attention.topk_attention_kernel
+    monkeypatch.setattr(sparse_attention, "topk_attention_kernel",
+                        lambda q, k, v, start, keep, books, codes, *rest:
+                        seen.append((k, v, codes)) or kernel(q, k, v, start, keep, books, codes,
+                                                             *rest))
+    rng = np.random.default_rng(1)
+    books = rng.standard_normal((2, 4, 3, 2)).astype(np.float32)
+    att = TopkAttention(n_keep, books)
+    cache_k = np.zeros((2, 64, 8), dtype=np.float32)
+    cache_v = np.zeros((2, 64, 8), dtype=np.float32)
+    for start, n_tok in [(0, 5)] + [(s, 1) for s in range(5, 40)]:
+        end = start + n_tok
+        cache_k[:, start:end] = rng.standard_normal((2, n_tok, 8))
+        cache_v[:, start:end] = rng.standard_normal((2, n_tok, 8))
+        q = rng.standard_normal((4, n_tok, 8)).astype(np.float32)
+        got = att(q, cache_k[:, :end], cache_v[:, :end], start)
+        assert seen[-1][0] is cache_k and seen[-1][1] is cache_v
+        if n_keep < end:
+            assert seen[-1][2] is att.key_codes.codes  # the codes' buffer too
+        copies = [np.ascontiguousarray(x[:, :end]) for x in (cache_k, cache_v)]  # [KV, S, hd]
+        expected = topk_attention(q, *copies, start, n_keep, books)
+        assert seen[-1][0].shape[1] == end  # the copying path
+        np.testing.assert_array_equal(got, expected)
+
+
 # ----------------------------------------------------------------------------- in the model
 
 T = 24  # calibration window length

@@ -197,10 +197,11 @@ def encode_keys(k, codebooks):
 
 
 @jit
-def _pair_codes(codes, n_cent):
-    """Codes of subspace pairs ``(2p, 2p+1)``: ``codes[..., 2p] * C + codes[..., 2p+1]``.
-    codes [KV, S, M] uint8 with M even and C <= 16 -> [KV, S, M/2] uint8."""
-    n_kv, n_keys, n_sub = codes.shape
+def _pair_codes(codes, n_cent, n_keys):
+    """Codes of subspace pairs ``(2p, 2p+1)``: ``codes[..., 2p] * C + codes[..., 2p+1]``, of the
+    first ``n_keys`` keys. codes [KV, >= S, M] uint8 with M even and C <= 16 -> [KV, S, M/2]
+    uint8."""
+    n_kv, n_sub = codes.shape[0], codes.shape[2]
     pairs = np.empty((n_kv, n_keys, n_sub // 2), dtype=np.uint8)
     for h in range(n_kv):
         for s in range(n_keys):
@@ -238,8 +239,10 @@ def topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, use_clamp, c
     q : np.ndarray
         ``[H, T, hd]`` float32 queries for positions ``start .. start+T-1``.
     k, v : np.ndarray
-        ``[KV, S, hd]`` float32 keys/values for positions ``0 .. S-1`` (``S = start + T``);
-        query head ``h`` reads key/value head ``h // (H // KV)``.
+        ``[KV, P, hd]`` float32 keys/values, ``P >= S = start + T``: positions ``0 .. S-1`` are
+        read, the rest not, so a ``[KV, capacity, hd]`` KV cache is read in place (a copy of
+        its ``[:, :S]`` view would cost more than the attention at a long context); query head
+        ``h`` reads key/value head ``h // (H // KV)``.
     start : int
         Position of the first query.
     n_keep : int
@@ -247,7 +250,7 @@ def topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, use_clamp, c
     codebooks : np.ndarray
         ``[KV, M, C, d]`` float32, one PQ codebook per key/value head.
     codes : np.ndarray
-        ``[KV, S, M]`` uint8 PQ codes of the keys
+        ``[KV, >= S, M]`` uint8 PQ codes of the keys, of which the first S are read
         (:func:`npsparse.sparse_attention.encode`); not read when ``L >= S``, so then
         ``[KV, 0, M]`` will do.
     use_clamp : bool
@@ -264,7 +267,8 @@ def topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, use_clamp, c
         :func:`npsparse.models.layers.merge_heads`).
     """
     n_heads, n_tok, head_dim = q.shape
-    n_kv, n_keys, _ = k.shape
+    n_kv = k.shape[0]
+    n_keys = start + n_tok  # S: the keys read, of k.shape[1] >= S
     group = n_heads // n_kv
     n_sub, n_cent = codebooks.shape[1], codebooks.shape[2]
     scale = np.float32(1.0 / math.sqrt(head_dim))
@@ -274,7 +278,7 @@ def topk_attention_kernel(q, k, v, start, n_keep, codebooks, codes, use_clamp, c
     # pairs of subspaces looked up at once when their C^2 joint codes fit a byte (SmolLM2's
     # M=8, C=16: 4 lookups per key instead of 8)
     paired = n_sub % 2 == 0 and n_cent <= 16 and n_keep < n_keys
-    pair_codes = _pair_codes(codes if paired else codes[:, :0], n_cent)  # [KV, S, M/2]
+    pair_codes = _pair_codes(codes, n_cent, n_keys if paired else 0)  # [KV, S or 0, M/2]
     out = np.empty((n_tok, n_heads * head_dim), dtype=np.float32)
     for task in numba.prange(n_heads * n_strides):
         head = task // n_strides
