@@ -13,7 +13,9 @@ out back to back, array by array, so that the rows of all of them form one packe
 single kernel call then computes the whole group (one thread launch instead of three, and longer
 row runs per thread). The block keeps that *stacked* layer in ``block.fused`` beside the
 individual layers, whose arrays become views into it, so no weight is stored twice. Only the
-stacked ``row_ptr`` (one int64 per row) is extra.
+stacked pointer array (``row_ptr``, one int64 per row; panel's ``panel_ptr``, one per 16 rows) is
+extra. A format whose rows come in blocks (panel: 16) stacks only parts that fill their last
+block, except the last part; a group with another part stays unstacked.
 
 The copy happens layer group by layer group and each original is released when it is replaced, so
 peak memory grows by about one group. Arrays start on 64-byte boundaries, except the parts inside
@@ -79,6 +81,16 @@ def _signature(layer):
             tuple(sorted((k, a.dtype.str, a.ndim) for k, a in arrays.items())))
 
 
+def _pointer(layer) -> str:
+    """Name of the array of starts that stacking offsets (none for dense and bf16)."""
+    return getattr(layer, "POINTER", "row_ptr")
+
+
+def _rows_stack(layers) -> bool:
+    """Whether no padding rows would sit between the parts when their arrays are concatenated."""
+    return all(layer.shape[0] % getattr(layer, "ROW_BLOCK", 1) == 0 for layer in layers[:-1])
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
@@ -92,14 +104,15 @@ def _plan(model) -> list[tuple[object, tuple[str, ...]]]:
         for names in getattr(block, "fusable_groups", ()):
             layers = [block.linears[n] for n in names]
             sig = _signature(layers[0])
-            if sig is not None and all(_signature(layer) == sig for layer in layers[1:]):
+            if (sig is not None and all(_signature(layer) == sig for layer in layers[1:])
+                    and _rows_stack(layers)):
                 plan.append((block, tuple(names)))
                 grouped.update(names)
         plan += [(block, (name,)) for name in block.linears if name not in grouped]
     return plan
 
 
-def _stacked_row_ptr(parts: list[np.ndarray]) -> np.ndarray:
+def _stacked_pointers(parts: list[np.ndarray]) -> np.ndarray:
     out, base = [parts[0]], parts[0][-1]
     for ptr in parts[1:]:
         out.append(ptr[1:] + base)
@@ -125,7 +138,8 @@ def consolidate(model) -> int:
         Bytes of the buffer.
     """
     plan = _plan(model)
-    total = sum(_group_bytes([_layer_arrays(block.linears[n]) for n in names])
+    total = sum(_group_bytes(block.linears[names[0]], [_layer_arrays(block.linears[n])
+                                                         for n in names])
                 for block, names in plan)
     if total == 0:
         return 0
@@ -139,8 +153,9 @@ def consolidate(model) -> int:
     return total
 
 
-def _group_bytes(arrays: list) -> int:
-    """Buffer bytes a group of layers' arrays take (stacked when more than one)."""
+def _group_bytes(first, arrays: list) -> int:
+    """Buffer bytes a group of layers' arrays take (stacked when more than one); ``first`` is
+    the group's first layer."""
     if arrays[0] is None:
         return 0
     total = 0
@@ -149,7 +164,7 @@ def _group_bytes(arrays: list) -> int:
             total += _aligned(arrays[0][key].nbytes)
         else:
             total += _aligned(sum(a[key].nbytes for a in arrays))
-            if key == "row_ptr":  # each part keeps its own row_ptr as well
+            if key == _pointer(first):  # each part keeps its own pointers as well
                 total += sum(_aligned(a[key].nbytes) for a in arrays)
     return total
 
@@ -185,12 +200,13 @@ def _move_group(block, names: tuple, place: _Placer) -> None:
         if len(layers) == 1:
             moved[0][key] = place(arrays[0][key])
             continue
-        if key == "row_ptr":
-            stacked[key] = place(_stacked_row_ptr([a[key] for a in arrays]))
+        if key == _pointer(layers[0]):
+            stacked[key] = place(_stacked_pointers([a[key] for a in arrays]))
             for i, a in enumerate(arrays):
                 moved[i][key] = place(a[key])
             continue
-        whole = place(np.concatenate([a[key] for a in arrays]))  # rows (or nonzeros) in order
+        # rows, panels or nonzeros in order
+        whole = place(np.concatenate([a[key] for a in arrays]))
         stacked[key] = whole
         start = 0
         for i, a in enumerate(arrays):

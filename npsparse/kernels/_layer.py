@@ -257,6 +257,8 @@ class PackedLinear:
 
     FORMAT = ""
     STACKABLE = True  # two layers' arrays concatenated are the layer of their stacked rows
+    POINTER = "row_ptr"  # the array of starts that stacking offsets (npsparse.arena)
+    ROW_BLOCK = 1  # parts stack only if each one but the last has a multiple of this many rows
     TRAINABLE = False  # fine-tuning trains its arrays (parameters(), backward(d_y, x))
 
     def __init__(self, arrays: dict[str, np.ndarray], shape: tuple[int, int]):

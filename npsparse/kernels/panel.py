@@ -177,10 +177,11 @@ class PanelLinear(PackedLinear):
     """
 
     FORMAT = "panel"
-    # arena.consolidate stacks layers by concatenating arrays and offsetting "row_ptr": that is
-    # the stacked layer only if no padding rows sit between the parts, and panel_ptr is no
-    # row_ptr. Not yet.
-    STACKABLE = False
+    # arena.consolidate stacks layers by concatenating every array along its first axis and
+    # offsetting panel_ptr: that is the panel layer of the stacked rows only when no padding rows
+    # sit between the parts, i.e. every part but the last fills its last panel.
+    POINTER = "panel_ptr"
+    ROW_BLOCK = PANEL
 
     @classmethod
     def pack(cls, weight, mask=None, values="bf16"):
