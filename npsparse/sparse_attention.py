@@ -602,8 +602,8 @@ def use_topk_attention(model, n_keep: int | None, codebooks: list | None = None,
     ----------
     model : LLM or LlamaModel
         Changed in place: each block's ``attention`` becomes a new :class:`TopkAttention`, with
-        no key codes yet (None: exact). Prefill and perplexity run it; one-token decode runs
-        such blocks' body.
+        no key codes yet (None: exact). Prefill, perplexity and one-token decode (around the
+        compiled steps of :mod:`npsparse.models.llama_decode`) run it.
     n_keep : int or None
         L >= 1 keys per query; None restores exact attention.
     codebooks : list of np.ndarray

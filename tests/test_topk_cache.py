@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from npsparse import sparse_attention
 from npsparse.generate import generate
 from npsparse.kernels.topk_attention import encode_keys
+from npsparse.models import llama_decode
 from npsparse.sparse_attention import (KeyCodes, TopkAttention, fit_attention_codebooks,
                                        topk_attention, use_topk_attention)
 
@@ -250,3 +251,32 @@ def test_rewinds_and_interleaved_sequences_are_bit_identical(model_and_books, sc
                 got, expected = (pair.run(cached, model.forward, ids, caches[cached][which])
                                  for cached in (True, False))
             np.testing.assert_array_equal(got, expected)
+
+
+def test_one_token_decode_runs_the_compiled_steps_around_top_l_attention(model_and_books,
+                                                                        monkeypatch):
+    # forward with one token and a cache takes llama_decode's path (compiled norms, stacked
+    # products) also with top-L attention; it agrees with the block's body to float rounding
+    model, books = model_and_books
+    calls = []
+    other = llama_decode._other_attention
+    monkeypatch.setattr(llama_decode, "_other_attention",
+                        lambda *args: calls.append(1) or other(*args))
+    with twins(model_and_books, 3) as pair:
+        ids = np.random.default_rng(6).integers(0, 97, size=40)
+        caches = model.new_cache(64), model.new_cache(64)
+        steps = {True: [], False: []}
+        for compiled, cache in zip((True, False), caches):
+            if not compiled:
+                model.decode_block = None  # on the instance: forward runs the blocks' body
+            try:
+                pair.run(True, model.forward, ids[:10], cache)
+                steps[compiled] = [pair.run(True, model.forward, ids[t:t + 1], cache)
+                                   for t in range(10, 40)]
+            finally:
+                vars(model).pop("decode_block", None)
+        assert len(calls) == 30 * model.config.n_layers
+        np.testing.assert_allclose(np.concatenate(steps[True]), np.concatenate(steps[False]),
+                                   atol=1e-5, rtol=0)
+        for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -5,6 +5,8 @@ in compiled pieces (:mod:`npsparse.kernels.rowops`, :func:`~npsparse.kernels.att
 and computes same-input layers (q/k/v, gate/up) as one stacked product when
 :mod:`npsparse.arena` built one. The arithmetic is the body's; sums run in another order, so
 results agree with it to float32 rounding (tested in ``tests/test_attention.py``), not bit for bit.
+A block with another attention (``block.attention``, SPT's top-L) runs the same steps around it;
+its RoPE and cache append are the body's (tested in ``tests/test_topk_cache.py``).
 :meth:`~npsparse.models.base.CausalLM.forward` chooses this path once per call: one new token
 with a cache.
 """
@@ -16,6 +18,7 @@ import numpy as np
 
 from ..kernels.attention import decode_step
 from ..kernels.rowops import add_rms_norm, rms_norm_rows, silu_mul
+from .layers import append_to_cache, apply_rope, split_heads
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
@@ -67,8 +70,6 @@ def decode_block(block, x: np.ndarray, start: int, cache_k: np.ndarray,
     np.ndarray
         ``[1, D]`` float32.
     """
-    if block.attention is not None:  # top-L sparse attention: the body (no compiled step for it)
-        return block(x, start, cache_k, cache_v)  # [1, D]
     cfg, eps = block.cfg, block.cfg.norm_eps
     hd = cfg.head_dim
     h = rms_norm_rows(x, block.attn_norm, eps)  # [1, D]
@@ -76,9 +77,12 @@ def decode_block(block, x: np.ndarray, start: int, cache_k: np.ndarray,
     if cfg.qkv_bias:
         q, k, v = q + block.bias["q"], k + block.bias["k"], v + block.bias["v"]
     cos, sin = block.rope(start, 1)  # [1, hd]
-    att = decode_step(q.reshape(cfg.n_heads, hd), k.reshape(cfg.n_kv_heads, hd),
-                      v.reshape(cfg.n_kv_heads, hd), cos[0], sin[0], cache_k, cache_v, start,
-                      True, numba.config.NUMBA_NUM_THREADS)  # [1, H*hd]
+    if block.attention is not None:  # SPT's top-L attention
+        att = _other_attention(block, q, k, v, cos, sin, start, cache_k, cache_v)  # [1, H*hd]
+    else:
+        att = decode_step(q.reshape(cfg.n_heads, hd), k.reshape(cfg.n_kv_heads, hd),
+                          v.reshape(cfg.n_kv_heads, hd), cos[0], sin[0], cache_k, cache_v, start,
+                          True, numba.config.NUMBA_NUM_THREADS)  # [1, H*hd]
     x, h = add_rms_norm(x, block.linears["self_attn.o_proj"](att), block.mlp_norm, eps)
     if block.ffn_router is not None:  # routed FFN: rows of the A chosen blocks only
         f = block.ffn_router(h, block.linears)  # [1, D]
@@ -88,6 +92,20 @@ def decode_block(block, x: np.ndarray, start: int, cache_k: np.ndarray,
     if block.moe is not None:  # PESC: the router, then only the k chosen experts' adapters
         f = block.moe(h, f)  # [1, D]
     return x + f  # [1, D]
+
+
+def _other_attention(block, q, k, v, cos, sin, start, cache_k, cache_v):
+    """One token's RoPE and cache append as the body does them, then ``block.attention``.
+
+    q [1, H*hd], k/v [1, KV*hd] projections; cos/sin [1, hd]; cache_k/cache_v
+    [KV, capacity, hd], written at ``start``. Returns [1, H*hd].
+    """
+    cfg = block.cfg
+    q = apply_rope(split_heads(q, cfg.n_heads), cos, sin)  # [H, 1, hd]
+    k = apply_rope(split_heads(k, cfg.n_kv_heads), cos, sin)  # [KV, 1, hd]
+    k, v = append_to_cache(cache_k, cache_v, k, split_heads(v, cfg.n_kv_heads),
+                           start)  # [KV, S, hd]
+    return block.attention(q, k, v, start)  # [1, H*hd]
 
 
 def decode_final(model, x: np.ndarray) -> np.ndarray:
