@@ -165,11 +165,11 @@ def test_eval_smollm2_first_window(smollm2_path):
 
 
 def test_bench_decode_and_kernels_run(tiny_dir, tmp_path):
-    out = run("bench", "decode", f"{tiny_dir}@dense", f"{tiny_dir}@bitmask", "--tokens", 3,
-              "--repeats", 1)
+    out = run("bench", "decode", f"{tiny_dir}@dense", f"{tiny_dir}@bitmask", f"{tiny_dir}@panel",
+              "--tokens", 3, "--repeats", 1)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith(f"| {tiny_dir}@")]
-    assert len(rows) == 2 and "% |" in rows[0]
+    assert len(rows) == 3 and "% |" in rows[0] and rows[2].startswith(f"| {tiny_dir}@panel |")
     # A packed folder run "as loaded" is labelled by its formats and is not the fp32 baseline.
     packed = tiny_dir.parent / "tiny-bf16"
     assert run("pack", tiny_dir, "--format", "bf16", "--out", packed).returncode == 0

@@ -38,7 +38,7 @@ def pruned_dir(request, tmp_path_factory, tokenizer):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "csr", "bitmask", "nm", "auto"])
+@pytest.mark.parametrize("fmt", ["bf16", "csr", "bitmask", "panel", "nm", "auto"])
 def test_packed_folder_equals_packing_in_memory(pruned_dir, tmp_path, fmt, monkeypatch):
     report = pack_model(pruned_dir, tmp_path / "packed", fmt)
     assert report["formats"] and report["head"] == "BF16Linear"
@@ -69,6 +69,30 @@ def test_float32_head_is_kept(pruned_dir, tmp_path):
     assert isinstance(loaded.model.head, DenseLinear)
     ids = loaded.encode("x = [1, 2, 3]")
     np.testing.assert_array_equal(loaded.logits(ids), expected.logits(ids))
+
+
+def test_panel_folder_round_trip(pruned_dir, tmp_path):
+    """pack --format panel through the CLI: the folder holds the layers' arrays as packed and
+    loads to the logits of the dense model with the same (bf16) weights."""
+    out = subprocess.run([sys.executable, "-m", "npsparse.cli", "pack", str(pruned_dir),
+                          "--format", "panel", "--out", str(tmp_path / "p"), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    dense = npsparse.load(pruned_dir).model
+    assert json.loads(out.stdout)["formats"] == {"panel": len(dense.linears()), "bf16": 1}
+    loaded = npsparse.load(tmp_path / "p")
+    for name, layer in dense.linears().items():
+        got = loaded.model.linears()[name]
+        assert type(got) is kernels.PanelLinear
+        want = kernels.pack(layer.to_dense(), None, "panel")
+        for key, array in want.arrays.items():
+            np.testing.assert_array_equal(got.arrays[key], array)
+        dense.set_linear(name, DenseLinear(kernels.bf16_round(layer.to_dense())))
+    dense.head = DenseLinear(kernels.bf16_round(dense.head.to_dense()))  # the packed head: bf16
+    ids = loaded.encode("for i in range(10):\n    print(i)")
+    expected = dense.forward(ids)
+    np.testing.assert_allclose(loaded.logits(ids), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
 
 
 def test_bad_packed_folders_fail_clearly(pruned_dir, tmp_path):
@@ -113,7 +137,7 @@ def test_pack_cli_json_and_one_line_errors(pruned_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def packed_llama(tokenizer, tmp_path_factory):
-    """A tiny pruned (2:4) llama packed as csr, bitmask and nm: {format: folder}."""
+    """A tiny pruned (2:4) llama packed as csr, bitmask, panel and nm: {format: folder}."""
     model = tiny_model("llama", vocab_size=tokenizer.vocab_size, dim=32, ffn_dim=64)
     for name, layer in model.linears().items():
         weight = layer.to_dense().copy()
@@ -123,7 +147,7 @@ def packed_llama(tokenizer, tmp_path_factory):
     write_hf_dir(root / "pruned", model.config, model.state_dict(),
                  tokenizer_json=tokenizer.to_json())
     return {fmt: pack_model(root / "pruned", root / fmt, fmt)["out"]
-            for fmt in ("csr", "bitmask", "nm")}
+            for fmt in ("csr", "bitmask", "panel", "nm")}
 
 
 def _corrupt(source, out, array=None, change=None, table=None):
@@ -181,6 +205,9 @@ def _set(index, value):
     ("bitmask", "masks", lambda a: np.full_like(a, 0xFFFFFFFF), "does not match the number of"),
     ("bitmask", "masks", lambda a: a[:3], "'masks' has shape [3, 2], expected [32, 2]"),
     ("bitmask", "row_ptr", _set(slice(1, None), -5), "'row_ptr' runs from 0 to -5"),
+    ("panel", "masks", lambda a: a[:1], "'masks' has shape [1, 32], expected [2, 32]"),
+    ("panel", "masks", lambda a: np.full_like(a, 0xFFFFFFFF), "does not match the number of"),
+    ("panel", "panel_ptr", _set(-1, 10**9), "'panel_ptr' must rise from 0"),
     ("nm", "values", lambda a: a[:3], "'values' has shape [3, 32], expected [32, 32]"),
     ("nm", "indices", lambda a: a[:, :1], "'indices' has shape [32, 1], expected [32, 8]"),
 ])

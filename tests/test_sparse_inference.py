@@ -1,9 +1,14 @@
 """Packed formats behind the model seam: logits equal the dense model with the same (bf16) weights."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from helpers import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from npsparse import kernels
 from npsparse.errors import NpsparseError
 from npsparse.kernels import bf16_round
 from npsparse.linear import DenseLinear
@@ -11,15 +16,15 @@ from npsparse.prune import Pattern, magnitude
 from npsparse.packing import apply_format
 
 
-def pruned_tiny(pattern: str, arch="llama"):
-    model = tiny_model(arch, dim=64, ffn_dim=128, head_dim=16, vocab_size=101)
+def pruned_tiny(pattern: str, arch="llama", seed=0):
+    model = tiny_model(arch, seed=seed, dim=64, ffn_dim=128, head_dim=16, vocab_size=101)
     for name, layer in model.linears().items():
         new, _ = magnitude(layer.to_dense(), Pattern.parse(pattern), group="row")
         model.set_linear(name, DenseLinear(bf16_round(new)))  # weights exactly bf16
     return model
 
 
-CASES = [(fmt, pattern) for fmt in ["bf16", "csr", "bitmask", "auto", "nm"]
+CASES = [(fmt, pattern) for fmt in ["bf16", "csr", "bitmask", "panel", "auto", "nm"]
          for pattern in ["0.7", "2:4"] if fmt != "nm" or ":" in pattern]  # nm needs an N:M mask
 
 
@@ -41,6 +46,33 @@ def test_packed_logits_equal_dense_with_zeros(fmt, pattern, arch):
                                                for i in range(5, len(ids))]
     np.testing.assert_allclose(np.concatenate(steps), expected, rtol=1e-4,
                                atol=1e-4 * np.abs(expected).max())
+
+
+@settings(max_examples=12)
+@given(arch=st.sampled_from(["llama", "qwen2", "gpt2", "opt"]),
+       pattern=st.sampled_from(["0.5", "0.7", "0.9", "2:4"]), fmt=st.sampled_from(["panel", "auto"]),
+       row_mask=st.sampled_from(kernels.ROW_MASKS), seed=st.integers(0, 2**16))
+def test_panel_and_auto_logits_equal_dense(arch, pattern, fmt, row_mask, seed):
+    """--format panel, and auto with either bitmask layout (AUTO_ROW_MASK), give the dense
+    model's logits (same bf16 weights) up to float32 summation order, in prefill and decode;
+    auto packs unstructured zeros in the layout the switch names."""
+    model = pruned_tiny(pattern, arch, seed)
+    model.head = DenseLinear(bf16_round(model.head.to_dense()))  # the packed head is bf16
+    ids = np.random.default_rng(seed).integers(0, 101, size=12)
+    expected = model.forward(ids)
+    with mock.patch.object(kernels, "AUTO_ROW_MASK", row_mask):
+        info = apply_format(model, fmt)
+    if fmt == "panel":
+        assert info["formats"] == {"PanelLinear": len(model.linears())}
+    elif ":" not in pattern:  # unstructured: bitmask bytes beat csr and bf16 at these densities
+        chosen = {"panel": "PanelLinear", "bitmask": "BitmaskLinear"}[row_mask]
+        assert set(info["formats"]) == {chosen}
+    tolerance = dict(rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(model.forward(ids), expected, **tolerance)
+    cache = model.new_cache(len(ids))
+    steps = [model.forward(ids[:4], cache)] + [model.forward(ids[i:i + 1], cache)
+                                               for i in range(4, len(ids))]
+    np.testing.assert_allclose(np.concatenate(steps), expected, **tolerance)
 
 
 def test_sparse_formats_read_fewer_bytes():

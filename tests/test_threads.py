@@ -1,6 +1,8 @@
 """Load-aware decode threads (npsparse.threads): the count follows the other processes' load, and
 no result depends on the count."""
 
+from unittest import mock
+
 import numba
 import numpy as np
 import pytest
@@ -92,7 +94,8 @@ def test_close_restores_the_count_and_unreadable_load_changes_nothing():
 
 @needs_two
 @settings(max_examples=20)
-@given(fmt=st.sampled_from(["bf16", "csr", "bitmask", "nm", "q8_0", "dense", "monarch"]),
+@given(fmt=st.sampled_from(["bf16", "csr", "bitmask", "panel", "nm", "q8_0", "dense",
+                            "monarch"]),
        n_rows=st.sampled_from([16, 48, 200]), k_cols=st.sampled_from([64, 128]),
        tokens=st.sampled_from([1, 3, 9]), seed=st.integers(0, 2**32 - 1))
 def test_kernel_results_do_not_depend_on_the_thread_count(fmt, n_rows, k_cols, tokens, seed):
@@ -143,6 +146,38 @@ def test_decode_gives_the_same_bits_with_one_thread_and_with_all(smollm2_path):
     finally:
         nk.set_threads(initial)
     np.testing.assert_array_equal(np.array(logits[0]), np.array(logits[1]))
+
+
+@needs_two
+@pytest.mark.parametrize("fmt", ["panel", "auto"])
+def test_panel_decode_gives_the_same_bits_with_one_thread_and_with_two(fmt):
+    """A tiny model packed as panel (stacked q/k/v and gate/up, 16 panels per layer and more),
+    prefilled and decoded token by token: identical logits with 1 and with 2 threads."""
+    from helpers import tiny_model
+
+    from npsparse.packing import apply_format
+
+    model = tiny_model("llama", seed=4, dim=64, ffn_dim=256, head_dim=16, vocab_size=101)
+    rng = np.random.default_rng(4)
+    for name, layer in model.linears().items():
+        weight = layer.to_dense()
+        model.set_linear(name, nk.pack(weight * (rng.random(weight.shape) < 0.4), format="dense"))
+    with mock.patch.object(nk, "AUTO_ROW_MASK", "panel"):
+        info = apply_format(model, fmt)
+    assert "PanelLinear" in info["formats"]
+    ids = rng.integers(0, 101, size=20)
+    initial = numba.get_num_threads()
+    logits = []
+    try:
+        for threads in (1, 2):
+            nk.set_threads(threads)
+            cache = model.new_cache(len(ids))
+            steps = [model.forward(ids[:8], cache)]
+            steps += [model.forward(ids[i:i + 1], cache) for i in range(8, len(ids))]
+            logits.append(np.concatenate(steps))
+    finally:
+        nk.set_threads(initial)
+    np.testing.assert_array_equal(logits[0], logits[1])
 
 
 def test_generate_restores_the_thread_count_and_records_its_readings(smollm2_path):
