@@ -45,7 +45,8 @@ def test_consolidate_keeps_values_and_shares_one_buffer(arch, fmt):
         stacked = f.layer.to_dense()
         for part, lo, hi in zip(f.parts, f.bounds, f.bounds[1:]):
             assert all(any(np.shares_memory(a, b) for b in _arrays_of(f.layer))
-                       for key, a in _named_arrays(part).items() if key != getattr(part, "POINTER", ""))
+                       for key, a in _named_arrays(part).items()
+                       if key != getattr(part, "POINTER", ""))
             np.testing.assert_array_equal(stacked[lo:hi], part.to_dense())
     for name, layer in model.linears().items():
         np.testing.assert_array_equal(layer.to_dense(), dense_before[name])

@@ -50,7 +50,8 @@ def test_packed_logits_equal_dense_with_zeros(fmt, pattern, arch):
 
 @settings(max_examples=12)
 @given(arch=st.sampled_from(["llama", "qwen2", "gpt2", "opt"]),
-       pattern=st.sampled_from(["0.5", "0.7", "0.9", "2:4"]), fmt=st.sampled_from(["panel", "auto"]),
+       pattern=st.sampled_from(["0.5", "0.7", "0.9", "2:4"]),
+       fmt=st.sampled_from(["panel", "auto"]),
        row_mask=st.sampled_from(kernels.ROW_MASKS), seed=st.integers(0, 2**16))
 def test_panel_and_auto_logits_equal_dense(arch, pattern, fmt, row_mask, seed):
     """--format panel, and auto with either bitmask layout (AUTO_ROW_MASK), give the dense

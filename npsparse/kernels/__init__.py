@@ -230,7 +230,8 @@ def from_arrays(arrays: dict[str, np.ndarray], metadata: dict[str, str]):
 
 
 __all__ = [
-    "AUTO_ROW_MASK", "FORMATS", "ROW_MASKS", "Bandwidth", "BF16Linear", "BitmaskLinear", "CSRLinear", "MonarchLinear",
+    "AUTO_ROW_MASK", "FORMATS", "ROW_MASKS", "Bandwidth", "BF16Linear", "BitmaskLinear",
+    "CSRLinear", "MonarchLinear",
     "NMLinear", "PackedLinear", "PanelLinear", "Q8Linear", "bf16_round", "choose_format",
     "dequantize_q8_0", "from_arrays", "from_bf16", "measure_read_bandwidth", "pack", "packed_nbytes",
     "q8_0_from_blocks", "quantize_q8_0", "set_threads", "to_arrays", "to_bf16",
