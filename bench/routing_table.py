@@ -16,8 +16,9 @@ already holds ``finetune.json`` is not run again.
 - Routed FFN: B = 8 blocks of 192 units, A = 2 active (25%), routers and FFN weights training;
   its control is the same run with A = 8 (every block active: a dense FFN, same trainable set);
   and A = 2 again with the routers first fitted to the activation-norm oracle's choice
-  (``--router-init oracle``, as MoEfication does) instead of random; and both A = 2 arms again
-  with the Switch balance loss on the blocks (``--balance 0.01``), against router collapse.
+  (``--router-init oracle``, as MoEfication does) instead of random; and A = 2 with random
+  routers again with the Switch balance loss on the blocks, against router collapse, at
+  Switch's alpha (``--balance 0.01``) and at 1.
 
 Then, forward only: each PESC arm's expert load per block on 8 eval windows of each text, with
 the total-variation distance between the texts' loads per block beside the distance between two
@@ -53,9 +54,8 @@ ARMS = [  # (name, finetune options, peak learning rate)
                                      "--router-init", "oracle"], 2e-4),
     ("routed-ffn-b8a2-balance", ["--method", "routed-ffn", "--blocks", "8", "--active", "2",
                                  "--balance", "0.01"], 2e-4),
-    ("routed-ffn-b8a2-oracle-init-balance", ["--method", "routed-ffn", "--blocks", "8",
-                                             "--active", "2", "--router-init", "oracle",
-                                             "--balance", "0.01"], 2e-4),
+    ("routed-ffn-b8a2-balance1", ["--method", "routed-ffn", "--blocks", "8", "--active", "2",
+                                  "--balance", "1"], 2e-4),
 ]
 TEXTS = ("pydoc", "stdlib")
 ROUTING_WINDOWS = 8  # eval windows per text for the routing figure
