@@ -170,6 +170,7 @@ def test_bench_decode_and_kernels_run(tiny_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith(f"| {tiny_dir}@")]
     assert len(rows) == 3 and "% |" in rows[0] and rows[2].startswith(f"| {tiny_dir}@panel |")
+    assert out.stdout.startswith("CPU: ") and "; paths: bitmask " in out.stdout  # which CPU
     # A packed folder run "as loaded" is labelled by its formats and is not the fp32 baseline.
     packed = tiny_dir.parent / "tiny-bf16"
     assert run("pack", tiny_dir, "--format", "bf16", "--out", packed).returncode == 0
@@ -185,6 +186,7 @@ def test_bench_decode_and_kernels_run(tiny_dir, tmp_path):
               "--plot", tmp_path / "p.png")
     assert out.returncode == 0, out.stderr
     assert "bitmask-bf16" in out.stdout and "Command: npsparse bench kernels" in out.stdout
+    assert "\nCPU: " in out.stdout and ", panel " in out.stdout
     # Monarch runs on the dense row only (2 x 16 x (64 + 64) of 64 x 64 parameters), with its floor.
     monarch = [line for line in out.stdout.splitlines() if "| monarch4-bf16 |" in line]
     assert len(monarch) == 1 and monarch[0].startswith("| 64x64 | 0% |"), out.stdout

@@ -44,6 +44,7 @@ from pathlib import Path
 import numba
 
 import npsparse
+from npsparse.benchmarks import cpu_line
 from npsparse.errors import NpsparseError
 from npsparse.evaluate import perplexity
 from npsparse.generate import generate
@@ -263,6 +264,7 @@ def main(argv=None) -> int:
             same[run.label] = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b),
                                    min(len(ids), len(reference)))
 
+    print(cpu_line())
     print(f"{args.tokens} tokens after a {len(prompt)}-token prompt, best of {args.repeats} "
           "interleaved runs")
     print(f"bandwidth: {before} (before); {after} (after); roofline uses {bandwidth / 1e9:.1f} GB/s")

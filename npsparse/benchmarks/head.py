@@ -19,26 +19,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-import llvmlite.binding as llvm_binding
 import numpy as np
 
 import npsparse.kernels as nk
+from npsparse.benchmarks import cpu_line
 from npsparse.benchmarks.kernels import (PROBE, copies_for, per_call_bandwidth,
                                          time_round_robin)
-from npsparse.kernels import q8
-from npsparse.roofline import cpu_name, parallel_sum
+from npsparse.roofline import parallel_sum
 
 PROG = "npsparse bench head"
 SHAPE = (49152, 576)
 COLD_BYTES = 96 * 2**20
-
-
-def cpu_line() -> str:
-    """The CPU model, LLVM's name for it, and the features the Q8_0 kernels' choice reads."""
-    features = llvm_binding.get_host_cpu_features().flatten().split(",")
-    used = [f[1:] for f in features if f in ("+avx512f", "+avx512bw", "+f16c", "+fma", "+avx2")]
-    return (f"CPU: {cpu_name()} (LLVM: {llvm_binding.get_host_cpu_name()}); features: "
-            f"{' '.join(used)}; Q8_0 GEMV path: {q8.DEFAULT_PATH}")
 
 
 def head_arrays():

@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse
 
 import npsparse.kernels as nk
+from npsparse.benchmarks import cpu_line
 from npsparse.io.hf_dir import usual_mode
 from npsparse.roofline import parallel_sum
 
@@ -344,6 +345,7 @@ def report(rows, args, bandwidth, compile_times, file):
     """The markdown table and the floor checks; % of B against ``bandwidth.best``."""
     print(f"\nnpsparse kernel bench: {numba.get_num_threads()} threads; {bandwidth}. "
           f"Command: npsparse bench kernels {' '.join(args.argv)}\n", file=file)
+    print(cpu_line() + "\n", file=file)
     print("First call (compile, or load from Numba's cache): " + ", ".join(
         f"{name} {seconds:.2f} s" for name, seconds in compile_times) + "\n", file=file)
     print(header(args.tokens), file=file)
