@@ -333,7 +333,7 @@ def _in_place(x: np.ndarray, dtype) -> np.ndarray:
     When x is the ``[:, :S]`` view of a C-contiguous buffer (a KV cache, as ``append_to_cache``
     returns it; key codes in :class:`KeyCodes`), that buffer, with no copy: copying the keys
     and values of every layer on every decode step cost more than the top-L attention itself
-    (SmolLM2-1.7B at S 1800: ~84 MB and 8 of 15 ms per token). Otherwise a C-contiguous copy.
+    (SmolLM2-135M at S 1800: ~84 MB and 8 of 15 ms per token). Otherwise a C-contiguous copy.
     """
     owner = x.base
     if (isinstance(owner, np.ndarray) and owner.dtype == dtype and owner.flags.c_contiguous

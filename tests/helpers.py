@@ -59,3 +59,26 @@ def loss_with_values(student, params: dict, ids, losses, teacher_view):
             for n, value in saved.items():
                 params[n][...] = value
     return loss_at
+
+
+def check_directional_derivative(loss_at, params: dict, grads: dict, names, rng, eps=1e-6):
+    """The analytic derivative of the loss along a random direction in ``names`` equals the
+    central difference ``(loss(p + eps d) - loss(p - eps d)) / 2 eps`` to 1e-6 relative."""
+    import pytest
+
+    direction = {n: rng.standard_normal(params[n].shape) for n in names}
+    plus = loss_at({n: params[n] + eps * d for n, d in direction.items()})
+    minus = loss_at({n: params[n] - eps * d for n, d in direction.items()})
+    analytic = sum(float(np.sum(grads[n] * d)) for n, d in direction.items())
+    assert analytic == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+
+
+def topk_model_and_books():
+    """A tiny llama and its top-L attention codebooks (2 subspaces x 4 centroids) fitted on three
+    random 24-token windows."""
+    from npsparse.sparse_attention import fit_attention_codebooks
+
+    model = tiny_model("llama", seed=1)
+    windows = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(3, 24))
+    books = fit_attention_codebooks(model, windows, n_sub=2, n_centroids=4, seed=5, iters=5)
+    return model, books

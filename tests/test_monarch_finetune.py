@@ -14,7 +14,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import loss_with_values, random_weights, tiny_config
+from helpers import (check_directional_derivative, loss_with_values, random_weights,
+                     tiny_config)
 
 import npsparse
 from npsparse.io import open_checkpoint, write_hf_dir
@@ -79,12 +80,7 @@ def test_whole_model_gradient_with_monarch_layers_equals_finite_differences(loss
     assert len(factors) == 2 * len(CHOSEN)
     for subset in (factors, list(params)):  # the factors alone, then everything
         for _ in range(2):
-            direction = {n: rng.standard_normal(params[n].shape) for n in subset}
-            eps = 1e-6
-            plus = loss_at({n: params[n] + eps * d for n, d in direction.items()})
-            minus = loss_at({n: params[n] - eps * d for n, d in direction.items()})
-            analytic = sum(float(np.sum(grads[n] * d)) for n, d in direction.items())
-            assert analytic == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+            check_directional_derivative(loss_at, params, grads, subset, rng)
 
 
 def chain_rule(d_weight, right, left):

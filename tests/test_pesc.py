@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from helpers import loss_with_values, random_weights, tiny_config, tiny_model
+from helpers import (check_directional_derivative, loss_with_values, random_weights, tiny_config,
+                     tiny_model)
 
 from npsparse.config import ModelConfig, PescConfig
 from npsparse.errors import NpsparseError
@@ -46,12 +47,7 @@ def test_whole_model_gradients_match_central_differences_with_the_balance_loss()
     assert len(moe) == 3 * model.config.n_layers and set(moe) <= set(grads)
     rng = np.random.default_rng(2)
     for subset in (moe, list(params)):  # routers and adapters alone, then every array
-        direction = {n: rng.standard_normal(params[n].shape) for n in subset}
-        eps = 1e-6
-        plus = loss_at({n: params[n] + eps * d for n, d in direction.items()})
-        minus = loss_at({n: params[n] - eps * d for n, d in direction.items()})
-        analytic = sum(float(np.sum(grads[n] * d)) for n, d in direction.items())
-        assert analytic == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+        check_directional_derivative(loss_at, params, grads, subset, rng)
 
 
 def test_the_balance_loss_moves_the_routers_but_not_the_last_blocks_adapters():

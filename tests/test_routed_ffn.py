@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from helpers import loss_with_values, random_weights, tiny_config, tiny_model
+from helpers import (check_directional_derivative, loss_with_values, random_weights, tiny_config,
+                     tiny_model)
 
 from npsparse.config import ModelConfig, RoutedFfnConfig
 from npsparse.errors import NpsparseError
@@ -108,12 +109,7 @@ def test_whole_model_gradients_match_central_differences_and_reach_the_routers()
     loss_at = loss_with_values(model, params, ids, losses, None)
     rng = np.random.default_rng(2)
     for subset in (routers, list(params)):
-        direction = {n: rng.standard_normal(params[n].shape) for n in subset}
-        eps = 1e-6
-        plus = loss_at({n: params[n] + eps * d for n, d in direction.items()})
-        minus = loss_at({n: params[n] - eps * d for n, d in direction.items()})
-        analytic = sum(float(np.sum(grads[n] * d)) for n, d in direction.items())
-        assert analytic == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+        check_directional_derivative(loss_at, params, grads, subset, rng)
 
 
 def test_the_balance_loss_reaches_the_routers_and_its_gradients_match_central_differences():
@@ -145,12 +141,7 @@ def test_the_balance_loss_reaches_the_routers_and_its_gradients_match_central_di
     loss_at = loss_with_values(model, params, ids, with_balance, None)
     rng = np.random.default_rng(6)
     for subset in (routers, list(params)):  # ... but every input below a router feels it
-        direction = {n: rng.standard_normal(params[n].shape) for n in subset}
-        eps = 1e-6
-        plus = loss_at({n: params[n] + eps * d for n, d in direction.items()})
-        minus = loss_at({n: params[n] - eps * d for n, d in direction.items()})
-        analytic = sum(float(np.sum(grads[n] * d)) for n, d in direction.items())
-        assert analytic == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+        check_directional_derivative(loss_at, params, grads, subset, rng)
 
 
 def test_one_token_decode_equals_the_body():

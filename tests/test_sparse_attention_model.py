@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import random_weights, tiny_config, tiny_model
+from helpers import random_weights, tiny_config, tiny_model, topk_model_and_books
 
 from npsparse.cli import main
 from npsparse.errors import NpsparseError
@@ -19,10 +19,7 @@ T = 24  # window length of the tiny model's tests
 
 @pytest.fixture(scope="module")
 def model_and_books():
-    model = tiny_model("llama", seed=1)
-    windows = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(3, T))
-    books = fit_attention_codebooks(model, windows, n_sub=2, n_centroids=4, seed=5, iters=5)
-    return model, books
+    return topk_model_and_books()
 
 
 @pytest.fixture

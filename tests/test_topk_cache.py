@@ -8,7 +8,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from helpers import tiny_model
+from helpers import topk_model_and_books
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +16,7 @@ from npsparse import sparse_attention
 from npsparse.generate import generate
 from npsparse.kernels.topk_attention import encode_keys
 from npsparse.models import llama_decode
-from npsparse.sparse_attention import (KeyCodes, TopkAttention, fit_attention_codebooks,
-                                       topk_attention, use_topk_attention)
+from npsparse.sparse_attention import KeyCodes, TopkAttention, topk_attention, use_topk_attention
 
 few = settings(deadline=None, max_examples=25)
 
@@ -131,15 +130,9 @@ def test_the_kernel_reads_a_cache_in_place_bit_identically_to_a_copy(monkeypatch
 
 # ----------------------------------------------------------------------------- in the model
 
-T = 24  # calibration window length
-
-
 @pytest.fixture(scope="module")
 def model_and_books():
-    model = tiny_model("llama", seed=1)
-    windows = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(3, T))
-    books = fit_attention_codebooks(model, windows, n_sub=2, n_centroids=4, seed=5, iters=5)
-    return model, books
+    return topk_model_and_books()
 
 
 class Twins:
