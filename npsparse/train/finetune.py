@@ -189,11 +189,8 @@ class FinetuneSettings:
                                 "(--adapter-scale optional), and only it takes them")
         if self.balance is not None and self.method not in ("pesc", "routed-ffn"):
             raise NpsparseError("--balance applies to --method pesc and routed-ffn only")
-        if self.balance is not None and not (math.isfinite(self.balance) and self.balance >= 0):
-            raise NpsparseError(f"--balance must be 0 or more, got {self.balance}")
         if self.method == "pesc":
-            check_pesc(self.experts, self.top_k, self.adapter_dim, self.pesc.scale,
-                       self.balance_weight)
+            check_pesc(self.experts, self.top_k, self.adapter_dim, self.pesc.scale)
         routed = (self.blocks, self.active)
         if any(v is not None for v in routed) != (self.method == "routed-ffn") or (
                 self.method == "routed-ffn" and None in routed):

@@ -30,9 +30,11 @@ DEFAULT_SCALE = PescConfig.scale  # the reference's moe_scaling
 DEFAULT_BALANCE = 0.01  # Switch Transformer's alpha (the reference's loss has no gradient: 0)
 
 
-def check_pesc(experts: int, top_k: int, adapter_dim: int, scale: float,
-               balance: float) -> None:
+def check_pesc(experts: int, top_k: int, adapter_dim: int, scale: float) -> None:
     """Refuse impossible PESC settings with one line (before any model is loaded).
+
+    ``--balance`` is checked where every loss weight is, in
+    :meth:`npsparse.train.LossWeights.parse`, for PESC and the routed FFN alike.
 
     Parameters
     ----------
@@ -40,14 +42,10 @@ def check_pesc(experts: int, top_k: int, adapter_dim: int, scale: float,
         ``E`` at least 1, ``k`` from 1 to ``E``, ``R`` at least 1.
     scale : float
         The adapters' scale, finite.
-    balance : float
-        ``alpha`` of the balance loss, 0 or more.
     """
     check_routing(experts, top_k, adapter_dim)
     if not math.isfinite(scale):
         raise NpsparseError(f"--adapter-scale must be a finite number, got {scale}")
-    if not (math.isfinite(balance) and balance >= 0):
-        raise NpsparseError(f"--balance must be 0 or more, got {balance}")
 
 
 def pesc_tensors(model, pesc: PescConfig, seed: int) -> dict[str, np.ndarray]:
