@@ -50,7 +50,8 @@ FORMATS = {"dense": DenseLinear, "bf16": BF16Linear, "csr": CSRLinear, "bitmask"
 NM_PATTERNS = ("2:4", "4:8")  # patterns choose_format tries
 # The bitmask layout choose_format weighs ("panel" or "bitmask"). Both store 1 bit per position
 # plus bf16 values (panel: 8 bytes per 16 rows of pointers instead of per row), so which one runs
-# faster is a measurement, not a byte count: the lead sets it from a quiet decode benchmark.
+# faster is a measurement, not a byte count: on Zen 4 panel was faster at every shape and density
+# of `npsparse bench kernels` (bench/results/kernel_bench_panel.md, 2026-12-07).
 AUTO_ROW_MASK = "panel"
 ROW_MASKS = ("bitmask", "panel")
 
