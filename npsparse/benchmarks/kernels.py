@@ -51,6 +51,7 @@ FORMATS = {
     "bitmask-bf16": ("bitmask", {"values": "bf16"}),
     "bitmask-int8": ("bitmask", {"values": "int8"}),
     "panel-bf16": ("panel", {"values": "bf16"}),
+    "qpanel": ("qpanel", {"values": "int8"}),
     "nm-bf16": ("nm", {"values": "bf16"}),
     "nm-int8": ("nm", {"values": "int8"}),
     "monarch4-bf16": ("monarch", {"blocks": 4, "values": "bf16"}),

@@ -12,6 +12,7 @@ bf16        bf16 bits                                      2
 csr         values (bf16|fp32) + uint16|int32 cols         (2|4 + 2|4) d
 bitmask     1 bit/position + values (bf16|int8+row scale)  1/8 + 2d  (int8: 1/8 + d)
 panel       bitmask in 16-row x 2-column words + bf16      1/8 + 2d  (+ 8 bytes per 16 rows)
+qpanel      16-row x 4-column words + int8 + row scale     1/8 + d   (lossy: int8 x and W)
 nm          M-N values + ceil(log2 M)-bit positions/group  2:4 bf16: 1.125, 4:8: 1.1875
 q8_0        int8 values + float16 scale per 32 (ggml)      1.0625 (lossy unless from a GGUF)
 monarch     two block-diagonal factors (fp32|bf16)         (4|2) min(N,K) (N+K) / (b N K)
@@ -43,10 +44,12 @@ from .csr import CSRLinear, index_dtype
 from .monarch import MonarchLinear
 from .nm import NMLinear, index_bits, parse_pattern
 from .panel import PanelLinear, panel_nbytes
+from .qpanel import QPanelLinear
 from .q8 import Q8Linear, dequantize_q8_0, q8_0_from_blocks, quantize_q8_0
 
 FORMATS = {"dense": DenseLinear, "bf16": BF16Linear, "csr": CSRLinear, "bitmask": BitmaskLinear,
-           "nm": NMLinear, "q8_0": Q8Linear, "monarch": MonarchLinear, "panel": PanelLinear}
+           "nm": NMLinear, "q8_0": Q8Linear, "monarch": MonarchLinear, "panel": PanelLinear,
+           "qpanel": QPanelLinear}
 NM_PATTERNS = ("2:4", "4:8")  # patterns choose_format tries
 # The bitmask layout choose_format weighs ("panel" or "bitmask"). Both store 1 bit per position
 # plus bf16 values (panel: 8 bytes per 16 rows of pointers instead of per row), so which one runs
