@@ -143,6 +143,12 @@ def test_to_dense_is_the_row_quantization(data):
     np.testing.assert_array_equal(layer.to_dense(), quantize_rows_reference(weight, keep))
 
 
+def test_weight_halves_round_away_from_zero():
+    weight = np.array([[127, 2.5, 0.5, -0.5, -2.5, 126.5, -1.5]], np.float32)  # scale 1
+    layer = nk.pack(weight, None, "qpanel")
+    np.testing.assert_array_equal(layer.to_dense(), [[127, 3, 1, -1, -3, 127, -2]])
+
+
 def test_rows_that_keep_only_zeros():
     weight = np.zeros((20, 40), np.float32)
     weight[3, 5] = 2.0
