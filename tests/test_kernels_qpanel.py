@@ -249,7 +249,7 @@ def test_edge_cases():
         weight = rng.standard_normal((n_rows, k_cols)).astype(np.float32)
         for keep in (np.zeros_like(weight, bool), np.ones_like(weight, bool)):
             layer = nk.pack(weight, keep, "qpanel")
-            for n_tokens in (1, 4, 5):
+            for n_tokens in (1, 4, 5, 9):  # 9: two four-token passes and one more
                 assert_product(layer, rng.standard_normal((n_tokens, k_cols)).astype(np.float32))
     layer = nk.pack(np.eye(4, dtype=np.float32), None, "qpanel")
     x = np.array([0, 127, -64, 5], np.float32)  # on the grid of d = 1
@@ -287,7 +287,7 @@ def test_every_lowering_computes_one_panel(mode):
 
 @pytest.mark.skipif(CEILING < 2, reason="needs NUMBA_NUM_THREADS >= 2")
 @settings(max_examples=10)
-@given(n_rows=st.sampled_from([16, 200, 1100]), n_tokens=st.sampled_from([1, 3, 6]),
+@given(n_rows=st.sampled_from([16, 200, 1100]), n_tokens=st.sampled_from([1, 3, 6, 11]),
        seed=st.integers(0, 2**32 - 1))
 def test_same_bits_with_one_thread_and_two(n_rows, n_tokens, seed):
     weight, keep = random_problem(seed, n_rows, 130, 0.5)
