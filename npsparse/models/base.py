@@ -49,6 +49,9 @@ class CausalLM:
     # cache_v)`` and ``decode_final(model, x)``), or None to run the blocks' own body.
     decode_block = None
     decode_final = None
+    # The whole one-token step in one compiled call (``decode_token(model, ids, start, cache)``,
+    # returning the logits, or None where it does not apply), tried before decode_block.
+    decode_token = None
     # Positions come from a learned table of ``config.max_position`` rows (GPT-2, OPT), so no
     # sequence may be longer. RoPE models compute any position (generate and eval refuse
     # prompts past ``max_position`` themselves).
@@ -127,6 +130,11 @@ class CausalLM:
             return self.final(x)  # [T, V]
         if len(ids) > 1 or self.decode_block is None:
             return self.final(self._blocks_forward(ids, cache))  # [T, V]
+        if self.decode_token is not None:
+            logits = self.decode_token(self, ids, start, cache)  # [1, V] or None
+            if logits is not None:
+                cache.length = start + 1
+                return logits
         x = self.embed(ids, start)  # [1, D]; one token: the compiled decode steps
         for i, block in enumerate(self.blocks):
             x = self.decode_block(block, x, start, cache.k[i], cache.v[i])

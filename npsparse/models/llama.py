@@ -18,6 +18,7 @@ from .base import CausalLM
 from .layers import (RopeTables, append_to_cache, apply_rope, attend, attention_probs, merge_heads,
                      rms_norm, rope_inv_freq, silu, split_heads)
 from .llama_decode import decode_block, decode_final
+from .llama_token import decode_token
 from .pesc import PescExperts, pesc_shapes
 from .routed_ffn import BlockRouter, routed_shapes
 
@@ -317,6 +318,8 @@ class LlamaModel(CausalLM):
 
     decode_block = staticmethod(decode_block)
     decode_final = staticmethod(decode_final)
+    decode_token = staticmethod(decode_token)
+    token_step = True  # False: one-token steps run decode_block per block (see .llama_token)
 
     def __init__(self, config: ModelConfig, weights, load_blocks: bool = True):
         self.config = config
