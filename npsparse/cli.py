@@ -105,6 +105,8 @@ def cmd_eval(args) -> None:
 HEAD_HELP = ("output head: auto = the checkpoint's own Q8_0 blocks where it stores Q8_0 "
              "(lossless), else bf16; q8_0 = int8 per 32 (lossy for other checkpoints); "
              "dense = float32")
+ACTIVATIONS_HELP = ("int8 = the lossy fast mode: every block layer packed as qpanel (int8 weights, "
+                    "a scale per row) and activations quantized per 32 values in each product")
 
 
 def cmd_generate(args) -> None:
@@ -128,7 +130,10 @@ def cmd_generate(args) -> None:
 
         set_threads(args.threads)
     if args.format != "dense":
-        apply_format(llm.model, args.format, head=args.head, checkpoint=llm.checkpoint)
+        apply_format(llm.model, args.format, head=args.head, checkpoint=llm.checkpoint,
+                     activations=args.activations)
+    elif args.activations != "fp32":
+        apply_format(llm.model, "qpanel", head=args.head, checkpoint=llm.checkpoint)
     fmt = layer_formats(llm.model)  # what runs: a packed folder stays packed with --format dense
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     if stream and not args.chat:
@@ -216,11 +221,12 @@ def cmd_pack(args) -> None:
     """``npsparse pack``: save a model with its layers packed in a kernel format."""
     from .packing import pack_model
 
-    report = pack_model(args.model, args.out, args.format, head=args.head)
+    report = pack_model(args.model, args.out, args.format, head=args.head,
+                        activations=args.activations)
     if args.json:
         _print_json(report)
         return
-    print(f"packed {args.model} as {args.format} ({report['formats']}, head {report['head']}) "
+    print(f"packed {args.model} as {report['format']} ({report['formats']}, head {report['head']}) "
           f"in {report['seconds']:.1f} s: {report['weight_bytes_per_token'] / 1e6:.1f} MB read "
           f"per token -> {report['out']}")
 
@@ -437,7 +443,7 @@ def _eval_options(ev) -> None:
 
 
 def _generate_options(gen) -> None:
-    from .packing import FORMAT_CHOICES, HEAD_CHOICES
+    from .packing import ACTIVATION_CHOICES, FORMAT_CHOICES, HEAD_CHOICES
 
     _add_model(gen)
     gen.add_argument("-p", "--prompt", required=True,
@@ -462,6 +468,8 @@ def _generate_options(gen) -> None:
                           "CPUs free, re-read while decoding, up to NUMBA_NUM_THREADS)")
     gen.add_argument("--head", default="auto", choices=HEAD_CHOICES,
                      help=HEAD_HELP + " (with --format other than dense)")
+    gen.add_argument("--activations", default="fp32", choices=ACTIVATION_CHOICES,
+                     help=ACTIVATIONS_HELP)
     _add_attention(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
@@ -517,13 +525,15 @@ def _prune_options(pr) -> None:
 
 
 def _pack_options(pk) -> None:
-    from .packing import FORMAT_CHOICES, HEAD_CHOICES
+    from .packing import ACTIVATION_CHOICES, FORMAT_CHOICES, HEAD_CHOICES
 
     _add_model(pk)
     pk.add_argument("--format", default="auto",
                     choices=[fmt for fmt in FORMAT_CHOICES if fmt != "dense"],
                     help="auto = per layer, the format that reads the fewest bytes")
     pk.add_argument("--head", default="auto", choices=HEAD_CHOICES, help=HEAD_HELP)
+    pk.add_argument("--activations", default="fp32", choices=ACTIVATION_CHOICES,
+                    help=ACTIVATIONS_HELP)
     pk.add_argument("--out", required=True, help="output folder (written atomically)")
     pk.add_argument("--json", action="store_true", help="print one JSON object")
     pk.set_defaults(func=cmd_pack)

@@ -50,17 +50,22 @@ class PerplexityResult:
     seqlen: int
     seconds: float
     window_nll: list = field(default_factory=list)  # mean NLL of each window
+    # [W, L-1] int64 argmax of each prediction's logits (perplexity(keep_argmax=True)), else None
+    argmax: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        """The fields as a plain dict, for ``--json`` output."""
-        return asdict(self)
+        """The fields as a plain dict, for ``--json`` output (without ``argmax``)."""
+        out = asdict(self)
+        out.pop("argmax")
+        return out
 
     def __str__(self) -> str:
         return (f"perplexity {self.ppl:.4f} (mean NLL {self.nll:.5f}) over {self.windows} windows "
                 f"of {self.seqlen} tokens = {self.tokens} predictions, {self.seconds:.1f} s")
 
 
-def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> PerplexityResult:
+def perplexity(model, windows: np.ndarray, *, progress: bool = True,
+               keep_argmax: bool = False) -> PerplexityResult:
     """Perplexity of ``model`` on token windows.
 
     Parameters
@@ -72,6 +77,9 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> Perplexi
         :func:`npsparse.data.windows`).
     progress : bool
         Show a progress bar on stderr.
+    keep_argmax : bool
+        Also keep each prediction's most likely token (``PerplexityResult.argmax``), to compare
+        two models' top-1 choices on the same windows.
 
     Returns
     -------
@@ -87,6 +95,7 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> Perplexi
                             "--seqlen")
     start = time.perf_counter()
     window_nll = []
+    top = [] if keep_argmax else None
     total = 0.0
     bar = tqdm(windows, desc="perplexity", unit="win", disable=not progress, leave=False)
     for ids in bar:
@@ -94,6 +103,8 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> Perplexi
         if not np.all(np.isfinite(logits)):
             raise NpsparseError("the model produced NaN or infinite logits")
         nll = token_nll(logits[:-1], ids[1:])  # [L-1]
+        if top is not None:
+            top.append(np.argmax(logits[:-1], axis=1))  # [L-1]
         total += float(nll.sum())
         window_nll.append(float(nll.mean()))
         bar.set_postfix(ppl=f"{math.exp(total / (len(window_nll) * (len(ids) - 1))):.3f}")
@@ -102,4 +113,5 @@ def perplexity(model, windows: np.ndarray, *, progress: bool = True) -> Perplexi
     return PerplexityResult(
         ppl=math.exp(mean), nll=mean, tokens=count, windows=windows.shape[0],
         seqlen=windows.shape[1], seconds=time.perf_counter() - start, window_nll=window_nll,
+        argmax=None if top is None else np.stack(top),
     )

@@ -35,14 +35,15 @@ from .errors import NpsparseError
 from .io.hf_dir import check_output_folder
 from .io.packed import save_packed
 
-FORMAT_CHOICES = ("dense", "auto", "bf16", "csr", "bitmask", "panel", "nm")
+FORMAT_CHOICES = ("dense", "auto", "bf16", "csr", "bitmask", "panel", "nm", "qpanel")
+ACTIVATION_CHOICES = ("fp32", "int8")
 
 
 HEAD_CHOICES = ("auto", "bf16", "q8_0", "dense")
 
 
 def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "auto",
-                 checkpoint=None) -> dict:
+                 checkpoint=None, activations: str = "fp32") -> dict:
     """Repack every block linear layer of ``model`` in place.
 
     Parameters
@@ -56,6 +57,11 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "au
     head : str
         Format of the output head when ``fmt`` is not ``"dense"`` (see :func:`pack_head`):
         ``"auto"`` (default), ``"bf16"``, ``"q8_0"`` or ``"dense"`` (float32, NumPy BLAS).
+    activations : {"fp32", "int8"}
+        ``"int8"`` is the lossy fast mode: every block layer is packed as ``qpanel``
+        (:mod:`npsparse.kernels.qpanel`: int8 weights with a scale per row, activations
+        quantized per 32 values in every product), whatever its density; ``fmt`` must then be
+        ``"auto"``, ``"dense"`` or ``"qpanel"``.
         With ``fmt="dense"`` nothing is repacked.
     checkpoint : optional
         The checkpoint ``model`` was loaded from (``LLM.checkpoint``); a GGUF's stored Q8_0
@@ -73,6 +79,7 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "au
         raise NpsparseError(f"unknown weight format {fmt!r}; choose from {', '.join(FORMAT_CHOICES)}")
     if head not in HEAD_CHOICES:
         raise NpsparseError(f"unknown head format {head!r}; choose from {', '.join(HEAD_CHOICES)}")
+    fmt = _with_activations(fmt, activations)
     if fmt != "dense" and getattr(model.config, "routed_ffn", None) is not None:
         # its blocks slice dense float32 rows of gate/up and columns of down per token
         raise NpsparseError(f"a routed-FFN model runs from dense float32 weights; --format "
@@ -101,6 +108,19 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "au
     return {"format": fmt, "seconds": time.perf_counter() - start,
             "weight_bytes": model.weight_bytes(), "formats": chosen,
             "head": type(model.head).__name__}
+
+
+def _with_activations(fmt: str, activations: str) -> str:
+    """The block format that ``activations`` implies: qpanel for int8, else ``fmt``."""
+    if activations not in ACTIVATION_CHOICES:
+        raise NpsparseError(f"unknown activations {activations!r}; choose from "
+                            f"{', '.join(ACTIVATION_CHOICES)}")
+    if activations == "fp32":
+        return fmt
+    if fmt not in ("auto", "dense", "qpanel"):
+        raise NpsparseError(f"--activations int8 packs every block layer as qpanel (int8 "
+                            f"weights and activations); it cannot be combined with --format {fmt}")
+    return "qpanel"
 
 
 def pack_head(model, head: str = "auto", checkpoint=None):
@@ -191,7 +211,8 @@ def _pack_nm(weight, name: str):
     raise NpsparseError(f"{name}: the zeros do not form a 2:4 or 4:8 pattern; use another format")
 
 
-def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: str = "auto"):
+def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: str = "auto",
+               activations: str = "fp32"):
     """Load ``model``, pack its layers as ``fmt`` and save the packed folder ``out``.
 
     Parameters
@@ -205,12 +226,15 @@ def pack_model(model: str | Path, out: str | Path, fmt: str = "auto", *, head: s
         A format of :data:`FORMAT_CHOICES` other than ``"dense"``.
     head : {"auto", "bf16", "q8_0", "dense"}
         See :func:`pack_head`.
+    activations : {"fp32", "int8"}
+        ``"int8"``: pack as ``qpanel``, the lossy fast mode (see :func:`apply_format`).
 
     Returns
     -------
     dict
         The ``packed.json`` report plus ``out`` and ``seconds`` (packing and writing).
     """
+    fmt = _with_activations(fmt, activations)
     if fmt == "dense":
         choices = ", ".join(f for f in FORMAT_CHOICES if f != "dense")
         raise NpsparseError(f"--format dense would save nothing packed; choose one of {choices}")

@@ -67,6 +67,46 @@ def test_generate_names_the_format_that_runs(tiny_dir, tmp_path):
     assert list(formats.values()) == ["dense]", "bitmask]", "csr]"]
 
 
+def test_int8_activations_pack_and_run_as_qpanel(tiny_dir, tmp_path):
+    """--activations int8 (the fast mode) packs every block layer as qpanel, in a folder that
+    loads and runs as stored, with the tokens of generate --activations int8."""
+    out = run("pack", tiny_dir, "--activations", "int8", "--out", tmp_path / "fast", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["format"] == "qpanel" and report["formats"]["qpanel"] == 14  # 2 blocks x 7
+    ids = []
+    for model, extra in ((tmp_path / "fast", ()), (tiny_dir, ("--activations", "int8"))):
+        out = run("generate", model, "-p", "Hello", "-n", 6, "--json", *extra)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["format"].startswith("qpanel"), result["format"]
+        ids.append(result["ids"])
+    assert ids[0] == ids[1]
+
+
+def test_bench_decode_steps_and_fast_mode(tiny_dir):
+    """bench decode times both decode steps, prints the time outside the products, and pairs a
+    fast-mode run with its exact run: perplexity change and top-1 agreement on the same windows."""
+    out = run("bench", "decode", f"{tiny_dir}@panel", "--steps", "token", "block",
+              "--activations", "fp32", "int8", "--tokens", 3, "--repeats", 1, "--ppl-windows", 1)
+    assert out.returncode == 0, out.stderr
+    header = next(line for line in out.stdout.splitlines() if line.startswith("| model@format"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = {line.split(" | ")[0][2:]: [c.strip() for c in line.strip("|").split("|")]
+            for line in out.stdout.splitlines() if line.startswith(f"| {tiny_dir}@")}
+    assert set(rows) == {f"{tiny_dir}@{fmt} step={step}" for fmt in ("panel", "qpanel")
+                         for step in ("token", "block")}
+    outside = columns.index("ms/token outside products")
+    change, agree = columns.index("ppl change vs exact"), columns.index("top-1 agreement vs exact")
+    for label, cells in rows.items():
+        assert float(cells[outside]) > 0
+        if "@qpanel" in label:
+            assert cells[change].endswith("%") and cells[change][0] in "+-"
+            assert 0 <= float(cells[agree].rstrip("%")) <= 100
+        else:
+            assert cells[change] == cells[agree] == ""
+
+
 def test_closed_stdout_ends_quietly(tiny_dir):
     """`npsparse generate ... | head -c 10`: the reader is gone, so stop like a SIGPIPE death."""
     read, write = os.pipe()
@@ -118,6 +158,8 @@ def test_chat_text_leaves_out_the_end_of_turn_token(tiny_dir):
     (("generate", "{tiny}", "-p", "\udcff"), "not valid UTF-8"),  # argv byte 0xff
     (("prune", "/no/such/model.gguf", "--method", "wanda", "--base", "magnitude",
       "--sparsity", 0.5, "--out", "/no/such/out"), "--base is DSnoT's initial method"),
+    (("generate", "{tiny}", "-p", "x", "--format", "panel", "--activations", "int8"),
+     "it cannot be combined with --format panel"),
 ])
 def test_user_errors_are_one_line(tiny_dir, args, message):
     out = run(*(str(a).replace("{tiny}", str(tiny_dir)) for a in args))

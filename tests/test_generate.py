@@ -120,3 +120,18 @@ def test_context_length_is_a_clear_error():
 
     with pytest.raises(NpsparseError, match="windows of 129 tokens exceed the model's context"):
         perplexity(model, np.ones((1, 129), dtype=np.int64), progress=False)
+
+
+def test_perplexity_keeps_each_predictions_argmax_on_request():
+    """keep_argmax: the most likely token of every predicted position (for paired top-1
+    agreement in bench decode), left out of the JSON dict; without it, nothing is kept."""
+    from npsparse.evaluate import perplexity
+
+    model = tiny_model("llama", 2)
+    windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (3, 9))
+    result = perplexity(model, windows, progress=False, keep_argmax=True)
+    expected = np.stack([np.argmax(model.forward(w)[:-1], axis=1) for w in windows])
+    np.testing.assert_array_equal(result.argmax, expected)
+    assert result.argmax.shape == (3, 8) and "argmax" not in result.to_dict()
+    plain = perplexity(model, windows, progress=False)
+    assert plain.argmax is None and plain.ppl == result.ppl

@@ -17,6 +17,13 @@ alike and the speedup columns (over the first run whose block layers are all flo
 all bf16) stay meaningful. Peak RSS
 of the process is printed at the end.
 
+``ms/token outside products``: after the timed rounds, one more greedy run per npsparse run
+counts the time spent inside the matrix products (on the compiled path, the CPU's cycle counter
+around each product inside it; elsewhere the wall time of each product call) and prints the rest
+of the decode time per token: norms, attention, SwiGLU, dispatch and Python. ``--steps token
+block`` runs every model both with one compiled call per block (``token``, the default,
+:mod:`npsparse.models.llama_token`) and with the per-block steps (``block``).
+
 ``--threads`` runs every model with each thread setting: ``auto`` (the default: as many threads as
 the other processes leave CPUs free, :mod:`npsparse.threads`) or a fixed count. ``--busy`` adds,
 within each repeat, a second pass over the runs while one CPU-bound process (a Python busy loop)
@@ -39,9 +46,11 @@ import contextlib
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numba
+import numpy as np
 
 import npsparse
 from npsparse.benchmarks import cpu_line
@@ -49,6 +58,7 @@ from npsparse.errors import NpsparseError
 from npsparse.evaluate import perplexity
 from npsparse.generate import generate
 from npsparse.kernels import set_threads
+from npsparse.kernels.step import tick_seconds
 from npsparse.roofline import measure_read_bandwidth
 from npsparse.threads import allowed_cpus
 
@@ -112,15 +122,74 @@ def parse_runs(models: list[str], formats: list[str]) -> list[tuple[str, str]]:
     return runs
 
 
-class NpsparseRun:
-    """One npsparse model in one format and thread setting."""
+@contextlib.contextmanager
+def timed_products(spent: list[float]):
+    """Within the block, every product called from Python adds its wall time to ``spent[0]``."""
+    from npsparse.kernels import FORMATS
 
-    def __init__(self, label: str, formats: str, llm, threads: str):
+    classes = set(FORMATS.values())
+    originals = {cls: cls.__call__ for cls in classes}
+
+    def timed(call):
+        def wrapper(self, x):
+            start = time.perf_counter()
+            try:
+                return call(self, x)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return wrapper
+
+    for cls, call in originals.items():
+        cls.__call__ = timed(call)
+    try:
+        yield
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call
+
+
+class NpsparseRun:
+    """One npsparse model in one format, thread setting and decode step (token: one compiled
+    call per block, :mod:`npsparse.models.llama_token`; block: the per-block steps)."""
+
+    def __init__(self, label: str, formats: str, llm, threads: str, step: str = "token"):
         self.label, self.formats, self.llm, self.threads = label, formats, llm, threads
+        self.step = step
         self.config = llm.config
 
     def decode(self, prompt, tokens: int) -> tuple[float, float]:
+        self.llm.model.token_step = self.step == "token"
         return decode_run(self.llm, prompt, tokens, 1, self.threads)
+
+    def outside_products(self, prompt, tokens: int, tick_s: float) -> float:
+        """Milliseconds per decoded token spent outside the matrix products, from one more run.
+
+        On the compiled path the products' cycles are counted inside it
+        (:data:`npsparse.models.llama_token.PRODUCT_TICKS`); products called from Python are
+        timed around each call (their dispatch then counts as product time).
+        """
+        from npsparse.models.llama_token import PRODUCT_TICKS
+
+        self.llm.model.token_step = self.step == "token"
+        initial = numba.get_num_threads()
+        if self.threads != "auto":
+            set_threads(int(self.threads))
+        spent = [0.0]
+
+        def decode_starts(token):  # called first after the prefill: count decode only
+            if len(seen) == 0:
+                spent[0], PRODUCT_TICKS[0] = 0.0, 0
+            seen.append(token)
+
+        seen = []
+        try:
+            with timed_products(spent):
+                result = generate(self.llm.model, prompt, tokens, on_token=decode_starts,
+                                  adapt_threads=self.threads == "auto")
+        finally:
+            set_threads(initial)
+        products = spent[0] + float(PRODUCT_TICKS[0]) * tick_s
+        return 1e3 * (result.decode_seconds - products) / max(1, len(result.ids) - 1)
 
     def first_ids(self, prompt, tokens: int) -> list[int]:
         return list(generate(self.llm.model, prompt, tokens).ids)
@@ -128,8 +197,8 @@ class NpsparseRun:
     def bytes_per_token(self, mean_position: float) -> float:
         return self.llm.model.weight_bytes() + kv_bytes_per_token(self.config, mean_position)
 
-    def perplexity(self, windows) -> float:
-        return perplexity(self.llm.model, windows, progress=False).ppl
+    def perplexity(self, windows):
+        return perplexity(self.llm.model, windows, progress=False, keep_argmax=True)
 
 
 class LlamaCppRun:
@@ -155,8 +224,8 @@ class LlamaCppRun:
         return self.model.weight_bytes + self.model.kv_bytes_per_token(self.config,
                                                                        mean_position)
 
-    def perplexity(self, windows) -> float:
-        return perplexity(npsparse.load(self.path).model, windows, progress=False).ppl
+    def perplexity(self, windows):
+        return perplexity(npsparse.load(self.path).model, windows, progress=False)
 
 
 def llama_cpp_runs(args, config, context: int) -> list[LlamaCppRun]:
@@ -189,6 +258,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", nargs="+", default=["auto"],
                         help="thread settings to run each model with: auto and/or fixed counts")
+    parser.add_argument("--steps", nargs="+", default=["token"], choices=["token", "block"],
+                        help="decode steps to run each model with: token (one compiled call "
+                             "per block, the default) and/or block (the per-block steps)")
+    parser.add_argument("--activations", nargs="+", default=["fp32"], choices=["fp32", "int8"],
+                        help="int8: also run each npsparse model in the lossy fast mode (qpanel, "
+                             "--activations int8) and print its perplexity change and top-1 "
+                             "agreement against its exact run")
     parser.add_argument("--busy", action="store_true",
                         help="also time every run beside one CPU-bound process")
     parser.add_argument("--llama-cpp", nargs="*", default=None, metavar="VARIANT",
@@ -205,8 +281,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_threads(args.threads)
     argv = list(sys.argv[1:] if argv is None else argv)
+    fast = "int8" in args.activations
     if args.ppl_windows is None:
-        args.ppl_windows = 40 if args.llama_cpp is not None else 0
+        args.ppl_windows = 40 if args.llama_cpp is not None or fast else 0
     if args.ppl_windows < 0:
         raise SystemExit(f"{PROG}: error: --ppl-windows must be 0 or more")
     if args.llama_cpp is not None:
@@ -217,8 +294,14 @@ def main(argv=None) -> int:
     from npsparse.packing import apply_format, layer_formats
 
     runs = []
-    for model, fmt in parse_runs(args.models, args.format):
+    exact_of = {}  # fast-mode run label -> the label of the same model's exact run
+    pairs = parse_runs(args.models, args.format)
+    for model, fmt, activations in [(m, f, a) for m, f in pairs for a in args.activations]:
+        if activations == "int8" and fmt == "dense" and model == "smollm2":
+            continue  # the dense checkpoint has no zeros: its fast mode is not a sparse model
         llm = npsparse.load(model)
+        if activations == "int8":
+            fmt = "qpanel"
         if fmt != "dense":
             info = apply_format(llm.model, fmt)
             print(f"{model}: packed {fmt} in {info['seconds']:.1f} s: {info['formats']}, head "
@@ -228,8 +311,17 @@ def main(argv=None) -> int:
         formats = layer_formats(llm.model)
         label = f"{model}@{formats if fmt == 'dense' else fmt}"
         for threads in args.threads:
-            suffix = "" if args.threads == ["auto"] else f" threads={threads}"
-            runs.append(NpsparseRun(label + suffix, formats, llm, threads))
+            for step in args.steps:
+                suffix = "" if args.threads == ["auto"] else f" threads={threads}"
+                suffix += "" if args.steps == ["token"] else f" step={step}"
+                run = NpsparseRun(label + suffix, formats, llm, threads, step)
+                if activations == "int8":  # its exact twin: same model, threads and step
+                    exact = [other.label for other in runs if other.llm.path == llm.path
+                             and other.formats != "qpanel" and other.threads == threads
+                             and other.step == step]
+                    if exact:
+                        exact_of[run.label] = exact[0]
+                runs.append(run)
     first = runs[0].llm
     prompt = first.encode("The Python standard library documentation describes")
     if args.llama_cpp is not None:
@@ -249,13 +341,23 @@ def main(argv=None) -> int:
                     busy[run.label] = max(busy[run.label], run.decode(prompt, args.tokens)[0])
     after = measure_read_bandwidth()
     bandwidth = max(before.best, after.best)
+    tick_s = tick_seconds()
+    outside = {run.label: min(run.outside_products(prompt, args.tokens, tick_s)
+                              for _ in range(args.repeats))
+               for run in runs if isinstance(run, NpsparseRun)}
     baseline = {}  # the first run whose block layers are all float32, and all bf16
     for run in runs:
         baseline.setdefault(run.formats, best[run.label][0])
-    ppl = {}
+    ppl, paired = {}, {}
     if args.ppl_windows:
-        windows = first.eval_windows("pydoc", windows=args.ppl_windows)
-        ppl = {run.label: run.perplexity(windows) for run in runs}
+        seqlen = min(512, first.config.max_position)
+        windows = first.eval_windows("pydoc", seqlen=seqlen, windows=args.ppl_windows)
+        results = {run.label: run.perplexity(windows) for run in runs}
+        ppl = {label: result.ppl for label, result in results.items()}
+        for label, exact in exact_of.items():  # same windows: paired change and top-1 agreement
+            change = 100 * (results[label].ppl / results[exact].ppl - 1)
+            agree = float(np.mean(results[label].argmax == results[exact].argmax))
+            paired[label] = (change, agree)
     same = {}  # leading generated tokens equal to the first run's (greedy, same prompt ids)
     if args.llama_cpp is not None:
         reference = runs[0].first_ids(prompt, args.tokens)
@@ -268,15 +370,21 @@ def main(argv=None) -> int:
     print(f"{args.tokens} tokens after a {len(prompt)}-token prompt, best of {args.repeats} "
           "interleaved runs")
     print(f"bandwidth: {before} (before); {after} (after); roofline uses {bandwidth / 1e9:.1f} GB/s")
+    if ppl:
+        print(f"perplexity: the first {args.ppl_windows} windows of {seqlen} tokens of the pydoc "
+              "text, no BOS")
     print()
     extra = [(" busy tok/s | busy / quiet |", "---|---|")] if args.busy else []
     if ppl:
         extra.append((f" ppl ({args.ppl_windows} windows) |", "---|"))
     if same:
         extra.append((f" tokens equal to row 1 (of {args.tokens}) |", "---|"))
+    if paired:
+        extra.append((" ppl change vs exact | top-1 agreement vs exact |", "---|---|"))
     print("| model@format | MB read/token | decode tok/s | roofline tok/s | % of roofline "
-          "| x dense fp32 | x bf16 | prefill tok/s |" + "".join(head for head, _ in extra))
-    print("|---|---|---|---|---|---|---|---|" + "".join(rule for _, rule in extra))
+          "| x dense fp32 | x bf16 | prefill tok/s | ms/token outside products |"
+          + "".join(head for head, _ in extra))
+    print("|---|---|---|---|---|---|---|---|---|" + "".join(rule for _, rule in extra))
     mean_pos = len(prompt) + args.tokens / 2
     for run in runs:
         label = run.label
@@ -287,8 +395,12 @@ def main(argv=None) -> int:
         cells = f" {busy[label]:.1f} | {busy[label] / tok_s:.2f} |" if args.busy else ""
         cells += f" {ppl[label]:.4f} |" if ppl else ""
         cells += f" {same[label]} |" if same else ""
+        if paired:
+            cells += (f" {paired[label][0]:+.2f}% | {100 * paired[label][1]:.2f}% |"
+                      if label in paired else " | |")
+        glue = f"{outside[label]:.3f}" if label in outside else ""
         print(f"| {label} | {per_token / 1e6:.1f} | {tok_s:.1f} | {roof:.1f} | "
-              f"{100 * tok_s / roof:.0f}% | {vs[0]} | {vs[1]} | {prefill:.0f} |" + cells)
+              f"{100 * tok_s / roof:.0f}% | {vs[0]} | {vs[1]} | {prefill:.0f} | {glue} |" + cells)
     if args.busy:
         print(f"\nbusy: one `{sys.executable} -c 'while True: pass'` beside each busy pass, "
               f"{len(allowed_cpus())} CPUs allowed, Numba ceiling {numba.config.NUMBA_NUM_THREADS} "
