@@ -38,7 +38,7 @@ from .panel import _matmul as _panel_matmul
 from .qpanel import QPanelLinear
 from .qpanel import _matmul as _qpanel_matmul
 from .q8 import Q8Linear, _gemv_portable as _q8_portable, _gemv_vector as _q8_vector
-from ._simd import _fn
+from ._simd import _data_ptr, _fn
 
 
 class DenseArgs(NamedTuple):  # dense float32 or bf16 bits, [N, K]
@@ -294,3 +294,54 @@ def tick_seconds(interval: float = 0.05) -> float:
         pass
     t1, c1 = time.perf_counter(), read_ticks()
     return (t1 - t0) / max(1, c1 - c0)
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to bring the cache line of ``array``'s flat element ``index`` into L1.
+
+    A Numba intrinsic: callable only from jitted code, as ``prefetch(array, index)``; a hint
+    (``prefetcht0``), never a fault, whatever the index. ``array`` must be C-contiguous.
+
+    Parameters
+    ----------
+    typingctx : numba typing context
+        Supplied by Numba, not by the caller.
+    array : np.ndarray
+        C-contiguous.
+    index : int
+        Flat element index.
+
+    Returns
+    -------
+    None
+    """
+    def codegen(context, builder, signature, args):
+        ptr = _data_ptr(context, builder, signature.args[0], args[0], args[1])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, i32, i32, i32])
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp), codegen
+
+
+@jit
+def prefetch_rows(array, first, stop):
+    """Prefetch the flat elements ``first .. stop-1`` of ``array``, a cache line at a time.
+
+    Many misses are then in flight at once, where a loop that reads and computes would take them
+    a few at a time (its instructions fill the out-of-order window first).
+
+    Parameters
+    ----------
+    array : np.ndarray
+        C-contiguous (one row of a 2-D array is fine).
+    first, stop : int
+        Flat element range; only addresses are formed, so the range is a hint, not checked.
+    """
+    step = max(1, 64 // array.itemsize)
+    for i in range(first, stop, step):
+        prefetch(array, i)

@@ -33,7 +33,7 @@ import numba
 from ..kernels._numba import jit
 from ..kernels.attention import decode_step
 from ..kernels.rowops import add_rms_norm, rms_norm_rows
-from ..kernels.step import group_gemv, layer_gemv, step_args, ticks
+from ..kernels.step import group_gemv, layer_gemv, prefetch_rows, step_args, ticks
 from .llama_decode import GATE_UP, QKV
 
 _NO_BIAS = np.zeros(0, dtype=np.float32)
@@ -82,14 +82,25 @@ def block_args(block):
         ``(attn_norm, mlp_norm, qkv group, q bias, k bias, v bias, o_proj, gate/up group,
         down_proj)``; absent biases are empty arrays.
     """
+    return _kept(block)[2]
+
+
+def _kept(block) -> list:
+    """``[objects, their ids, block_args, compiled block_step for them or None]``, kept."""
     state = _state(block)
     ids = tuple(map(id, state))
     kept = getattr(block, "_token_args", None)
-    if kept is not None and kept[1] == ids:
-        return kept[2]
-    args = _build_block_args(block)
-    block._token_args = (state, ids, args)
-    return args
+    if kept is None or kept[1] != ids:
+        kept = [state, ids, _build_block_args(block), None]
+        block._token_args = kept
+    return kept
+
+
+def _compiled(dispatcher, args):
+    """The machine code of ``dispatcher`` for the types of ``args`` (compiled or loaded from the
+    disk cache once). Calling it skips the dispatcher's typing of every argument on every call,
+    about 10 µs for a block's tuple of named tuples (Numba types named tuples in Python)."""
+    return dispatcher.compile(tuple(numba.typeof(a) for a in args))
 
 
 def _build_block_args(block):
@@ -128,9 +139,11 @@ def decode_token(model, ids: np.ndarray, start: int, cache) -> np.ndarray | None
     """
     if not getattr(model, "token_step", True):
         return None
-    blocks = tuple(block_args(block) for block in model.blocks)
-    head = step_args(model.head)
-    if head is None or any(b is None for b in blocks) or not _f32(model.norm):
+    kept = [_kept(block) for block in model.blocks]
+    head = _kept_head(model)
+    if head[1] is None or any(k[2] is None for k in kept) or not _f32(model.norm):
+        return None
+    if not all(_f32(a) and a.ndim == 3 for a in cache.k + cache.v):
         return None
     cfg = model.config
     cos, sin = model.rope(start, 1)  # [1, hd]
@@ -138,10 +151,28 @@ def decode_token(model, ids: np.ndarray, start: int, cache) -> np.ndarray | None
     eps, n_heads, n_kv, head_dim = cfg.norm_eps, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     threads = numba.config.NUMBA_NUM_THREADS
     x = model.embed(ids, start)  # [1, D]
-    for block, cache_k, cache_v in zip(blocks, cache.k, cache.v):
-        x = block_step(x, block, cache_k, cache_v, cos, sin, start, eps, n_heads, n_kv,
-                       head_dim, threads, PRODUCT_TICKS)
-    return head_step(x, model.norm, eps, head, PRODUCT_TICKS)
+    if not _f32(x):
+        return None
+    for k, cache_k, cache_v in zip(kept, cache.k, cache.v):
+        args = (x, k[2], cache_k, cache_v, cos, sin, start, eps, n_heads, n_kv, head_dim, threads,
+                PRODUCT_TICKS)
+        if k[3] is None:
+            k[3] = _compiled(block_step, args)
+        x = k[3](*args)
+    args = (x, model.norm, eps, head[1], PRODUCT_TICKS)
+    if head[2] is None:
+        head[2] = _compiled(head_step, args)
+    return head[2](*args)
+
+
+def _kept_head(model) -> list:
+    """``[head layer, its step_args, compiled head_step or None]``, kept on the model while its
+    head is the same object."""
+    kept = getattr(model, "_token_head", None)
+    if kept is None or kept[0] is not model.head:
+        kept = [model.head, step_args(model.head), None]
+        model._token_head = kept
+    return kept
 
 
 @jit
@@ -222,6 +253,15 @@ def block_step(x, block, cache_k, cache_v, cos, sin, position, eps, n_heads, n_k
     t0 = ticks()
     qkv = group_gemv(block[2], h)  # [1, (H + 2 KV) hd]
     spent = ticks() - t0
+    # What the next steps read, requested all at once: the products' outputs (half of them
+    # written by the other thread's core) and this layer's cached keys and values (evicted by
+    # the weights streamed since the last token). Read in loops instead, they arrive a few
+    # cache lines at a time.
+    prefetch_rows(qkv, 0, qkv.size)
+    plane = cache_k.shape[1] * head_dim
+    for kv in range(n_kv):
+        prefetch_rows(cache_k, kv * plane, kv * plane + (position + 1) * head_dim)
+        prefetch_rows(cache_v, kv * plane, kv * plane + (position + 1) * head_dim)
     q = qkv[0, :q_end].copy()
     k = qkv[0, q_end:k_end].copy()
     v = qkv[0, k_end:].copy()
@@ -235,14 +275,17 @@ def block_step(x, block, cache_k, cache_v, cos, sin, position, eps, n_heads, n_k
     t0 = ticks()
     o = layer_gemv(block[6], att)  # [1, D]
     spent += ticks() - t0
+    prefetch_rows(o, 0, o.size)
     x, h = add_rms_norm(x, o, block[1], eps)
     t0 = ticks()
     gate_up = group_gemv(block[7], h)  # [1, 2F]
     spent += ticks() - t0
+    prefetch_rows(gate_up, 0, gate_up.size)
     act = silu_mul_row(gate_up, gate_up.shape[1] // 2)  # [1, F]
     t0 = ticks()
     f = layer_gemv(block[8], act)  # [1, D]
     clock[0] += spent + ticks() - t0
+    prefetch_rows(f, 0, f.size)
     return x + f
 
 
