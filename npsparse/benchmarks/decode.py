@@ -24,6 +24,12 @@ of the decode time per token: norms, attention, SwiGLU, dispatch and Python. ``-
 block`` runs every model both with one compiled call per block (``token``, the default,
 :mod:`npsparse.models.llama_token`) and with the per-block steps (``block``).
 
+``--activations fp32 int8`` runs every model also in the lossy fast mode (``--activations int8``:
+the block layers packed as qpanel, :mod:`npsparse.kernels.qpanel`); ``MODEL@qpanel`` does the same
+for one model. A qpanel run is paired with an exact run of the same model: on the same
+perplexity windows (40 by default then) it prints the perplexity change and the top-1 agreement,
+the share of predicted positions whose most likely token is the exact run's.
+
 ``--threads`` runs every model with each thread setting: ``auto`` (the default: as many threads as
 the other processes leave CPUs free, :mod:`npsparse.threads`) or a fixed count. ``--busy`` adds,
 within each repeat, a second pass over the runs while one CPU-bound process (a Python busy loop)
@@ -201,6 +207,21 @@ class NpsparseRun:
         return perplexity(self.llm.model, windows, progress=False, keep_argmax=True)
 
 
+def fast_pairs(runs: list) -> dict[str, str]:
+    """Each fast-mode run (all block layers qpanel) -> the label of the first exact run of the
+    same model (same path, thread setting and step, another format), where there is one."""
+    pairs = {}
+    for run in runs:
+        if run.formats != "qpanel":
+            continue
+        exact = [other.label for other in runs if other.llm.path == run.llm.path
+                 and other.formats != "qpanel" and other.threads == run.threads
+                 and other.step == run.step]
+        if exact:
+            pairs[run.label] = exact[0]
+    return pairs
+
+
 class LlamaCppRun:
     """One llama.cpp variant of a GGUF (:class:`npsparse.benchmarks.llama_cpp.LlamaCppModel`)."""
 
@@ -262,9 +283,9 @@ def main(argv=None) -> int:
                         help="decode steps to run each model with: token (one compiled call "
                              "per block, the default) and/or block (the per-block steps)")
     parser.add_argument("--activations", nargs="+", default=["fp32"], choices=["fp32", "int8"],
-                        help="int8: also run each npsparse model in the lossy fast mode (qpanel, "
-                             "--activations int8) and print its perplexity change and top-1 "
-                             "agreement against its exact run")
+                        help="fp32 and/or int8 (the lossy fast mode: the model packed as qpanel); "
+                             "a qpanel run prints its perplexity change and top-1 agreement "
+                             "against an exact run of the same model")
     parser.add_argument("--busy", action="store_true",
                         help="also time every run beside one CPU-bound process")
     parser.add_argument("--llama-cpp", nargs="*", default=None, metavar="VARIANT",
@@ -281,7 +302,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_threads(args.threads)
     argv = list(sys.argv[1:] if argv is None else argv)
-    fast = "int8" in args.activations
+    fast = "int8" in args.activations or any(m.endswith("@qpanel") for m in args.models)
     if args.ppl_windows is None:
         args.ppl_windows = 40 if args.llama_cpp is not None or fast else 0
     if args.ppl_windows < 0:
@@ -294,7 +315,6 @@ def main(argv=None) -> int:
     from npsparse.packing import apply_format, layer_formats
 
     runs = []
-    exact_of = {}  # fast-mode run label -> the label of the same model's exact run
     pairs = parse_runs(args.models, args.format)
     for model, fmt, activations in [(m, f, a) for m, f in pairs for a in args.activations]:
         if activations == "int8" and fmt == "dense" and model == "smollm2":
@@ -314,14 +334,8 @@ def main(argv=None) -> int:
             for step in args.steps:
                 suffix = "" if args.threads == ["auto"] else f" threads={threads}"
                 suffix += "" if args.steps == ["token"] else f" step={step}"
-                run = NpsparseRun(label + suffix, formats, llm, threads, step)
-                if activations == "int8":  # its exact twin: same model, threads and step
-                    exact = [other.label for other in runs if other.llm.path == llm.path
-                             and other.formats != "qpanel" and other.threads == threads
-                             and other.step == step]
-                    if exact:
-                        exact_of[run.label] = exact[0]
-                runs.append(run)
+                runs.append(NpsparseRun(label + suffix, formats, llm, threads, step))
+    exact_of = fast_pairs(runs)
     first = runs[0].llm
     prompt = first.encode("The Python standard library documentation describes")
     if args.llama_cpp is not None:
