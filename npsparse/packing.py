@@ -59,9 +59,9 @@ def apply_format(model, fmt: str, *, threads: int | None = None, head: str = "au
         ``"auto"`` (default), ``"bf16"``, ``"q8_0"`` or ``"dense"`` (float32, NumPy BLAS).
     activations : {"fp32", "int8"}
         ``"int8"`` is the lossy fast mode: every block layer is packed as ``qpanel``
-        (:mod:`npsparse.kernels.qpanel`: int8 weights with a scale per row, activations
-        quantized per 32 values in every product), whatever its density; ``fmt`` must then be
-        ``"auto"``, ``"dense"`` or ``"qpanel"``.
+        (:mod:`npsparse.kernels.qpanel`: int8 weights with a scale per row and group of
+        columns, activations quantized per 32 values in every product), whatever its density;
+        ``fmt`` must then be ``"auto"``, ``"dense"`` or ``"qpanel"``.
         With ``fmt="dense"`` nothing is repacked.
     checkpoint : optional
         The checkpoint ``model`` was loaded from (``LLM.checkpoint``); a GGUF's stored Q8_0

@@ -1,6 +1,6 @@
-"""The qpanel format (int8 weights x int8 activations): structure, quantization against a NumPy
-restatement, products (each lowering, any thread count) against the naive loop and the dense
-product, exact integer cases, stacking, then stored arrays and errors."""
+"""The qpanel format (int8 weights x int8 activations): structure, quantization per row and group
+of columns against a NumPy restatement, products (each lowering, any thread count) against the
+naive loop and the dense product, exact integer cases, stacking, then stored arrays and errors."""
 
 from types import SimpleNamespace
 
@@ -16,6 +16,7 @@ from npsparse.errors import NpsparseError
 from npsparse.kernels import _qpanel_simd, qpanel
 
 CEILING = numba.config.NUMBA_NUM_THREADS
+GROUPS = [32, 64, 96, 128, 4096]  # columns per weight scale; 4096: one scale per row here
 
 
 def random_problem(seed, n_rows, k_cols, density):
@@ -38,7 +39,8 @@ def one_group(layers):
 
 @st.composite
 def problems(draw):
-    """((W, keep), T, seed): N not a multiple of 16, K not a multiple of 32, K < 32, N = 1."""
+    """((W, keep), T, seed, group): N not a multiple of 16, K not a multiple of 32, K < 32, N = 1,
+    groups that do not divide K32 and one longer than K32."""
     density = draw(st.sampled_from([0.0, 1.0, 0.3, 0.05, 0.7, "2:4"]))
     n_rows = draw(st.one_of(st.integers(1, 70), st.sampled_from([1, 16, 32, 48])))
     if density == "2:4":
@@ -47,7 +49,8 @@ def problems(draw):
         k_cols = draw(st.one_of(st.integers(1, 140), st.sampled_from([1, 31, 32, 33, 64, 257])))
     seed = draw(st.integers(0, 2**32 - 1))
     n_tokens = draw(st.integers(1, 6))
-    return random_problem(seed, n_rows, k_cols, density), n_tokens, seed
+    group = draw(st.sampled_from(GROUPS))
+    return random_problem(seed, n_rows, k_cols, density), n_tokens, seed, group
 
 
 def round_half_away(v):
@@ -56,14 +59,17 @@ def round_half_away(v):
     return np.sign(v) * np.floor(np.abs(v) + 0.5)
 
 
-def quantize_rows_reference(weight, keep):
-    """(W*mask) per row through int8 and back: the weights the layer must hold."""
+def quantize_groups_reference(weight, keep, group):
+    """(W*mask) per row and group of columns through int8 and back: the weights the layer must
+    hold."""
     kept = np.where(keep, weight, np.float32(0)).astype(np.float32)
-    scale = (np.abs(kept).max(axis=1) / np.float32(127)).astype(np.float32)  # [N]
     out = np.zeros_like(kept)
     for n in range(kept.shape[0]):
-        if scale[n] > 0:
-            out[n] = round_half_away(kept[n] / scale[n]).astype(np.float32) * scale[n]
+        for lo in range(0, kept.shape[1], group):
+            part = kept[n, lo:lo + group]
+            scale = np.float32(np.abs(part).max() / np.float32(127))
+            if scale > 0:
+                out[n, lo:lo + group] = round_half_away(part / scale).astype(np.float32) * scale
     return out
 
 
@@ -100,22 +106,26 @@ def run_portable(layer, x):
 
 @given(data=problems())
 def test_structure(data):
-    (weight, keep), _, _ = data
-    layer = nk.pack(weight, keep, "qpanel")
+    (weight, keep), _, _, group = data
+    layer = nk.pack(weight, keep, "qpanel", group=group)
     a = layer.arrays
     n_rows, k_cols = keep.shape
     panels, quads = -(-n_rows // 16), -(-k_cols // 32) * 8
+    groups = -(-4 * quads // group)
     assert a["masks"].dtype == np.uint64 and a["masks"].shape == (panels, quads)
     assert a["values"].dtype == np.uint8 and a["values"].shape == (keep.sum(),)
     assert a["panel_ptr"].dtype == np.int64 and a["panel_ptr"].shape == (panels + 1,)
-    assert a["scales"].dtype == np.float32 and a["scales"].shape == (16 * panels,)
-    assert np.all(a["scales"][n_rows:] == 0)
+    assert a["scales"].dtype == np.float32 and a["scales"].shape == (panels, groups, 16)
+    assert a["scales"].flags.c_contiguous
+    by_row = a["scales"].transpose(0, 2, 1).reshape(16 * panels, groups)  # [16 P, G]
+    assert np.all(by_row[n_rows:] == 0)
+    np.testing.assert_array_equal(layer.row_scales(), by_row[:n_rows])
     assert a["panel_ptr"][0] == 0 and layer.nnz == keep.sum()
     assert np.array_equal(np.diff(a["panel_ptr"]), [keep[16 * q:16 * q + 16].sum()
                                                     for q in range(panels)])
     assert np.all(a["values"] >= 1)  # w_q + 128 with w_q in -127..127
     assert np.array_equal(layer.keep_mask(), keep)
-    assert layer.nbytes == qpanel.qpanel_nbytes(n_rows, k_cols, int(keep.sum()))
+    assert layer.nbytes == qpanel.qpanel_nbytes(n_rows, k_cols, int(keep.sum()), group)
     # bit 4r + c of word (q, j) is (row 16q + r, column 4j + c)
     q, r, col = n_rows // 2 // 16, n_rows // 2 % 16, k_cols - 1
     assert (int(a["masks"][q, col // 4]) >> (4 * r + col % 4)) & 1 == keep[16 * q + r, col]
@@ -137,10 +147,44 @@ def test_values_follow_the_bit_order():
 # ---- quantization --------------------------------------------------------------------------------
 
 @given(data=problems())
-def test_to_dense_is_the_row_quantization(data):
-    (weight, keep), _, _ = data
-    layer = nk.pack(weight, keep, "qpanel")
-    np.testing.assert_array_equal(layer.to_dense(), quantize_rows_reference(weight, keep))
+def test_to_dense_is_the_group_quantization(data):
+    (weight, keep), _, _, group = data
+    layer = nk.pack(weight, keep, "qpanel", group=group)
+    np.testing.assert_array_equal(layer.to_dense(), quantize_groups_reference(weight, keep, group))
+    kept = np.where(keep, weight, np.float32(0))
+    for g, lo in enumerate(range(0, weight.shape[1], group)):  # s = max|w| / 127 exactly
+        amax = np.abs(kept[:, lo:lo + group]).max(axis=1)
+        np.testing.assert_array_equal(layer.row_scales()[:, g],
+                                      (amax / np.float32(127)).astype(np.float32))
+
+
+def test_an_outlier_coarsens_only_its_group():
+    """One large weight in columns 32-63: with groups of 32 the other groups keep a fine grid,
+    with one scale per row every small weight rounds to 0."""
+    weight = np.full((3, 96), 0.01, np.float32)
+    weight[:, 40] = 100.0
+    grouped = nk.pack(weight, None, "qpanel", group=32).to_dense()
+    per_row = nk.pack(weight, None, "qpanel", group=96).to_dense()
+    np.testing.assert_allclose(grouped[:, :32], 0.01, rtol=1e-6)
+    np.testing.assert_allclose(grouped[:, 64:], 0.01, rtol=1e-6)
+    np.testing.assert_allclose(grouped[:, 40], 100.0, rtol=1e-6)
+    np.testing.assert_array_equal(per_row[:, 40], grouped[:, 40])
+    assert np.count_nonzero(per_row) == 3  # 0.01 < 100 / 127 / 2: rounds to 0
+
+
+def test_a_group_of_the_whole_row_is_one_scale_per_row():
+    """Any group >= K32 stores the same arrays: one scale per row."""
+    weight, keep = random_problem(2, 20, 70, 0.5)  # K32 = 96
+    layers = [nk.pack(weight, keep, "qpanel", group=g) for g in (96, 128, 2**20)]
+    for layer in layers:
+        assert layer.arrays["scales"].shape == (2, 1, 16)
+        for name, a in layer.arrays.items():
+            np.testing.assert_array_equal(a, layers[0].arrays[name])
+    kept = np.where(keep, weight, np.float32(0))
+    np.testing.assert_array_equal(layers[0].row_scales()[:, 0],
+                                  (np.abs(kept).max(axis=1) / np.float32(127)).astype(np.float32))
+    x = np.random.default_rng(3).standard_normal((5, 70)).astype(np.float32)
+    np.testing.assert_array_equal(layers[2](x), layers[0](x))
 
 
 def test_weight_halves_round_away_from_zero():
@@ -155,7 +199,7 @@ def test_rows_that_keep_only_zeros():
     keep = np.ones_like(weight, bool)
     layer = nk.pack(weight, keep, "qpanel")
     a = layer.arrays
-    assert np.count_nonzero(a["scales"]) == 1 and a["scales"][3] == np.float32(2.0 / 127)
+    assert np.count_nonzero(a["scales"]) == 1 and layer.row_scales()[3, 0] == np.float32(2 / 127)
     assert np.count_nonzero(a["values"] != 128) == 1
     x = np.ones((2, 40), np.float32)
     np.testing.assert_array_equal(layer(x), layer.matmul_naive(x))
@@ -197,8 +241,8 @@ def assert_product(layer, x):
 
 @given(data=problems())
 def test_kernel_matches_naive_and_dense(data):
-    (weight, keep), n_tokens, seed = data
-    layer = nk.pack(weight, keep, "qpanel")
+    (weight, keep), n_tokens, seed, group = data
+    layer = nk.pack(weight, keep, "qpanel", group=group)
     x = np.random.default_rng(seed + 1).standard_normal((n_tokens, weight.shape[1]))
     assert_product(layer, x.astype(np.float32))
 
@@ -208,9 +252,9 @@ def test_kernel_matches_naive_and_dense(data):
 def test_exact_on_the_int8_grid(data):
     """x = x_q * d exactly (d of few significant bits, a full-scale value in every block): only
     float32 rounding of the block sums separates the product from x @ W_deq.T."""
-    (weight, keep), n_tokens, seed = data
+    (weight, keep), n_tokens, seed, group = data
     rng = np.random.default_rng(seed)
-    layer = nk.pack(weight, keep, "qpanel")
+    layer = nk.pack(weight, keep, "qpanel", group=group)
     k_cols = weight.shape[1]
     n_blocks = -(-k_cols // 32)
     x_q = rng.integers(-127, 128, size=(n_tokens, 32 * n_blocks))
@@ -227,7 +271,7 @@ def test_exact_on_the_int8_grid(data):
     bound = np.abs(x).astype(np.float64) @ np.abs(dense).T
     y = layer(x)
     np.testing.assert_array_equal(y, layer.matmul_naive(x))
-    assert np.all(np.abs(y - expected) <= 4e-7 * (n_blocks + 2) * bound + 1e-30)
+    assert np.all(np.abs(y - expected) <= 5e-7 * (n_blocks + 2) * bound + 1e-30)
 
 
 def test_one_block_of_integers_is_exact():
@@ -247,8 +291,9 @@ def test_edge_cases():
     rng = np.random.default_rng(0)
     for n_rows, k_cols in [(1, 1), (1, 4), (16, 1), (17, 3), (33, 64), (5, 1000), (40, 4096)]:
         weight = rng.standard_normal((n_rows, k_cols)).astype(np.float32)
-        for keep in (np.zeros_like(weight, bool), np.ones_like(weight, bool)):
-            layer = nk.pack(weight, keep, "qpanel")
+        for keep, group in ((np.zeros_like(weight, bool), 128), (np.ones_like(weight, bool), 128),
+                            (np.ones_like(weight, bool), 96)):
+            layer = nk.pack(weight, keep, "qpanel", group=group)
             for n_tokens in (1, 4, 5, 9):  # 9: two four-token passes and one more
                 assert_product(layer, rng.standard_normal((n_tokens, k_cols)).astype(np.float32))
     layer = nk.pack(np.eye(4, dtype=np.float32), None, "qpanel")
@@ -259,11 +304,10 @@ def test_edge_cases():
 
 def _one_panel_kernel(dot, dot4):
     @numba.njit
-    def one_panel(masks, values, scales, x_q, d, sx, out):  # tokens 0-3 by dot4, 4 by dot
-        n_blocks, xs, bs = masks.shape[0] // 8, x_q.shape[1], d.shape[1]
-        dot4(masks, 0, values, 0, x_q, 0, xs, d, sx, 0, bs, n_blocks, scales, 0, out, 0, 16)
-        dot(masks, 0, values, 0, x_q, 4 * xs, 0, d, sx, 4 * bs, 0, n_blocks, scales, 0, out, 64,
-            0)
+    def one_panel(masks, values, gb, scales, x_q, d, sx, out):  # tokens 0-3 by dot4, 4 by dot
+        nb, xs, bs = masks.shape[0] // 8, x_q.shape[1], d.shape[1]
+        dot4(masks, 0, values, 0, x_q, 0, xs, d, sx, 0, bs, nb, gb, scales, 0, out, 0, 16)
+        dot(masks, 0, values, 0, x_q, 4 * xs, 0, d, sx, 4 * bs, 0, nb, gb, scales, 0, out, 64, 0)
 
     return one_panel
 
@@ -274,14 +318,16 @@ def test_every_lowering_computes_one_panel(mode):
     if mode == "vnni" and _qpanel_simd.HOST_MODE != "vnni":
         pytest.skip("needs AVX512-VNNI and AVX512-VBMI2")
     weight, keep = random_problem(3, 16, 90, 0.4)
-    layer = nk.pack(weight, keep, "qpanel")
+    weight[5, 70] = 50.0  # an outlier in the second group of 64 columns (the last is short)
+    layer = nk.pack(weight, keep, "qpanel", group=64)
     a = layer.arrays
+    assert a["scales"].shape == (1, 2, 16)
     values = np.concatenate([a["values"], np.full(_qpanel_simd.OVERREAD, 7, np.uint8)])
     x = np.random.default_rng(4).standard_normal((5, 90)).astype(np.float32)
     x_q, d, sx = qpanel.quantize_activations(x)
     out = np.full((5, 16), np.nan, np.float32)
     one_panel = _one_panel_kernel(_qpanel_simd.QPANEL_DOT[mode], _qpanel_simd.QPANEL_DOT4[mode])
-    one_panel(a["masks"][0], values, a["scales"], x_q, d, sx, out)
+    one_panel(a["masks"][0], values, 2, a["scales"], x_q, d, sx, out)
     np.testing.assert_array_equal(out, layer.matmul_naive(x))
 
 
@@ -306,16 +352,20 @@ def test_same_bits_with_one_thread_and_two(n_rows, n_tokens, seed):
 
 @settings(max_examples=20)
 @given(panels=st.lists(st.integers(1, 3), min_size=2, max_size=3), last=st.integers(1, 40),
-       k_cols=st.integers(1, 70), density=st.sampled_from([0.0, 0.3, 1.0]),
-       tokens=st.sampled_from([1, 5]), seed=st.integers(0, 2**32 - 1))
-def test_stacked_layer_equals_the_parts_exactly(panels, last, k_cols, density, tokens, seed):
+       k_cols=st.integers(1, 140), density=st.sampled_from([0.0, 0.3, 1.0]),
+       tokens=st.sampled_from([1, 5]), group=st.sampled_from(GROUPS),
+       seed=st.integers(0, 2**32 - 1))
+def test_stacked_layer_equals_the_parts_exactly(panels, last, k_cols, density, tokens, group,
+                                                seed):
     """Parts of 16 q rows (and a last part of any size) stack (arena) into one qpanel layer whose
-    product holds each part's bit for bit: scales concatenate per row as the panels do."""
+    product holds each part's bit for bit: scales [P, G, 16] concatenate per panel as the masks
+    do."""
     rng = np.random.default_rng(seed)
     rows = [16 * q for q in panels[:-1]] + [last]
     weights = [rng.standard_normal((n, k_cols)).astype(np.float32) * (rng.random((n, k_cols))
                                                                       < density) for n in rows]
-    layers = [nk.pack(w, None, "qpanel") for w in weights]
+    layers = [nk.pack(w, None, "qpanel", group=group) for w in weights]
+    scales = np.concatenate([layer.row_scales() for layer in layers])  # [N, G]
     x = rng.standard_normal((tokens, k_cols)).astype(np.float32)
     before = [layer(x) for layer in layers]
     dense = np.concatenate([layer.to_dense() for layer in layers])
@@ -323,6 +373,10 @@ def test_stacked_layer_equals_the_parts_exactly(panels, last, k_cols, density, t
     consolidate(model)
     fused = block.fused[names]
     assert fused.layer.FORMAT == "qpanel" and fused.layer.shape == (sum(rows), k_cols)
+    assert fused.layer.group == group
+    np.testing.assert_array_equal(fused.layer.row_scales(), scales)
+    for part in fused.parts:  # the parts' scales are views of the whole
+        assert np.shares_memory(part.arrays["scales"], fused.layer.arrays["scales"])
     stacked = fused.layer(x)
     for want, lo, hi in zip(before, fused.bounds, fused.bounds[1:]):
         np.testing.assert_array_equal(stacked[:, lo:hi], want)
@@ -335,7 +389,8 @@ def test_to_from_arrays_without_copy_and_read_only():
     weight, keep = random_problem(7, 37, 75, 0.5)
     layer = nk.pack(weight, keep, "qpanel")
     arrays, meta = nk.to_arrays(layer)
-    assert meta == {"format": "qpanel", "shape": "37,75", "schema": "1", "values": "int8"}
+    assert meta == {"format": "qpanel", "shape": "37,75", "schema": "1", "values": "int8",
+                    "group": str(qpanel.GROUP)}
     frozen = {}
     for name, a in arrays.items():
         frozen[name] = a.view()
@@ -348,6 +403,12 @@ def test_to_from_arrays_without_copy_and_read_only():
     x = np.random.default_rng(8).standard_normal((5, 75)).astype(np.float32)
     np.testing.assert_array_equal(rebuilt(x), layer(x))
     np.testing.assert_array_equal(rebuilt.matmul_naive(x), layer(x))
+    grouped = nk.pack(weight, keep, "qpanel", group=32)
+    arrays, meta = nk.to_arrays(grouped)
+    assert meta["group"] == "32" and arrays["scales"].shape == (3, 3, 16)
+    rebuilt = nk.from_arrays(arrays, meta)
+    assert rebuilt.group == 32
+    np.testing.assert_array_equal(rebuilt(x), grouped(x))
 
 
 def _raises(match, fn, *args, **kwargs):
@@ -359,6 +420,9 @@ def _raises(match, fn, *args, **kwargs):
 def test_errors():
     weight, keep = random_problem(10, 20, 9, 0.5)
     _raises("qpanel values", nk.pack, weight, keep, "qpanel", values="bf16")
+    for group in (0, 48, -32, 2**31, 32.0, True, "64", None):
+        _raises("qpanel group must be a positive multiple of 32", nk.pack, weight, keep,
+                "qpanel", group=group)
     bad = weight.copy()
     bad[0, 0], keep[0, 0] = np.inf, True
     _raises("finite", nk.pack, bad, keep, "qpanel")
@@ -367,12 +431,22 @@ def test_errors():
             {**arrays, "masks": arrays["masks"].astype(np.int64)}, meta)
     _raises("'values' must be 1-D uint8", nk.from_arrays,
             {**arrays, "values": arrays["values"].view(np.int8)}, meta)
-    _raises("'scales' must be 1-D float32", nk.from_arrays,
+    _raises("'scales' must be 3-D float32", nk.from_arrays,
             {**arrays, "scales": arrays["scales"].astype(np.float64)}, meta)
+    _raises("'scales' must be 3-D float32", nk.from_arrays,
+            {**arrays, "scales": arrays["scales"].reshape(-1)}, meta)
+    for group in ("48", "0", "abc", "", "1e3", str(2**64)):
+        _raises("qpanel metadata 'group' must be|qpanel group must be", nk.from_arrays, arrays,
+                {**meta, "group": group})
+    _raises("qpanel metadata 'group'", nk.from_arrays, arrays,
+            {k: v for k, v in meta.items() if k != "group"})
+    # K32 = 32: any group is one scale per row; a [P, 2, 16] scales array does not fit it
+    _raises("'scales' has shape", nk.from_arrays,
+            {**arrays, "scales": np.zeros((2, 2, 16), np.float32)}, meta)
     _raises("needs array 'scales'", nk.from_arrays,
             {k: v for k, v in arrays.items() if k != "scales"}, meta)
     _raises("'masks' has shape", nk.from_arrays, arrays, {**meta, "shape": "40,9"})
-    _raises("'scales' has shape", nk.from_arrays, {**arrays, "scales": arrays["scales"][:20]},
+    _raises("'scales' has shape", nk.from_arrays, {**arrays, "scales": arrays["scales"][:1]},
             meta)
     padding_row = arrays["masks"].copy()
     padding_row[1, 0] |= np.uint64(1 << (4 * 7))  # row 16 + 7 = 23 of a 20-row weight
@@ -388,5 +462,5 @@ def test_errors():
     _raises("'panel_ptr' must rise", nk.from_arrays, {**arrays, "panel_ptr": short}, meta)
     for value in (np.nan, np.inf, -1.0):
         scales = arrays["scales"].copy()
-        scales[2] = value
+        scales[0, 0, 2] = value
         _raises("'scales' must be finite", nk.from_arrays, {**arrays, "scales": scales}, meta)

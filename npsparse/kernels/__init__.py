@@ -12,7 +12,7 @@ bf16        bf16 bits                                      2
 csr         values (bf16|fp32) + uint16|int32 cols         (2|4 + 2|4) d
 bitmask     1 bit/position + values (bf16|int8+row scale)  1/8 + 2d  (int8: 1/8 + d)
 panel       bitmask in 16-row x 2-column words + bf16      1/8 + 2d  (+ 8 bytes per 16 rows)
-qpanel      16-row x 4-column words + int8 + row scale     1/8 + d   (lossy: int8 x and W)
+qpanel      16-row x 4-column words + int8 + group scales  1/8 + d + 4/group (lossy: int8 x, W)
 nm          M-N values + ceil(log2 M)-bit positions/group  2:4 bf16: 1.125, 4:8: 1.1875
 q8_0        int8 values + float16 scale per 32 (ggml)      1.0625 (lossy unless from a GGUF)
 monarch     two block-diagonal factors (fp32|bf16)         (4|2) min(N,K) (N+K) / (b N K)

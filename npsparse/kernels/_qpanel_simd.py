@@ -10,8 +10,10 @@ so 16 row accumulators grow by one instruction per 64 positions and no horizonta
 Per 32-column block ``b`` (8 quads) the integer sums are exact (|sum| <= 32 * 255 * 127 < 2^31);
 the bias adds ``128 * sx_b`` (``sx_b`` = the block's activation sum), taken off once per block.
 The true block sum is converted to float32 (exact: |sum| <= 32 * 127 * 127 < 2^24) and added as
-``accf = fma(sum, d_b, accf)``, block after block, exactly as the naive loop in
-:mod:`.qpanel` does, so both give the same bits. The 16 outputs are ``accf * scale`` per row.
+``accf = fma(sum, d_b * s_g, accf)``, with ``s_g`` the 16 rows' weight scales of the block's
+group (one vector load per group, then one multiply by ``d_b`` per block), block after block,
+exactly as the naive loop in :mod:`.qpanel` does, so both give the same bits. ``accf`` is the
+output: no multiply follows.
 
 Two lowerings, chosen once from the host CPU (tests run both on a VNNI host):
 
@@ -101,22 +103,22 @@ def _dot_quad(builder, mode, acc, weights, x4):
 def _make_qpanel_dot(mode, tokens, chains):
     @intrinsic
     def qpanel_dot(typingctx, masks, moff, vals, voff, xq, xoff, xstride, d, sx, boff, bstride,
-                   nblocks, scales, soff, out, ooff, ostride):
+                   nblocks, gblocks, scales, soff, out, ooff, ostride):
         """out[ooff + s*ostride:][:16] = one panel times token s, for ``tokens`` tokens:
         masks[moff:moff + 8*nblocks] uint64, biased weights from vals[voff:] (uint8), token s's
         int8 activations at xq[xoff + s*xstride:], its block scales d and sums sx at
-        [boff + s*bstride:], the 16 row scales at scales[soff:]. Each word is expanded once for
-        all the tokens."""
+        [boff + s*bstride:]; ``gblocks`` blocks per weight scale group, whose 16 row scales are
+        at scales[soff + 16 g:] (flat float32). Each word is expanded once for all the tokens."""
         if vals.dtype != types.uint8 or xq.dtype != types.int8:
             raise TypeError(f"qpanel kernels take uint8 values and int8 activations, not "
                             f"{vals.dtype} and {xq.dtype}")
         sig = types.void(masks, types.intp, vals, types.intp, xq, types.intp, types.intp, d, sx,
-                         types.intp, types.intp, types.intp, scales, types.intp, out, types.intp,
-                         types.intp)
+                         types.intp, types.intp, types.intp, types.intp, scales, types.intp, out,
+                         types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             (masks_a, moff_, vals_a, voff_, xq_a, xoff_, xstride_, d_a, sx_a, boff_, bstride_,
-             count, sc_a, soff_, out_a, ooff_, ostride_) = args
+             count, gblocks_, sc_a, soff_, out_a, ooff_, ostride_) = args
 
             def ptr(index, array, offset):
                 return _data_ptr(context, builder, signature.args[index], array, offset)
@@ -129,51 +131,64 @@ def _make_qpanel_dot(mode, tokens, chains):
                                     _I32.as_pointer()) for s in range(tokens)]  # 4 bytes a quad
             dptrs = [ptr(7, d_a, token_offset(boff_, bstride_, s)) for s in range(tokens)]
             sptrs = [ptr(8, sx_a, token_offset(boff_, bstride_, s)) for s in range(tokens)]
+            scale_ptr = ptr(13, sc_a, soff_)
             fma = _fn(builder, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
             ctpop = _fn(builder, "llvm.ctpop.i64", _I64, [_I64])
             accf = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None))
                     for _ in range(tokens)]
             p = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
-            with cgutils.for_range(builder, count) as loop:
-                b = loop.index
-                # ``chains`` integer accumulators per token: vpdpbusd's latency (Zen 4: 4 cycles)
-                # would otherwise bound a token at one quad per 4 cycles. Integer sums are exact,
-                # so how the quads are split among them changes no bit.
-                accs = [[ir.Constant(_V16I32, None)] * chains for _ in range(tokens)]
-                for jj in range(QUADS):
-                    j = builder.add(builder.mul(b, ir.Constant(_I64, QUADS)),
-                                    ir.Constant(_I64, jj))
-                    word = builder.load(builder.gep(mptr, [j]))
-                    start = builder.load(p)
-                    weights = _expand_quad(builder, mode, vptr, start, word)
-                    builder.store(builder.add(start, builder.call(ctpop, [word])), p)
-                    for s in range(tokens):
-                        x4 = _splat(builder, builder.load(builder.gep(x32s[s], [j]), align=1),
-                                    _V16I32)
-                        chain = jj % chains
-                        accs[s][chain] = _dot_quad(builder, mode, accs[s][chain], weights, x4)
-                for s in range(tokens):
-                    total = accs[s][0]
-                    for other in accs[s][1:]:
-                        total = builder.add(total, other)
-                    bias = builder.shl(builder.load(builder.gep(sptrs[s], [b])),
-                                       ir.Constant(_I32, 7))  # 128 * sx_b
-                    exact = builder.sitofp(builder.sub(total, _splat(builder, bias, _V16I32)),
-                                           _V16F)
-                    d_b = _splat(builder, builder.load(builder.gep(dptrs[s], [b])), _V16F)
-                    builder.store(builder.call(fma, [exact, d_b, builder.load(accf[s])]),
-                                  accf[s])
-            row_scales = builder.load(builder.bitcast(ptr(12, sc_a, soff_), _V16F.as_pointer()),
-                                      align=4)
+            one = ir.Constant(_I64, 1)
+            n_groups = builder.sdiv(builder.add(count, builder.sub(gblocks_, one)), gblocks_)
+            with cgutils.for_range(builder, n_groups) as group_loop:
+                g = group_loop.index
+                group_scales = builder.load(  # [16] the rows' scales of group g
+                    builder.bitcast(builder.gep(scale_ptr, [builder.mul(g, ir.Constant(_I64, 16))]),
+                                    _V16F.as_pointer()), align=4)
+                first = builder.mul(g, gblocks_)
+                stop = builder.add(first, gblocks_)
+                stop = builder.select(builder.icmp_signed("<", stop, count), stop, count)
+                with cgutils.for_range(builder, stop, start=first) as loop:
+                    _block(builder, mode, chains, loop.index, mptr, vptr, p, ctpop, x32s, dptrs,
+                           sptrs, group_scales, fma, accf)
             for s in range(tokens):
-                dst = ptr(14, out_a, token_offset(ooff_, ostride_, s))
-                builder.store(builder.fmul(builder.load(accf[s]), row_scales),
-                              builder.bitcast(dst, _V16F.as_pointer()), align=4)
+                dst = ptr(15, out_a, token_offset(ooff_, ostride_, s))
+                builder.store(builder.load(accf[s]), builder.bitcast(dst, _V16F.as_pointer()),
+                              align=4)
             return context.get_dummy_value()
 
         return sig, codegen
 
     return qpanel_dot
+
+
+def _block(builder, mode, chains, b, mptr, vptr, p, ctpop, x32s, dptrs, sptrs, group_scales, fma,
+           accf):
+    """Block b (8 quads) of one panel for each token: accf[s] = fma(sum, d_b * scales, accf[s])."""
+    tokens = len(accf)
+    # ``chains`` integer accumulators per token: vpdpbusd's latency (Zen 4: 4 cycles) would
+    # otherwise bound a token at one quad per 4 cycles. Integer sums are exact, so how the quads
+    # are split among them changes no bit.
+    accs = [[ir.Constant(_V16I32, None)] * chains for _ in range(tokens)]
+    for jj in range(QUADS):
+        j = builder.add(builder.mul(b, ir.Constant(_I64, QUADS)), ir.Constant(_I64, jj))
+        word = builder.load(builder.gep(mptr, [j]))
+        start = builder.load(p)
+        weights = _expand_quad(builder, mode, vptr, start, word)
+        builder.store(builder.add(start, builder.call(ctpop, [word])), p)
+        for s in range(tokens):
+            x4 = _splat(builder, builder.load(builder.gep(x32s[s], [j]), align=1), _V16I32)
+            chain = jj % chains
+            accs[s][chain] = _dot_quad(builder, mode, accs[s][chain], weights, x4)
+    for s in range(tokens):
+        total = accs[s][0]
+        for other in accs[s][1:]:
+            total = builder.add(total, other)
+        bias = builder.shl(builder.load(builder.gep(sptrs[s], [b])),
+                           ir.Constant(_I32, 7))  # 128 * sx_b
+        exact = builder.sitofp(builder.sub(total, _splat(builder, bias, _V16I32)), _V16F)
+        d_b = _splat(builder, builder.load(builder.gep(dptrs[s], [b])), _V16F)
+        step = builder.fmul(d_b, group_scales)  # [16] d_b * s_g, rounded once, as the naive loop
+        builder.store(builder.call(fma, [exact, step, builder.load(accf[s])]), accf[s])
 
 
 # One token, two integer chains per block; four tokens, one chain each (four already overlap).

@@ -58,6 +58,7 @@ class QPanelArgs(NamedTuple):
     values: np.ndarray
     panel_ptr: np.ndarray
     scales: np.ndarray
+    group: int
     n_rows: int
     portable: bool
 
@@ -120,8 +121,8 @@ def step_args(layer):
         return PanelArgs(a["masks"], a["values"], a["panel_ptr"], layer.shape[0],
                          bool(layer._portable))
     if kind is QPanelLinear:
-        return QPanelArgs(a["masks"], a["values"], a["panel_ptr"], a["scales"], layer.shape[0],
-                          bool(layer._portable))
+        return QPanelArgs(a["masks"], a["values"], a["panel_ptr"], a["scales"], layer.group,
+                          layer.shape[0], bool(layer._portable))
     if kind is BitmaskLinear:
         return BitmaskArgs(*layer._kernel_args())
     if kind is CSRLinear:
@@ -184,8 +185,8 @@ def _layer_gemv_impl(args, x):
         return panel
     if cls is QPanelArgs:
         def qpanel(args, x):
-            y = _qpanel_matmul(args.masks, args.values, args.panel_ptr, args.scales, x,
-                               args.portable)
+            y = _qpanel_matmul(args.masks, args.values, args.panel_ptr, args.scales, args.group,
+                               x, args.portable)
             return y[:, :args.n_rows]
         return qpanel
     if cls is BitmaskArgs:
