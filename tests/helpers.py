@@ -82,3 +82,35 @@ def topk_model_and_books():
     windows = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(3, 24))
     books = fit_attention_codebooks(model, windows, n_sub=2, n_centroids=4, seed=5, iters=5)
     return model, books
+
+
+def products_on_one_and_two_threads(layer, x):
+    """``layer(x)`` computed with 1 kernel thread, then with 2 (the count is restored after)."""
+    import numba
+
+    from npsparse import kernels
+
+    initial = numba.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            kernels.set_threads(threads)
+            results.append(layer(x))
+    finally:
+        kernels.set_threads(initial)
+    return results
+
+
+def rebuilt_from_read_only_views(layer):
+    """``from_arrays`` of read-only views of the layer's own arrays, checked to copy nothing."""
+    from npsparse import kernels
+
+    arrays, meta = kernels.to_arrays(layer)
+    frozen = {}
+    for name, a in arrays.items():
+        frozen[name] = a.view()
+        frozen[name].flags.writeable = False
+    rebuilt = kernels.from_arrays(frozen, meta)
+    for name, a in rebuilt.arrays.items():
+        assert np.shares_memory(a, arrays[name])
+    return rebuilt

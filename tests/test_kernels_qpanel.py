@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numba
 import numpy as np
 import pytest
+from helpers import products_on_one_and_two_threads, rebuilt_from_read_only_views
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -339,15 +340,8 @@ def test_same_bits_with_one_thread_and_two(n_rows, n_tokens, seed):
     weight, keep = random_problem(seed, n_rows, 130, 0.5)
     layer = nk.pack(weight, keep, "qpanel")
     x = np.random.default_rng(seed + 1).standard_normal((n_tokens, 130)).astype(np.float32)
-    initial = numba.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            nk.set_threads(threads)
-            results.append(layer(x))
-    finally:
-        nk.set_threads(initial)
-    np.testing.assert_array_equal(results[0], results[1])
+    one, two = products_on_one_and_two_threads(layer, x)
+    np.testing.assert_array_equal(one, two)
 
 
 @settings(max_examples=20)
@@ -391,14 +385,8 @@ def test_to_from_arrays_without_copy_and_read_only():
     arrays, meta = nk.to_arrays(layer)
     assert meta == {"format": "qpanel", "shape": "37,75", "schema": "1", "values": "int8",
                     "group": str(qpanel.GROUP)}
-    frozen = {}
-    for name, a in arrays.items():
-        frozen[name] = a.view()
-        frozen[name].flags.writeable = False
-    rebuilt = nk.from_arrays(frozen, meta)
+    rebuilt = rebuilt_from_read_only_views(layer)
     assert type(rebuilt) is qpanel.QPanelLinear and rebuilt.shape == (37, 75)
-    for name, a in rebuilt.arrays.items():
-        assert np.shares_memory(a, arrays[name])
     assert np.array_equal(rebuilt.to_dense(), layer.to_dense())
     x = np.random.default_rng(8).standard_normal((5, 75)).astype(np.float32)
     np.testing.assert_array_equal(rebuilt(x), layer(x))

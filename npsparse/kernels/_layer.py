@@ -148,6 +148,46 @@ def row_pointers(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
 
 
+def pack_words(bits: np.ndarray, width: int) -> np.ndarray:
+    """Bits along the last axis -> one unsigned word each: ``[..., width]`` bool -> ``[...]``.
+
+    Parameters
+    ----------
+    bits : np.ndarray
+        ``[..., width]`` bool; ``bits[..., i]`` becomes bit ``i`` of its word.
+    width : int
+        32 or 64.
+
+    Returns
+    -------
+    np.ndarray
+        ``[...]`` uint32 or uint64 (native byte order).
+    """
+    as_bytes = np.packbits(bits, axis=-1, bitorder="little")  # [..., width / 8]
+    little = np.ascontiguousarray(as_bytes).view(f"<u{width // 8}")
+    return little.reshape(bits.shape[:-1]).astype(np.dtype(f"uint{width}"))
+
+
+def unpack_words(words: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_words`: ``[...]`` words -> ``[..., width]`` bool.
+
+    Parameters
+    ----------
+    words : np.ndarray
+        uint32 or uint64 words.
+    width : int
+        Their width in bits, 32 or 64.
+
+    Returns
+    -------
+    np.ndarray
+        ``[..., width]`` bool, bit ``i`` of each word at index ``i``.
+    """
+    little = np.ascontiguousarray(words.astype(f"<u{width // 8}"))
+    as_bytes = little.view(np.uint8).reshape(*words.shape, width // 8)
+    return np.unpackbits(as_bytes, axis=-1, bitorder="little").astype(np.bool_)
+
+
 def check_option(value, allowed, what: str) -> None:
     """One-line error unless ``value`` is a key of ``allowed`` (a format's option table).
 

@@ -22,8 +22,8 @@ import numba
 import numpy as np
 
 from ..errors import NpsparseError
-from ._layer import (PackedLinear, check_arrays, check_shapes, check_weight_mask, pad_columns,
-                     row_pointers)
+from ._layer import (PackedLinear, check_arrays, check_shapes, check_weight_mask, pack_words,
+                     pad_columns, row_pointers, unpack_words)
 from ._numba import jit, pjit
 from ._panel_simd import (OVERREAD, panel_dot, panel_dot4, panel_dot4_portable,
                           panel_dot_portable)
@@ -83,9 +83,7 @@ def pack_panel_bits(keep: np.ndarray) -> np.ndarray:
         ``16 + r`` is ``keep[16 q + r, 2 j + 1]``; padding rows and columns are 0.
     """
     bits = _panel_order(keep, False)  # [P, KP, 2, 16] = [P, KP, 32] in bit order
-    panels, pairs = bits.shape[:2]
-    as_bytes = np.packbits(bits.reshape(panels, pairs, 32), axis=2, bitorder="little")
-    return np.ascontiguousarray(as_bytes).view("<u4").reshape(panels, pairs).astype(np.uint32)
+    return pack_words(bits.reshape(*bits.shape[:2], 32), 32)
 
 
 def unpack_panel_bits(words: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -108,10 +106,7 @@ def unpack_panel_bits(words: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def _bits_in_order(words: np.ndarray) -> np.ndarray:
     """words [P, KP] uint32 -> bits [P, KP, 2, 16] bool (bit order)."""
-    panels, pairs = words.shape
-    as_bytes = np.ascontiguousarray(words.astype("<u4")).view(np.uint8).reshape(panels, pairs, 4)
-    bits = np.unpackbits(as_bytes, axis=2, bitorder="little").astype(np.bool_)
-    return bits.reshape(panels, pairs, 2, PANEL)
+    return unpack_words(words, 32).reshape(*words.shape, 2, PANEL)
 
 
 # ---- kernels: masks [P, KP] uint32, values [nnz] uint16, panel_ptr [P+1] int64 -----------------

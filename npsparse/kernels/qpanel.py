@@ -36,7 +36,8 @@ import numba
 import numpy as np
 
 from ..errors import NpsparseError
-from ._layer import PackedLinear, check_arrays, check_shapes, check_weight_mask, row_pointers
+from ._layer import (PackedLinear, check_arrays, check_shapes, check_weight_mask, pack_words,
+                     row_pointers, unpack_words)
 from ._numba import jit, pjit
 from ._qpanel_simd import (OVERREAD, QUADS, fma32, qpanel_dot, qpanel_dot4, qpanel_dot4_portable,
                            qpanel_dot_portable)
@@ -118,9 +119,7 @@ def pack_qpanel_bits(keep: np.ndarray) -> np.ndarray:
         padding rows and columns are 0.
     """
     bits = _panel_order(keep, False)  # [P, KQ, 16, 4] = [P, KQ, 64] in bit order
-    panels, quads = bits.shape[:2]
-    as_bytes = np.packbits(bits.reshape(panels, quads, 64), axis=2, bitorder="little")
-    return np.ascontiguousarray(as_bytes).view("<u8").reshape(panels, quads).astype(np.uint64)
+    return pack_words(bits.reshape(*bits.shape[:2], 64), 64)
 
 
 def unpack_qpanel_bits(words: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -143,10 +142,7 @@ def unpack_qpanel_bits(words: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def _bits_in_order(words: np.ndarray) -> np.ndarray:
     """words [P, KQ] uint64 -> bits [P, KQ, 16, 4] bool (bit order)."""
-    panels, quads = words.shape
-    as_bytes = np.ascontiguousarray(words.astype("<u8")).view(np.uint8).reshape(panels, quads, 8)
-    bits = np.unpackbits(as_bytes, axis=2, bitorder="little").astype(np.bool_)
-    return bits.reshape(panels, quads, PANEL, QUAD)
+    return unpack_words(words, 64).reshape(*words.shape, PANEL, QUAD)
 
 
 def _round_half_away(v: np.ndarray) -> np.ndarray:
