@@ -76,6 +76,19 @@ def kv_bytes_per_token(config, mean_position: float) -> float:
     return 2 * config.n_layers * config.n_kv_heads * config.head_dim * 4 * mean_position
 
 
+@contextlib.contextmanager
+def thread_setting(threads: str):
+    """Within the block, the kernels run ``threads`` threads: ``"auto"`` leaves the count to the
+    load-aware decode, a number fixes it; the count before is restored after."""
+    initial = numba.get_num_threads()
+    if threads != "auto":
+        set_threads(int(threads))
+    try:
+        yield
+    finally:
+        set_threads(initial)
+
+
 def decode_run(llm, prompt_ids, tokens: int, repeats: int,
                threads: str = "auto") -> tuple[float, float]:
     """Best decode tokens/s and best prefill tokens/s over ``repeats`` greedy runs.
@@ -83,17 +96,12 @@ def decode_run(llm, prompt_ids, tokens: int, repeats: int,
     ``threads`` is ``"auto"`` (load-aware) or a fixed count, restored afterwards.
     """
     decode, prefill = 0.0, 0.0
-    initial = numba.get_num_threads()
-    if threads != "auto":
-        set_threads(int(threads))
-    try:
+    with thread_setting(threads):
         for _ in range(repeats):
             result = generate(llm.model, prompt_ids, tokens,  # greedy, no EOS stop
                               adapt_threads=threads == "auto")
             decode = max(decode, result.decode_tok_s)
             prefill = max(prefill, result.prefill_tok_s)
-    finally:
-        set_threads(initial)
     return decode, prefill
 
 
@@ -177,23 +185,16 @@ class NpsparseRun:
         from npsparse.models.llama_token import PRODUCT_TICKS
 
         self.llm.model.token_step = self.step == "token"
-        initial = numba.get_num_threads()
-        if self.threads != "auto":
-            set_threads(int(self.threads))
-        spent = [0.0]
+        spent, seen = [0.0], []
 
         def decode_starts(token):  # called first after the prefill: count decode only
-            if len(seen) == 0:
+            if not seen:
                 spent[0], PRODUCT_TICKS[0] = 0.0, 0
             seen.append(token)
 
-        seen = []
-        try:
-            with timed_products(spent):
-                result = generate(self.llm.model, prompt, tokens, on_token=decode_starts,
-                                  adapt_threads=self.threads == "auto")
-        finally:
-            set_threads(initial)
+        with thread_setting(self.threads), timed_products(spent):
+            result = generate(self.llm.model, prompt, tokens, on_token=decode_starts,
+                              adapt_threads=self.threads == "auto")
         products = spent[0] + float(PRODUCT_TICKS[0]) * tick_s
         return 1e3 * (result.decode_seconds - products) / max(1, len(result.ids) - 1)
 
